@@ -1,0 +1,1 @@
+"""dpfl ClientApp: local DP-SGD (Opacus) with a persistent privacy ledger."""

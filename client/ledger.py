@@ -1,0 +1,85 @@
+"""A client's privacy ledger: its DP-SGD history and its fixed noise multiplier.
+
+Only the history is stored; epsilon is recomputed from it (common.privacy). The ledger is
+loaded before a round and saved only after the round trained successfully, so a crash
+never loses spent budget that was reported, and epsilon only grows. In simulation it
+lives in the node's `Context.state`; with a `ledger-path` it is also kept in a file
+(written atomically), which outlives SuperNode restarts and new runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from common import privacy
+
+STATE_KEY = "dpfl-ledger"
+
+
+@dataclass
+class Ledger:
+    history: list[privacy.Entry] = field(default_factory=list)
+    noise_multiplier: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"history": [list(e) for e in self.history], "noise_multiplier": self.noise_multiplier}
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "ledger") -> "Ledger":
+        try:
+            raw = json.loads(text)
+            history = privacy.merge_history(raw["history"])
+            sigma = raw.get("noise_multiplier")
+            sigma = None if sigma is None else float(sigma)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{source} is unreadable ({exc}); refusing to reset epsilon") from exc
+        return cls(history=history, noise_multiplier=sigma)
+
+    def spend(self, entry: privacy.Entry) -> None:
+        self.history = privacy.merge_history([*self.history, entry])
+
+    def epsilon(self, delta: float, accountant: str) -> float:
+        return privacy.epsilon(self.history, delta, accountant)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_ledger(context: Context, path: Path | None = None) -> Ledger:
+    """The newest of node state and the ledger file (the longer history wins)."""
+    candidates = []
+    if STATE_KEY in context.state.config_records:
+        candidates.append(
+            Ledger.from_json(str(context.state.config_records[STATE_KEY]["json"]), source="node state ledger")
+        )
+    if path is not None and path.exists():
+        candidates.append(Ledger.from_json(path.read_text(), source=str(path)))
+    if not candidates:
+        return Ledger()
+    return max(candidates, key=lambda led: privacy.total_steps(led.history))
+
+
+def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> None:
+    text = ledger.to_json()
+    if path is not None:
+        _atomic_write(path, text)
+    context.state.config_records[STATE_KEY] = ConfigRecord({"json": text})

@@ -1,0 +1,152 @@
+"""Local training for one round: Opacus DP-SGD under the client's privacy ledger.
+
+The ledger's history is the only input to accounting; this module decides the round's
+spend *before* training (the budget guard), trains with Opacus (Poisson sampling,
+per-sample clipping, Gaussian noise) and returns the history extended by exactly the
+steps taken. The non-private baseline goes through the same function and records its
+steps with noise_multiplier 0, so its epsilon is reported as infinite.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import privacy
+from common.config import PrivacyConfig, RuntimeConfig, TrainConfig
+from common.data import Split
+from common.models import build_model, get_weights, set_weights
+
+from client.ledger import Ledger
+
+
+class BudgetExceeded(RuntimeError):
+    """The round would push the client's epsilon past its budget."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    weights: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    steps: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def plan_spend(
+    ledger: Ledger, *, num_examples: int, train: TrainConfig, priv: PrivacyConfig,
+    planned_rounds: int, client: str,
+) -> privacy.RoundPlan:
+    """Decide this round's (noise_multiplier, sample_rate, steps) and check the budget.
+
+    The noise multiplier is fixed once per client (calibrated for `planned_rounds` rounds of
+    local training, or taken from config) and kept in the ledger for every later round.
+    Raises BudgetExceeded if the round would pass target_epsilon.
+    """
+    q, steps = privacy.poisson_plan(num_examples, train.batch_size, train.local_epochs)
+    if not priv.private:
+        return privacy.RoundPlan(
+            noise_multiplier=0.0, sample_rate=q, steps=steps,
+            epsilon_before=math.inf if ledger.history else 0.0, epsilon_after=math.inf,
+        )
+    priv.check_delta(num_examples, client=client)
+    if ledger.noise_multiplier is None:
+        if priv.noise_multiplier > 0:
+            sigma = priv.noise_multiplier
+        else:
+            sigma = privacy.calibrate_noise(
+                target_epsilon=priv.target_epsilon, target_delta=priv.target_delta,
+                sample_rate=q, steps=steps * planned_rounds, accountant=priv.accountant,
+                prior=ledger.history,
+            )
+        ledger.noise_multiplier = sigma
+    plan = privacy.plan_round(
+        ledger.history, noise_multiplier=ledger.noise_multiplier, sample_rate=q, steps=steps,
+        delta=priv.target_delta, accountant=priv.accountant,
+    )
+    if plan.epsilon_after > priv.target_epsilon:
+        raise BudgetExceeded(
+            f"{client} would reach epsilon={plan.epsilon_after:.3f} > budget "
+            f"{priv.target_epsilon} (spent {plan.epsilon_before:.3f}); it does not train"
+        )
+    return plan
+
+
+def train_round(
+    weights: dict[str, np.ndarray], data: Split, plan: privacy.RoundPlan, *,
+    train: TrainConfig, priv: PrivacyConfig, runtime: RuntimeConfig, seed: int,
+) -> RoundResult:
+    """Run `plan.steps` local steps from `weights`; private iff plan.noise_multiplier > 0."""
+    if runtime.num_threads > 0:
+        torch.set_num_threads(runtime.num_threads)
+    device = resolve_device(runtime.device)
+    torch.manual_seed(seed)
+    model = build_model(train.model)
+    set_weights(model, weights)
+    model.to(device)
+    model.train()
+    dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+
+    if plan.noise_multiplier > 0:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=priv.accountant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=priv.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=runtime.grad_sample_mode,
+                **({"criterion": criterion} if runtime.grad_sample_mode == "ghost" else {}),
+            )
+        if runtime.grad_sample_mode == "ghost":
+            model, optimizer, criterion, loader = made
+        else:
+            model, optimizer, loader = made
+        if not math.isclose(loader.sample_rate, plan.sample_rate, rel_tol=1e-9):
+            raise RuntimeError(
+                f"Opacus samples at q={loader.sample_rate}, the ledger planned {plan.sample_rate}"
+            )
+
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(train.local_epochs):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            # Poisson sampling can draw an empty batch; Opacus still takes a noisy step.
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if len(y):
+                total_loss += float(loss) * len(y)
+            seen += len(y)
+
+    if plan.noise_multiplier > 0:
+        spent = privacy.total_steps(engine.accountant.history)
+        if spent != plan.steps or steps != plan.steps:
+            raise RuntimeError(
+                f"accounting mismatch: planned {plan.steps} steps, Opacus counted {spent}, "
+                f"the loop took {steps}"
+            )
+    return RoundResult(
+        weights=get_weights(model), num_examples=len(data),
+        train_loss=total_loss / max(seen, 1), steps=plan.steps,
+    )

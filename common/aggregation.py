@@ -1,0 +1,76 @@
+"""Checks on client updates before aggregation (pure functions of arrays and metrics).
+
+A reply that fails a check is excluded with the returned reason; it never reaches the
+averaging, so one broken or hostile client cannot crash the round or poison it with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from common import keys
+
+
+def update_problem(
+    reference: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], *,
+    max_update_norm: float = 0.0,
+) -> str | None:
+    """Why `update` cannot be averaged into `reference`, or None if it can."""
+    if list(update) != list(reference):
+        missing = sorted(set(reference) - set(update))
+        extra = sorted(set(update) - set(reference))
+        return f"array names differ from the global model (missing {missing}, unexpected {extra})"
+    sq = 0.0
+    for name, ref in reference.items():
+        arr = update[name]
+        if arr.shape != ref.shape:
+            return f"array {name!r} has shape {arr.shape}, expected {ref.shape}"
+        if arr.dtype != ref.dtype:
+            return f"array {name!r} has dtype {arr.dtype}, expected {ref.dtype}"
+        if not np.all(np.isfinite(arr)):
+            return f"array {name!r} holds non-finite values"
+        sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    norm = math.sqrt(sq)
+    if max_update_norm > 0 and norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm}"
+    return None
+
+
+def metrics_problem(metrics: Mapping[str, object]) -> str | None:
+    """Why a train reply's metrics are unusable, or None."""
+    missing = sorted(keys.REPLY_METRIC_KEYS - set(metrics))
+    if missing:
+        return f"metrics lack {', '.join(missing)}"
+    extra = sorted(set(metrics) - keys.REPLY_METRIC_KEYS)
+    if extra:
+        return f"metrics hold unexpected keys {', '.join(extra)}"
+    for k, v in metrics.items():
+        if isinstance(v, list) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"metric {k!r}={v!r} is not a number"
+    n = metrics[keys.NUM_EXAMPLES]
+    if not (float(n).is_integer() and n > 0):
+        return f"num-examples={n!r} must be a positive integer"
+    for k in (keys.TRAIN_LOSS, keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.STEPS):
+        if not math.isfinite(float(metrics[k])) or float(metrics[k]) < 0:  # type: ignore[arg-type]
+            return f"metric {k!r}={metrics[k]!r} must be finite and >= 0"
+    eps = float(metrics[keys.EPSILON])  # type: ignore[arg-type]
+    if math.isnan(eps) or eps < 0:
+        return f"epsilon={eps!r} must be >= 0"
+    return None
+
+
+def weighted_average(
+    updates: list[Mapping[str, np.ndarray]], weights: list[float]
+) -> dict[str, np.ndarray]:
+    """FedAvg's average, in float64 then cast back to each array's dtype."""
+    if not updates or len(updates) != len(weights) or sum(weights) <= 0:
+        raise ValueError("need at least one update and positive weights of the same count")
+    total = float(sum(weights))
+    out = {}
+    for name, ref in updates[0].items():
+        acc = sum(np.asarray(u[name], dtype=np.float64) * (w / total) for u, w in zip(updates, weights))
+        out[name] = np.asarray(acc, dtype=ref.dtype)
+    return out

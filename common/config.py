@@ -1,0 +1,322 @@
+"""One validated, frozen experiment config parsed from Flower's run config.
+
+Defaults live once, in `[tool.flwr.app.config]` of pyproject.toml. `parse_config` turns
+the run config (defaults + `--run-config` overrides) into an `ExperimentConfig`; nothing
+reads `context.run_config` after that. Every check names the field (by its run-config
+key) and the allowed range, so a bad config stops before any training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+CALIBRATE_FOR = ("run", "participations")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {rule}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    num_rounds: int
+    fraction_train: float
+    min_train_clients: int
+    min_available_clients: int
+    num_partitions: int
+    max_update_norm: float
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        _check(
+            0.0 < self.fraction_train <= 1.0,
+            "fraction-train", self.fraction_train, "must be in (0, 1]",
+        )
+        _check(self.num_partitions >= 1, "num-partitions", self.num_partitions, "must be >= 1")
+        _check(
+            1 <= self.min_train_clients <= self.num_partitions,
+            "min-train-clients", self.min_train_clients,
+            f"must be in [1, num-partitions={self.num_partitions}]",
+        )
+        _check(
+            1 <= self.min_available_clients <= self.num_partitions,
+            "min-available-clients", self.min_available_clients,
+            f"must be in [1, num-partitions={self.num_partitions}]",
+        )
+        _check(
+            self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
+            "max-update-norm", self.max_update_norm, "must be >= 0 (0 disables the bound)",
+        )
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients the server asks to train each round (FedAvg's own rounding)."""
+        return max(int(self.num_partitions * self.fraction_train), self.min_train_clients)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    partitioner: str
+    dirichlet_alpha: float
+    labels_per_client: int
+    seed: int
+    data_dir: str
+
+    def __post_init__(self) -> None:
+        _check(
+            self.partitioner in PARTITIONERS, "partitioner", self.partitioner,
+            f"must be one of {', '.join(PARTITIONERS)}",
+        )
+        _check(
+            self.dirichlet_alpha > 0 and math.isfinite(self.dirichlet_alpha),
+            "dirichlet-alpha", self.dirichlet_alpha, "must be > 0",
+        )
+        _check(
+            1 <= self.labels_per_client <= 10,
+            "labels-per-client", self.labels_per_client, "must be in [1, 10]",
+        )
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+
+    def __post_init__(self) -> None:
+        from common.models import MODELS  # local import: models pulls in torch
+
+        _check(
+            self.model in MODELS, "model", self.model, f"must be one of {', '.join(MODELS)}"
+        )
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
+        _check(
+            0 < self.learning_rate < math.inf,
+            "learning-rate", self.learning_rate, "must be > 0 and finite",
+        )
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at each client. Names follow Opacus."""
+
+    dp: bool
+    target_epsilon: float
+    target_delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    calibrate_for: str
+    participation_margin: float
+
+    def __post_init__(self) -> None:
+        _check(
+            self.target_epsilon > 0, "target-epsilon", self.target_epsilon,
+            "must be > 0 (use inf or dp=false for the non-private baseline)",
+        )
+        _check(
+            0 < self.target_delta < 1, "target-delta", self.target_delta, "must be in (0, 1)"
+        )
+        _check(
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+            "noise-multiplier", self.noise_multiplier,
+            "must be >= 0 (0 calibrates it from target-epsilon)",
+        )
+        _check(
+            0 < self.max_grad_norm < math.inf,
+            "max-grad-norm", self.max_grad_norm, "must be > 0 and finite",
+        )
+        _check(
+            self.accountant in ACCOUNTANTS, "accountant", self.accountant,
+            f"must be one of {', '.join(ACCOUNTANTS)}",
+        )
+        _check(
+            self.calibrate_for in CALIBRATE_FOR, "calibrate-for", self.calibrate_for,
+            f"must be one of {', '.join(CALIBRATE_FOR)}",
+        )
+        _check(
+            self.participation_margin >= 1 and math.isfinite(self.participation_margin),
+            "participation-margin", self.participation_margin, "must be >= 1",
+        )
+        if self.private and math.isinf(self.target_epsilon) and self.noise_multiplier > 0:
+            # A fixed sigma with an infinite budget is still DP-SGD; nothing to reject.
+            pass
+
+    @property
+    def private(self) -> bool:
+        """True when clients run DP-SGD (noise and clipping) and account for it."""
+        if not self.dp:
+            return False
+        return math.isfinite(self.target_epsilon) or self.noise_multiplier > 0
+
+    def check_delta(self, num_examples: int, *, client: str = "client") -> None:
+        """delta must be below 1/n for the client's n records, or the guarantee is vacuous."""
+        if self.private and self.target_delta >= 1.0 / max(num_examples, 1):
+            raise ConfigError(
+                f"target-delta={self.target_delta!r} must be < 1/n = {1.0 / num_examples:.3g} "
+                f"for {client} with n={num_examples} records"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Performance and I/O knobs: they never change the privacy guarantee."""
+
+    grad_sample_mode: str
+    device: str
+    num_threads: int
+    output_dir: str
+    run_name: str
+
+    def __post_init__(self) -> None:
+        _check(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES, "grad-sample-mode",
+            self.grad_sample_mode, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
+        )
+        _check(
+            self.device in DEVICES, "device", self.device, f"must be one of {', '.join(DEVICES)}"
+        )
+        _check(self.num_threads >= 0, "num-threads", self.num_threads, "must be >= 0 (0: torch default)")
+        _check(
+            all(c.isalnum() or c in "-_." for c in self.run_name),
+            "run-name", self.run_name, "may hold only letters, digits, '-', '_' and '.'",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    federation: FederationConfig
+    data: DataConfig
+    train: TrainConfig
+    privacy: PrivacyConfig
+    runtime: RuntimeConfig = field(compare=False)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat run-config dict (dashed keys) that parses back to this config."""
+        out: dict[str, Any] = {}
+        for section in (self.federation, self.data, self.train, self.privacy, self.runtime):
+            for k, v in asdict(section).items():
+                out[k.replace("_", "-")] = v
+        return out
+
+
+_SECTIONS = {
+    "federation": FederationConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def _field_types() -> dict[str, tuple[str, type]]:
+    out: dict[str, tuple[str, type]] = {}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            out[f.name.replace("_", "-")] = (section, {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)])
+    return out
+
+
+FIELD_TYPES = _field_types()
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        value = float(value)
+        if math.isnan(value):
+            raise ConfigError(f"{key}=nan is not a number")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def parse_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a flat run config (dashed keys, as Flower passes it) into one frozen config."""
+    unknown = sorted(set(run_config) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELD_TYPES))}"
+        )
+    missing = sorted(set(FIELD_TYPES) - set(run_config))
+    if missing:
+        raise ConfigError(f"missing config key(s): {', '.join(missing)}")
+    kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for key, value in run_config.items():
+        section, typ = FIELD_TYPES[key]
+        kwargs[section][key.replace("-", "_")] = _coerce(key, value, typ)
+    built = {s: cls(**kwargs[s]) for s, cls in _SECTIONS.items()}
+    return ExperimentConfig(**built)
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_run_config(pyproject: Path | None = None) -> dict[str, Any]:
+    """The defaults from `[tool.flwr.app.config]`."""
+    path = pyproject or project_root() / "pyproject.toml"
+    with open(path, "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse `k=v k2=v2` as `flwr run --run-config` does (TOML values); a bare word that is
+    not TOML (e.g. `partitioner=iid`) is taken as a string."""
+    out: dict[str, Any] = {}
+    rest = _PAIR.sub("", text).strip()
+    if rest:
+        raise ConfigError(f"cannot parse run config near {rest!r}: expected key=value pairs")
+    for key, raw in _PAIR.findall(text):
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def resolve_config(overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """Defaults + overrides, validated. Unknown override keys are rejected by name."""
+    defaults = default_run_config()
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(defaults))}"
+        )
+    return parse_config({**defaults, **overrides})

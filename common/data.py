@@ -1,0 +1,227 @@
+"""Fashion-MNIST: find, verify, download, load and partition.
+
+Files are looked up in this order: an explicit `data-dir`, the system datasets folder of
+the Debian package `dataset-fashion-mnist`, the user cache; otherwise they are downloaded
+into the cache. Every file is checked by the SHA-256 of its *decompressed* IDX payload
+(the same bytes whichever gzip produced the archive), so a corrupt, truncated or foreign
+file is rejected with its name. Partitions come from `flwr-datasets` partitioners,
+deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+URL_ENV = "DPFL_DATA_URL"
+CACHE_ENV = "DPFL_CACHE_DIR"
+
+# name -> (sha256 of the decompressed IDX bytes, decompressed size, IDX shape)
+FILES: dict[str, tuple[str, int, tuple[int, ...]]] = {
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016, (60000, 28, 28),
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008, (60000,),
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016, (10000, 28, 28),
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008, (10000,),
+    ),
+}
+MEAN, STD = 0.2860, 0.3530
+NUM_CLASSES = 10
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, corrupt, truncated or of the wrong format."""
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dpfl" / "fashion-mnist"
+
+
+def read_idx(path: Path, *, verify: bool = True, name: str | None = None) -> np.ndarray:
+    """Decode one gzipped IDX file; with `verify`, insist on the official payload of `name`."""
+    name = name or path.name
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from exc
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise DataError(
+            f"{path}: IDX header says {dims} ({int(np.prod(dims))} bytes) but "
+            f"{len(raw) - offset} bytes follow: truncated or corrupt"
+        )
+    if verify and name in FILES:
+        digest, size, shape = FILES[name]
+        if dims != shape or hashlib.sha256(raw).hexdigest() != digest:
+            raise DataError(f"{path}: checksum mismatch, not the official Fashion-MNIST {name}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            shutil.copyfileobj(resp, out)
+        read_idx(Path(tmp), name=dest.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _has_all(folder: Path) -> bool:
+    return all((folder / n).is_file() for n in FILES)
+
+
+def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:
+    """The folder holding the four Fashion-MNIST files, downloading them if needed."""
+    if data_dir:
+        folder = Path(data_dir).expanduser()
+        missing = [n for n in FILES if not (folder / n).is_file()]
+        if missing:
+            raise DataError(f"data-dir {folder} lacks {', '.join(missing)}")
+        return folder
+    for folder in (SYSTEM_DIR, cache_dir()):
+        if _has_all(folder):
+            return folder
+    if not download:
+        raise DataError(
+            f"Fashion-MNIST not found in {SYSTEM_DIR} or {cache_dir()} "
+            "(install the Debian package dataset-fashion-mnist or allow the download)"
+        )
+    folder = cache_dir()
+    base = os.environ.get(URL_ENV, DEFAULT_URL).rstrip("/") + "/"
+    for name in FILES:
+        if (folder / name).is_file():
+            continue
+        try:
+            _download(base + name, folder / name)
+        except OSError as exc:
+            raise DataError(f"could not download {base + name}: {exc}") from exc
+    return folder
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # float32, N x 1 x 28 x 28, normalised
+    labels: np.ndarray  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None, :, :]
+
+
+@lru_cache(maxsize=4)
+def load_split(split: str, data_dir: str = "") -> Split:
+    """`split` is "train" or "test"; arrays are cached per process."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    folder = locate(data_dir or None)
+    verify = not data_dir  # a user's own folder may hold their own data in the same format
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", verify=verify)
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", verify=verify)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(
+            f"{folder}: {prefix} images {images.shape} and labels {labels.shape} do not match"
+        )
+    if labels.size and int(labels.max()) >= NUM_CLASSES:
+        raise DataError(f"{folder}: {prefix} labels hold values >= {NUM_CLASSES}")
+    return Split(_normalise(images), labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------- partitioning (pure)
+
+
+def make_partitioner(
+    name: str, num_partitions: int, *, seed: int, alpha: float = 0.5, labels_per_client: int = 2
+):
+    """A flwr-datasets partitioner by dpfl's name for it."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if name == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if name == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=10, self_balancing=True, seed=seed,
+        )
+    if name == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by="label",
+            num_classes_per_partition=labels_per_client, seed=seed,
+        )
+    raise ValueError(f"partitioner={name!r} must be one of iid, dirichlet, pathological")
+
+
+def partition_indices(
+    labels: np.ndarray, name: str, num_partitions: int, *, seed: int,
+    alpha: float = 0.5, labels_per_client: int = 2,
+) -> list[np.ndarray]:
+    """Row indices of every partition, deterministic for (labels, name, params, seed)."""
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    ds = ds.shuffle(seed=seed).flatten_indices()  # IID shards need a seeded shuffle first
+    part = make_partitioner(
+        name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
+    )
+    part.dataset = ds
+    return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
+            for i in range(num_partitions)]
+
+
+@lru_cache(maxsize=8)
+def _cached_partitions(
+    data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int
+) -> tuple[np.ndarray, ...]:
+    labels = load_split("train", data_dir).labels
+    return tuple(partition_indices(
+        labels, name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
+    ))
+
+
+def load_partition(
+    partition_id: int, num_partitions: int, *, partitioner: str, seed: int,
+    alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "",
+) -> Split:
+    """One client's share of the training set."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
+    idx = _cached_partitions(
+        data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client
+    )[partition_id]
+    train = load_split("train", data_dir)
+    return Split(train.images[idx], train.labels[idx])

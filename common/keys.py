@@ -1,0 +1,45 @@
+"""Every key that crosses the wire between ServerApp and ClientApp, once."""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY = "privacy"
+
+# ConfigRecord sent with a train message
+SERVER_ROUND = "server-round"
+PLANNED_ROUNDS = "planned-rounds"
+
+# MetricRecord in a train reply (every reply carries every key)
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+PARTITION_ID = "partition-id"
+REFUSED = "refused"
+REPLY_METRIC_KEYS = frozenset(
+    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, PARTITION_ID, REFUSED}
+)
+
+# ConfigRecord in a train reply
+HISTORY = "history"
+REASON = "reason"
+
+# Node config
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"
+NODE_LEDGER_PATH = "ledger-path"
+
+
+def to_array_record(weights):  # type: ignore[no-untyped-def]
+    """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(value) for name, value in weights.items()})
+
+
+def from_array_record(record):  # type: ignore[no-untyped-def]
+    """ArrayRecord -> ordered dict of named numpy arrays."""
+    return {name: record[name].numpy() for name in record.keys()}

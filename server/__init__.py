@@ -1,0 +1,1 @@
+"""dpfl ServerApp: FedAvg with reply validation, central evaluation and run records."""

@@ -1,0 +1,67 @@
+"""The `dpfl` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.config import ConfigError, parse_overrides
+from common.data import DataError
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import SimulationError, simulate, summary_text
+
+    overrides = parse_overrides(" ".join(args.run_config or []))
+    run_dir = simulate(
+        overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
+        progress=None if args.quiet else print,
+    )
+    print(summary_text(run_dir))
+    _ = SimulationError
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from simulations.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpfl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run one federated experiment with virtual clients")
+    sim.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
+                     help="override config keys (pyproject [tool.flwr.app.config]); repeatable")
+    sim.add_argument("--output-dir", help="where run directories go (default: runs/)")
+    sim.add_argument("--client-cpus", type=float, default=1.0,
+                     help="CPUs Ray reserves per virtual client (default 1: two at a time on 2 cores)")
+    sim.add_argument("--quiet", action="store_true", help="no per-round progress")
+    sim.set_defaults(func=_simulate)
+
+    bench = sub.add_parser("bench", help="measure DP-SGD throughput and round time")
+    bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--seconds", type=float, default=10.0, help="time per throughput figure")
+    bench.add_argument("--modes", default="hooks,functorch,ghost", help="grad-sample modes to time")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--round", action="store_true", help="also time a short simulation")
+    bench.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError, FileExistsError) as exc:
+        print(f"dpfl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpfl: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"dpfl: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Processes of Flower's runtime that dpfl starts and always stops, by PID.
+
+`flwr run` against the magic `:local:` address starts a detached SuperLink that keeps
+running after the run; dpfl instead starts its own `flower-superlink` on free loopback
+ports with a private FLWR_HOME, and kills its whole process group when done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from common import FLOWER_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process dpfl starts."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower spawns `flwr-serverapp` / `flwr-clientapp` by name: use this interpreter's.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def wait_for_port(port: int, *, proc: subprocess.Popen | None, timeout: float, what: str,
+                  log_file: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_file.read_text()[-3000:] if log_file and log_file.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
+    """Stop a process started with start_new_session=True, and all its children."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start(cmd: Sequence[str], *, env: dict[str, str], log_file: Path,
+          cwd: Path | None = None) -> subprocess.Popen:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_file, "ab")
+    try:
+        return subprocess.Popen(
+            list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    finally:
+        out.close()
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
+    """A private simulation SuperLink; yields the name of its connection in FLWR_HOME."""
+    port = free_port()  # Flower 1.41 serves Runtime, Control and Fleet APIs on this one port
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "dpfl-sim"\n\n'
+        f'[superlink.dpfl-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = flower_env(flwr_home)
+    proc = start([
+        tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ], env=env, log_file=log_file, cwd=flwr_home)
+    try:
+        wait_for_port(port, proc=proc, timeout=60, what="flower-superlink", log_file=log_file)
+        yield "dpfl-sim"
+    finally:
+        stop(proc)

@@ -1,0 +1,161 @@
+"""`dpfl simulate`: the apps with N virtual clients through Flower's simulation runtime.
+
+The config is validated first (a bad field stops here, before any process starts); then
+a private SuperLink is started, `flwr run` submits this project with the overrides, and
+progress is read from the run's rounds.jsonl as the ServerApp writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from common.config import ConfigError, ExperimentConfig, project_root, resolve_config
+from common.data import locate
+from common.results import read_json, read_rounds
+from simulations import runtime
+
+
+class SimulationError(RuntimeError):
+    """The run did not complete; the message says where its logs are."""
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+def new_run_name() -> str:
+    return time.strftime("sim-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Validate everything that can be checked before starting processes."""
+    over = dict(overrides)
+    if output_dir is not None:
+        over["output-dir"] = output_dir
+    over.setdefault("run-name", "")
+    if not over["run-name"]:
+        over["run-name"] = new_run_name()
+    out = Path(str(over.get("output-dir") or resolve_config({}).runtime.output_dir)).expanduser()
+    over["output-dir"] = str(out.resolve())
+    cfg = resolve_config(over)
+    run_dir = out.resolve() / cfg.runtime.run_name
+    if (run_dir / "rounds.jsonl").exists() or (run_dir / "summary.json").exists():
+        raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
+    locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output-dir={str(out)!r} is not writable: {exc}") from exc
+    return cfg, over
+
+
+def simulate(
+    overrides: Mapping[str, Any], *, output_dir: str | None = None, client_cpus: float = 1.0,
+    progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600,
+) -> Path:
+    """Run one experiment; returns its run directory (with summary.json)."""
+    cfg, over = prepare(overrides, output_dir)
+    run_dir = Path(over["output-dir"]) / cfg.runtime.run_name
+    logs = run_dir / "logs"
+    flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
+    say = progress or (lambda _msg: None)
+    n = cfg.federation.num_partitions
+    say(f"dpfl: {n} virtual clients, {cfg.federation.num_rounds} rounds, "
+        + (f"target epsilon {cfg.privacy.target_epsilon}, delta {cfg.privacy.target_delta}"
+           if cfg.privacy.private else "non-private baseline")
+        + f" -> {run_dir}")
+    t0 = time.time()
+    try:
+        with runtime.simulation_superlink(flwr_home, logs / "superlink.log") as connection:
+            cmd = [
+                runtime.tool("flwr"), "run", str(project_root()), connection,
+                "--run-config", format_overrides(over),
+                "--federation-config",
+                f"num-supernodes={n} client-resources-num-cpus={toml_value(int(client_cpus) if float(client_cpus).is_integer() else float(client_cpus))}",
+                "--stream",
+            ]
+            proc = runtime.start(cmd, env=runtime.flower_env(flwr_home), log_file=logs / "flwr.log",
+                                 cwd=project_root())
+            try:
+                _follow(proc, run_dir, cfg, say, t0, timeout)
+            finally:
+                runtime.stop(proc)
+    finally:
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    if not (run_dir / "summary.json").exists():
+        tail = (logs / "flwr.log").read_text(errors="replace")[-4000:] if (logs / "flwr.log").exists() else ""
+        raise SimulationError(f"the run ended without a summary; logs in {logs}\n{tail}")
+    return run_dir
+
+
+def _follow(proc: subprocess.Popen, run_dir: Path, cfg: ExperimentConfig,
+            say: Callable[[str], None], t0: float, timeout: float) -> None:
+    shown = 0
+    while True:
+        done = proc.poll() is not None or (run_dir / "summary.json").exists()
+        rows = read_rounds(run_dir / "rounds.jsonl")
+        for row in rows[shown:]:
+            say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
+        shown = len(rows)
+        if done:
+            if (run_dir / "summary.json").exists():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            return
+        if time.time() - t0 > timeout:
+            raise SimulationError(f"the run took longer than {timeout:.0f}s; stopped")
+        time.sleep(1.0)
+
+
+def progress_line(row: Mapping[str, Any], num_rounds: int, elapsed: float) -> str:
+    eps = row.get("epsilon_max")
+    eps_txt = f"{float(eps):.3f}" if eps is not None else "-"
+    return (
+        f"round {row['round']:>3}/{num_rounds}  accuracy {float(row['test_accuracy']):.4f}  "
+        f"epsilon max {eps_txt}  trained {row['clients_trained']}/{row['clients_sampled']}"
+        f"  refused {row['clients_refused']}  failed {row['clients_failed']}  "
+        f"[{elapsed:.0f}s]"
+    )
+
+
+def summary_text(run_dir: Path) -> str:
+    s = read_json(run_dir / "summary.json")
+    lines = [
+        f"run directory   {run_dir}",
+        f"final accuracy  {float(s['final_accuracy']):.4f} (best {float(s['best_accuracy']):.4f})",
+        f"epsilon         max {s['epsilon_max']}  mean {s['epsilon_mean']}  "
+        f"(target {s['target_epsilon']}, delta {s['delta']})",
+        f"rounds          {s['rounds']} with {s['num_clients']} clients, "
+        f"{float(s['wall_seconds']):.0f}s in the ServerApp",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `dpfl simulate` command")
