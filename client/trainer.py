@@ -136,7 +136,7 @@ def train_round(
             optimizer.step()
             steps += 1
             if len(y):
-                total_loss += float(loss) * len(y)
+                total_loss += loss.item() * len(y)
             seen += len(y)
 
     if plan.noise_multiplier > 0:

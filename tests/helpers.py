@@ -1,0 +1,45 @@
+"""Builders for real Flower messages and contexts used by several tests."""
+
+import time
+import uuid
+
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
+
+from common import keys
+from common.config import default_run_config
+
+
+def run_config(**overrides):
+    cfg = default_run_config()
+    cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return cfg
+
+
+def context(partition_id=0, num_partitions=100, state=None, node_extra=None, **overrides):
+    node_config = {keys.NODE_PARTITION_ID: partition_id, keys.NODE_NUM_PARTITIONS: num_partitions}
+    node_config.update(node_extra or {})
+    return Context(run_id=1, node_id=1000 + partition_id, node_config=node_config,
+                   state=state if state is not None else RecordDict(), run_config=run_config(**overrides))
+
+
+def metadata(src=0, dst=1, reply_to="", message_type="train"):
+    return Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=src, dst_node_id=dst,
+                    reply_to_message_id=reply_to, group_id="1", created_at=time.time(),
+                    ttl=3600.0, message_type=message_type)
+
+
+def train_message(weights, server_round=1, planned_rounds=3, dst=1):
+    content = RecordDict({
+        keys.ARRAYS: keys.to_array_record(weights),
+        keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round,
+                                   keys.PLANNED_ROUNDS: planned_rounds}),
+    })
+    return make_message(metadata(src=0, dst=dst), content=content)
+
+
+def as_reply(reply: Message, src: int) -> Message:
+    """The reply as the server receives it (source node id set)."""
+    if reply.has_error():
+        return make_message(metadata(src=src, dst=0, reply_to="x"), error=reply.error)
+    return make_message(metadata(src=src, dst=0, reply_to="x"), content=reply.content)

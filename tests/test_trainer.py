@@ -1,0 +1,141 @@
+"""DP-SGD through dpfl's real trainer and ClientApp: clipping, noise, ledger, guard."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import keys, privacy
+from common.config import resolve_config
+from common.data import Split
+from common.models import build_model, get_weights
+from client.app import train as client_train
+from client.trainer import train_round
+from tests.helpers import context, train_message
+from tests.test_privacy import dp_accounting_epsilon
+
+
+def _one_step(images, labels, *, sigma, clip, lr=1.0, model="logreg"):
+    cfg = resolve_config({"model": model, "batch-size": len(labels), "learning-rate": lr,
+                          "max-grad-norm": clip, "noise-multiplier": sigma})
+    start = get_weights(build_model(model, seed=0))
+    plan = privacy.RoundPlan(noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                             epsilon_before=0.0, epsilon_after=0.0)
+    res = train_round(start, Split(images, labels), plan, train=cfg.train, priv=cfg.privacy,
+                      runtime=cfg.runtime, seed=3)
+    return {k: res.weights[k] - start[k] for k in start}
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_every_per_sample_gradient_is_clipped(n):
+    rng = np.random.default_rng(0)
+    images = (rng.normal(size=(n, 1, 28, 28)) * 3).astype(np.float32)  # raw grads >> clip
+    labels = rng.integers(0, 10, size=n)
+    clip = 0.1
+    delta = _one_step(images, labels, sigma=1e-9, clip=clip)
+    norm = math.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta.values()))
+    # update = -lr * (sum of clipped per-sample grads) / n: each term has norm <= clip
+    assert norm <= clip * (1 + 1e-4)
+    if n == 1:
+        assert norm > 0.99 * clip  # the raw gradient was far larger, so clipping was active
+
+
+def test_noise_has_the_right_scale():
+    n, sigma, clip = 50, 2.0, 0.5
+    images = np.zeros((n, 1, 28, 28), dtype=np.float32)  # zero inputs: weight gradients are 0
+    labels = np.arange(n) % 10
+    delta = _one_step(images, labels, sigma=sigma, clip=clip)
+    weight_key = next(k for k in delta if k.endswith("weight"))
+    noise = delta[weight_key].ravel().astype(np.float64) * n  # update = -noise / n
+    est = float(noise.std())
+    assert abs(est / (sigma * clip) - 1) < 0.05
+    for wrong in (2 / 3 * sigma, 1.5 * sigma):  # the test would reject a wrong scale
+        assert abs(est / (wrong * clip) - 1) > 0.2
+    assert abs(float(noise.mean())) < 4 * sigma * clip / math.sqrt(noise.size)
+
+
+def _run_rounds(ctx, rounds, planned, start_round=1):
+    weights = get_weights(build_model("cnn", seed=0))
+    replies = []
+    for r in range(start_round, start_round + rounds):
+        reply = client_train(train_message(weights, server_round=r, planned_rounds=planned), ctx)
+        replies.append(reply)
+        if keys.ARRAYS in reply.content.array_records:
+            weights = keys.from_array_record(reply.content[keys.ARRAYS])
+    return replies
+
+
+def test_ledger_over_k_rounds_equals_one_run_of_equal_steps():
+    ctx = context(partition_id=3, batch_size=64)
+    replies = _run_rounds(ctx, rounds=3, planned=4)
+    eps = [float(r.content[keys.METRICS][keys.EPSILON]) for r in replies]
+    assert eps == sorted(eps) and eps[0] > 0  # epsilon only grows
+    sigma = float(replies[0].content[keys.METRICS][keys.NOISE_MULTIPLIER])
+    q, steps = privacy.poisson_plan(600, 64, 1)
+    one_run = [(sigma, q, 3 * steps)]
+    assert eps[-1] == pytest.approx(privacy.epsilon(one_run, 1e-5), rel=1e-9)
+    assert eps[-1] == pytest.approx(dp_accounting_epsilon(one_run, 1e-5), rel=0.01)
+    from opacus.accountants import RDPAccountant
+
+    continuous = RDPAccountant()
+    for _ in range(3 * steps):
+        continuous.step(noise_multiplier=sigma, sample_rate=q)
+    assert eps[-1] == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_client_refuses_once_budget_is_spent_and_keeps_its_ledger():
+    ctx = context(partition_id=5, batch_size=128, target_epsilon=2.0)
+    replies = _run_rounds(ctx, rounds=3, planned=2)
+    m = [r.content[keys.METRICS] for r in replies]
+    assert [int(x[keys.REFUSED]) for x in m] == [0, 0, 1]
+    assert keys.ARRAYS not in replies[2].content.array_records
+    reason = str(replies[2].content[keys.PRIVACY][keys.REASON])
+    assert "would reach epsilon" in reason and "budget 2.0" in reason
+    assert float(m[1][keys.EPSILON]) <= 2.0
+    assert float(m[2][keys.EPSILON]) == float(m[1][keys.EPSILON])  # refusal spends nothing
+
+
+def test_ledger_survives_client_restart(tmp_path):
+    path = tmp_path / "ledger.json"
+    first = context(partition_id=7, batch_size=128, node_extra={keys.NODE_LEDGER_PATH: str(path)})
+    before = _run_rounds(first, rounds=2, planned=4)
+    restarted = context(partition_id=7, batch_size=128,  # fresh node state, same ledger file
+                        node_extra={keys.NODE_LEDGER_PATH: str(path)})
+    after = _run_rounds(restarted, rounds=1, planned=4, start_round=3)
+    sigma = float(before[0].content[keys.METRICS][keys.NOISE_MULTIPLIER])
+    assert float(after[0].content[keys.METRICS][keys.NOISE_MULTIPLIER]) == sigma
+    q, steps = privacy.poisson_plan(600, 128, 1)
+    assert float(after[0].content[keys.METRICS][keys.EPSILON]) == pytest.approx(
+        privacy.epsilon([(sigma, q, 3 * steps)], 1e-5), rel=1e-9)
+
+
+def test_corrupt_ledger_file_is_an_error_not_a_reset(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("{not json")
+    ctx = context(partition_id=1, node_extra={keys.NODE_LEDGER_PATH: str(path)})
+    with pytest.raises(ValueError, match="refusing to reset epsilon"):
+        _run_rounds(ctx, rounds=1, planned=2)
+    assert path.read_text() == "{not json"
+
+
+def test_nonprivate_baseline_reports_infinite_epsilon():
+    ctx = context(partition_id=2, target_epsilon=math.inf)
+    (reply,) = _run_rounds(ctx, rounds=1, planned=2)
+    m = reply.content[keys.METRICS]
+    assert math.isinf(float(m[keys.EPSILON])) and float(m[keys.NOISE_MULTIPLIER]) == 0.0
+
+
+def test_reply_weights_are_the_plain_models():
+    ctx = context(partition_id=0)
+    (reply,) = _run_rounds(ctx, rounds=1, planned=2)
+    names = list(reply.content[keys.ARRAYS].keys())
+    assert names == list(build_model("cnn").state_dict().keys())
+    assert not any(n.startswith("_module") for n in names)
+
+
+def test_delta_must_be_below_one_over_n():
+    ctx = context(partition_id=0, target_delta=0.01)  # 600 records: 1/n = 0.0017
+    with pytest.raises(ValueError, match="target-delta=0.01 must be < 1/n"):
+        _run_rounds(ctx, rounds=1, planned=2)
+    _ = torch
