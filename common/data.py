@@ -58,28 +58,32 @@ def cache_dir() -> Path:
     return Path(base) / "dpfl" / "fashion-mnist"
 
 
-def read_idx(path: Path, *, verify: bool = True, name: str | None = None) -> np.ndarray:
-    """Decode one gzipped IDX file; with `verify`, insist on the official payload of `name`."""
+def read_idx(
+    path: Path, *, verify: bool = True, name: str | None = None, label: str | None = None
+) -> np.ndarray:
+    """Decode one gzipped IDX file; with `verify`, insist on the official payload of `name`.
+    Errors name the file as `label` (default: the path)."""
     name = name or path.name
+    where = label or str(path)
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable gzip file ({exc})") from exc
+        raise DataError(f"{where}: not a readable gzip file ({exc})") from exc
     if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+        raise DataError(f"{where}: not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(raw) - offset != int(np.prod(dims)):
         raise DataError(
-            f"{path}: IDX header says {dims} ({int(np.prod(dims))} bytes) but "
+            f"{where}: IDX header says {dims} ({int(np.prod(dims))} bytes) but "
             f"{len(raw) - offset} bytes follow: truncated or corrupt"
         )
     if verify and name in FILES:
         digest, size, shape = FILES[name]
         if dims != shape or hashlib.sha256(raw).hexdigest() != digest:
-            raise DataError(f"{path}: checksum mismatch, not the official Fashion-MNIST {name}")
+            raise DataError(f"{where}: checksum mismatch, not the official Fashion-MNIST {name}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -89,7 +93,7 @@ def _download(url: str, dest: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             shutil.copyfileobj(resp, out)
-        read_idx(Path(tmp), name=dest.name)
+        read_idx(Path(tmp), name=dest.name, label=f"{dest.name} downloaded from {url}")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""Bad config stops before training, with an error naming the field."""
+
+import math
+
+import pytest
+
+from common.config import ConfigError, parse_overrides, resolve_config
+
+
+def test_defaults_parse():
+    cfg = resolve_config({})
+    assert cfg.privacy.private and cfg.privacy.target_epsilon == 3.0
+    assert cfg.federation.num_partitions == 100
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"target-epsilon": 0.0}, "target-epsilon"),
+        ({"target-epsilon": -1.0}, "target-epsilon"),
+        ({"target-delta": 1.0}, "target-delta"),
+        ({"fraction-train": 0.0}, "fraction-train"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"min-train-clients": 200}, "min-train-clients"),
+        ({"partitioner": "shard"}, "partitioner"),
+        ({"max-grad-norm": -1.0}, "max-grad-norm"),
+        ({"batch-size": 0}, "batch-size"),
+        ({"num-rounds": 2.5}, "num-rounds"),
+        ({"dp": "maybe"}, "dp"),
+        ({"model": "resnet"}, "model"),
+        ({"accountant": "gdp"}, "accountant"),
+        ({"learning-rate": math.nan}, "learning-rate"),
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"run-name": "../escape"}, "run-name"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        resolve_config(overrides)
+
+
+def test_overrides_use_flwr_syntax_and_accept_bare_words():
+    got = parse_overrides('num-rounds=5 target-epsilon=inf partitioner=dirichlet run-name="a b" dp=false')
+    assert got == {"num-rounds": 5, "target-epsilon": math.inf, "partitioner": "dirichlet",
+                   "run-name": "a b", "dp": False}
+    with pytest.raises(ConfigError):
+        parse_overrides("num-rounds")
+
+
+def test_infinite_epsilon_or_dp_off_is_the_nonprivate_baseline():
+    assert not resolve_config({"target-epsilon": math.inf}).privacy.private
+    assert not resolve_config({"dp": False}).privacy.private
+    assert resolve_config({"target-epsilon": math.inf, "noise-multiplier": 1.0}).privacy.private
+
+
+def test_round_trip_to_run_config():
+    cfg = resolve_config({"num-rounds": 7})
+    assert resolve_config(cfg.to_run_config()) == cfg

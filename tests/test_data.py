@@ -1,0 +1,136 @@
+"""Fashion-MNIST files: lookup order, checksums, the download path, partitioners."""
+
+import functools
+import gzip
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import data
+from common.data import DataError, FILES, locate, partition_indices, read_idx
+
+SYSTEM = locate(download=False)  # the real files (Debian package or cache)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving a folder; stopped after the test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _isolate(monkeypatch, tmp_path, url):
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(data.URL_ENV, url)
+
+
+def test_download_verifies_and_caches_real_files(http_server, tmp_path, monkeypatch):
+    root, url = http_server
+    for name in FILES:
+        shutil.copy(SYSTEM / name, root / name)
+    _isolate(monkeypatch, tmp_path, url)
+    folder = locate()
+    assert folder == tmp_path / "cache"
+    assert read_idx(folder / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()  # cached now: no second download needed
+    assert locate() == folder
+
+
+def test_truncated_download_is_rejected_naming_the_file(http_server, tmp_path, monkeypatch):
+    root, url = http_server
+    for name in FILES:
+        shutil.copy(SYSTEM / name, root / name)
+    blob = (root / "train-labels-idx1-ubyte.gz").read_bytes()
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    _isolate(monkeypatch, tmp_path, url)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
+        locate()
+    assert not (tmp_path / "cache" / "train-labels-idx1-ubyte.gz").exists()
+
+
+def test_wrong_content_fails_the_checksum(http_server, tmp_path, monkeypatch):
+    root, url = http_server
+    for name in FILES:
+        shutil.copy(SYSTEM / name, root / name)
+    raw = bytearray(gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # one label changed: still a valid IDX file
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    _isolate(monkeypatch, tmp_path, url)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz downloaded from .*: checksum mismatch"):
+        locate()
+
+
+def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch):
+    _isolate(monkeypatch, tmp_path, "http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="could not download"):
+        locate()
+
+
+def test_explicit_data_dir_missing_files_is_named(tmp_path):
+    with pytest.raises(DataError, match="lacks"):
+        locate(tmp_path)
+
+
+def test_not_gzip_is_rejected(tmp_path):
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"hello")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
+        read_idx(bad)
+
+
+def test_real_data_loads_with_expected_shapes():
+    train = data.load_split("train")
+    test = data.load_split("test")
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert set(np.unique(train.labels)) == set(range(10))
+
+
+LABELS = np.repeat(np.arange(10), 600)
+
+
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_deterministic_and_disjoint(name):
+    a = partition_indices(LABELS, name, 20, seed=1)
+    b = partition_indices(LABELS, name, 20, seed=1)
+    c = partition_indices(LABELS, name, 20, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    joined = np.concatenate(a)
+    assert len(joined) == len(np.unique(joined))  # disjoint
+
+
+def test_iid_is_balanced_and_pathological_has_k_labels():
+    iid = partition_indices(LABELS, "iid", 10, seed=0)
+    assert {len(p) for p in iid} == {600}
+    path = partition_indices(LABELS, "pathological", 10, seed=0, labels_per_client=2)
+    assert all(len(np.unique(LABELS[p])) <= 2 for p in path)
+
+
+def test_dirichlet_is_skewed():
+    parts = partition_indices(LABELS, "dirichlet", 10, seed=0, alpha=0.1)
+    shares = [np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]
+    assert np.mean(shares) > 0.4  # IID would be ~0.1
+
+
+def test_partition_id_out_of_range():
+    with pytest.raises(DataError, match="partition-id=10"):
+        data.load_partition(10, 10, partitioner="iid", seed=0)
+
+
+def test_system_dir_is_used_when_present():
+    assert SYSTEM.is_dir() and isinstance(SYSTEM, Path)
