@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     ledger = load_ledger(context, ledger_file)
     priv = cfg.privacy
-    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: 0.0, keys.PARTITION_ID: pid, keys.REFUSED: 0}
+    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: 0.0, keys.PARTITION_ID: pid, keys.REFUSED: 0,
+               keys.TRAIN_SECONDS: 0.0}
     try:
         plan = plan_spend(
             ledger, num_examples=len(data), train=cfg.train, priv=priv,
@@ -66,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         save_ledger(context, ledger, ledger_file)  # keeps a freshly calibrated sigma
         return _reply(msg, metrics, ledger.history, reason=f"{exc} in round {server_round}")
 
+    t0 = time.perf_counter()
     result = train_round(
         keys.from_array_record(msg.content[keys.ARRAYS]), data, plan, train=cfg.train, priv=priv,
         runtime=cfg.runtime, seed=cfg.data.seed * 100_003 + server_round * 1009 + pid,
@@ -76,5 +79,6 @@ def train(msg: Message, context: Context) -> Message:
         keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss,
         keys.EPSILON: plan.epsilon_after, keys.NOISE_MULTIPLIER: plan.noise_multiplier,
         keys.SAMPLE_RATE: plan.sample_rate, keys.STEPS: result.steps,
+        keys.TRAIN_SECONDS: time.perf_counter() - t0,
     })
     return _reply(msg, metrics, ledger.history, arrays=keys.to_array_record(result.weights))

@@ -39,6 +39,8 @@ class FederationConfig:
     min_available_clients: int
     num_partitions: int
     max_update_norm: float
+    server_learning_rate: float
+    server_momentum: float
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
@@ -60,6 +62,14 @@ class FederationConfig:
         _check(
             self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
             "max-update-norm", self.max_update_norm, "must be >= 0 (0 disables the bound)",
+        )
+        _check(
+            0 < self.server_learning_rate < math.inf,
+            "server-learning-rate", self.server_learning_rate, "must be > 0 and finite",
+        )
+        _check(
+            0 <= self.server_momentum < 1, "server-momentum", self.server_momentum,
+            "must be in [0, 1)",
         )
 
     @property

@@ -76,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = DPFedAvg(
         fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
         min_available_nodes=fed.min_available_clients, max_update_norm=fed.max_update_norm,
+        server_learning_rate=fed.server_learning_rate, server_momentum=fed.server_momentum,
     )
     history: list[dict] = []
     round_start = [time.time()]
@@ -99,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
             "clients_timed_out": out.timed_out if out else 0,
             "aggregated": out.aggregated if out else False,
             "train_loss": out.train_loss if out else math.nan,
+            "client_train_seconds": out.train_seconds if out else 0.0,
             "epsilon_max": eps_max, "epsilon_mean": eps_mean,
             "seconds": time.time() - round_start[0],
             "reasons": out.reasons[:20] if out else [],

@@ -36,6 +36,7 @@ class RoundOutcome:
     invalid: int = 0
     timed_out: int = 0
     train_loss: float = math.nan
+    train_seconds: float = 0.0
     reasons: list[str] = field(default_factory=list)
     aggregated: bool = False
 
@@ -49,9 +50,13 @@ class ClientPrivacy:
 
 
 class DPFedAvg(FedAvg):
-    def __init__(self, *, max_update_norm: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *, max_update_norm: float = 0.0, server_learning_rate: float = 1.0,
+                 server_momentum: float = 0.0, **kwargs: Any) -> None:
         super().__init__(fraction_evaluate=0.0, min_evaluate_nodes=0, **kwargs)
         self.max_update_norm = max_update_norm
+        self.server_learning_rate = server_learning_rate
+        self.server_momentum = server_momentum
+        self._velocity: dict[str, np.ndarray] = {}
         self.clients: dict[int, ClientPrivacy] = {}
         self.outcomes: dict[int, RoundOutcome] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -89,6 +94,7 @@ class DPFedAvg(FedAvg):
             updates.append(keys.from_array_record(msg.content[keys.ARRAYS]))
             weights.append(float(metrics[keys.NUM_EXAMPLES]))
             losses.append(float(metrics[keys.TRAIN_LOSS]))
+            outcome.train_seconds += float(metrics[keys.TRAIN_SECONDS])
         for reason in outcome.reasons:
             log.warning("round %d: %s", server_round, reason)
         outcome.trained = len(updates)
@@ -100,10 +106,23 @@ class DPFedAvg(FedAvg):
             return None, None
         outcome.aggregated = True
         outcome.train_loss = float(np.average(losses, weights=weights))
-        avg = weighted_average(updates, weights)
+        avg = self._server_step(weighted_average(updates, weights))
         return keys.to_array_record(avg), MetricRecord({
             keys.NUM_EXAMPLES: int(sum(weights)), keys.TRAIN_LOSS: outcome.train_loss,
         })
+
+    def _server_step(self, avg: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Server optimizer on the averaged update (FedAvgM); post-processing, no privacy cost.
+        With learning rate 1 and momentum 0 it is plain FedAvg."""
+        if self.server_learning_rate == 1.0 and self.server_momentum == 0.0:
+            return avg
+        out = {}
+        for name, ref in self._global.items():
+            delta = avg[name].astype(np.float64) - ref.astype(np.float64)
+            vel = self.server_momentum * self._velocity.get(name, 0.0) + delta
+            self._velocity[name] = vel
+            out[name] = (ref + self.server_learning_rate * vel).astype(ref.dtype)
+        return out
 
     def _classify(self, msg: Message) -> tuple[str, str] | None:
         """('refused' | 'invalid', reason) for a reply that must not be averaged, else None.

@@ -17,7 +17,7 @@ GLOBAL = get_weights(build_model("cnn", seed=0))
 def _metrics(**over):
     m = {keys.NUM_EXAMPLES: 600, keys.TRAIN_LOSS: 1.0, keys.EPSILON: 1.5,
          keys.NOISE_MULTIPLIER: 2.0, keys.SAMPLE_RATE: 0.1, keys.STEPS: 10,
-         keys.PARTITION_ID: 0, keys.REFUSED: 0}
+         keys.PARTITION_ID: 0, keys.REFUSED: 0, keys.TRAIN_SECONDS: 0.5}
     m.update(over)
     return m
 
@@ -127,3 +127,17 @@ def test_weighted_average_is_fedavg():
     assert out["w"].dtype == np.float32 and np.allclose(out["w"], [3.0, 5.0])
     assert update_problem(a, b) is None
     assert metrics_problem(_metrics()) is None
+
+
+def test_server_momentum_accelerates_a_constant_update():
+    strategy = DPFedAvg(min_train_nodes=1, server_learning_rate=1.0, server_momentum=0.5)
+    w = GLOBAL
+    steps = []
+    for r in (1, 2):
+        strategy._global = w
+        arrays, _ = strategy.aggregate_train(r, [_reply(1, {k: v + 0.1 for k, v in w.items()})])
+        new = keys.from_array_record(arrays)
+        k = next(iter(new))
+        steps.append(float((new[k] - w[k]).mean()))
+        w = new
+    assert steps[0] == pytest.approx(0.1, rel=1e-4) and steps[1] == pytest.approx(0.15, rel=1e-4)

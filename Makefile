@@ -1,0 +1,33 @@
+# The two set-up commands of the README:
+#   make demo   installs everything (first time) and runs the default private simulation
+#   make test   installs everything (first time) and runs the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install data demo test bench lint
+
+install: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data:
+	@bash scripts/install-data.sh
+
+demo: install
+	$(VENV)/bin/dpfl simulate
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(VENV)/bin/dpfl bench --round
+
+lint: install
+	$(VENV)/bin/ruff check common client server simulations tests
