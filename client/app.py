@@ -10,11 +10,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ledger import load_ledger, save_ledger
+from client.trainer import BudgetExceeded, plan_spend, train_round
 from common import keys
 from common.config import ExperimentConfig, parse_config
 from common.data import load_partition
-from client.ledger import load_ledger, save_ledger
-from client.trainer import BudgetExceeded, plan_spend, train_round
 
 app = ClientApp()
 

@@ -33,7 +33,7 @@ class Ledger:
         )
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "ledger") -> "Ledger":
+    def from_json(cls, text: str, *, source: str = "ledger") -> Ledger:
         try:
             raw = json.loads(text)
             history = privacy.merge_history(raw["history"])

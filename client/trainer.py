@@ -18,12 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.ledger import Ledger
 from common import privacy
 from common.config import PrivacyConfig, RuntimeConfig, TrainConfig
 from common.data import Split
 from common.models import build_model, get_weights, set_weights
-
-from client.ledger import Ledger
 
 
 class BudgetExceeded(RuntimeError):
@@ -100,7 +99,8 @@ def train_round(
     model.train()
     dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(dataset, batch_size=train.batch_size or len(data), shuffle=True,
+                        generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
 

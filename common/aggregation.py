@@ -7,7 +7,7 @@ averaging, so one broken or hostile client cannot crash the round or poison it w
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -71,6 +71,6 @@ def weighted_average(
     total = float(sum(weights))
     out = {}
     for name, ref in updates[0].items():
-        acc = sum(np.asarray(u[name], dtype=np.float64) * (w / total) for u, w in zip(updates, weights))
+        acc = sum(np.asarray(u[name], dtype=np.float64) * (w / total) for u, w in zip(updates, weights, strict=False))
         out[name] = np.asarray(acc, dtype=ref.dtype)
     return out

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 CALIBRATE_FOR = ("run", "participations")
 DEVICES = ("cpu", "cuda", "auto")
+CLIENT_SAMPLING = ("cohorts", "random")
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,7 @@ class FederationConfig:
     max_update_norm: float
     server_learning_rate: float
     server_momentum: float
+    client_sampling: str
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
@@ -71,11 +74,10 @@ class FederationConfig:
             0 <= self.server_momentum < 1, "server-momentum", self.server_momentum,
             "must be in [0, 1)",
         )
-
-    @property
-    def clients_per_round(self) -> int:
-        """Clients the server asks to train each round (FedAvg's own rounding)."""
-        return max(int(self.num_partitions * self.fraction_train), self.min_train_clients)
+        _check(
+            self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
+            f"must be one of {', '.join(CLIENT_SAMPLING)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +111,9 @@ class TrainConfig:
     batch_size: int
     learning_rate: float
     momentum: float
+    baseline_batch_size: int
+    baseline_learning_rate: float
+    baseline_server_momentum: float
 
     def __post_init__(self) -> None:
         from common.models import MODELS  # local import: models pulls in torch
@@ -117,10 +122,17 @@ class TrainConfig:
             self.model in MODELS, "model", self.model, f"must be one of {', '.join(MODELS)}"
         )
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
-        _check(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
+        _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
         _check(
-            0 < self.learning_rate < math.inf,
-            "learning-rate", self.learning_rate, "must be > 0 and finite",
+            self.baseline_batch_size >= 0, "baseline-batch-size", self.baseline_batch_size,
+            "must be >= 0 (0: full batch)",
+        )
+        for key, lr in (("learning-rate", self.learning_rate),
+                        ("baseline-learning-rate", self.baseline_learning_rate)):
+            _check(0 < lr < math.inf, key, lr, "must be > 0 and finite")
+        _check(
+            0 <= self.baseline_server_momentum < 1, "baseline-server-momentum",
+            self.baseline_server_momentum, "must be in [0, 1)",
         )
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
 
@@ -289,7 +301,17 @@ def parse_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
         section, typ = FIELD_TYPES[key]
         kwargs[section][key.replace("-", "_")] = _coerce(key, value, typ)
     built = {s: cls(**kwargs[s]) for s, cls in _SECTIONS.items()}
-    return ExperimentConfig(**built)
+    cfg = ExperimentConfig(**built)
+    if not cfg.privacy.private:
+        # DP-SGD's settings (a large step on clipped, noisy gradients) diverge without
+        # clipping: the non-private baseline runs with its own optimizer settings.
+        t = cfg.train
+        cfg = replace(
+            cfg,
+            train=replace(t, batch_size=t.baseline_batch_size, learning_rate=t.baseline_learning_rate),
+            federation=replace(cfg.federation, server_momentum=t.baseline_server_momentum),
+        )
+    return cfg
 
 
 def project_root() -> Path:

@@ -8,7 +8,7 @@ parameters keep the noise added per step small relative to the signal.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 Entry = tuple[float, float, int]
 
@@ -100,10 +100,11 @@ def calibrate_noise(
 
 def poisson_plan(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
     """(sample_rate, steps) for `epochs` local epochs, exactly as Opacus' DPDataLoader does:
-    q = 1 / ceil(n / B) and ceil(n / B) Poisson-sampled steps per epoch."""
+    q = 1 / ceil(n / B) and ceil(n / B) Poisson-sampled steps per epoch (B=0: full batch,
+    q = 1, one step per epoch)."""
     if num_examples < 1:
         raise ValueError("a client needs at least one example to train")
-    steps_per_epoch = math.ceil(num_examples / batch_size)
+    steps_per_epoch = math.ceil(num_examples / batch_size) if batch_size > 0 else 1
     return 1.0 / steps_per_epoch, steps_per_epoch * epochs
 
 

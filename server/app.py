@@ -53,8 +53,14 @@ def main(grid: Grid, context: Context) -> None:
 
     model = build_model(cfg.train.model, seed=cfg.data.seed)
     test = load_split("test", cfg.data.data_dir)
+    strategy = DPFedAvg(
+        fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
+        min_available_nodes=fed.min_available_clients, max_update_norm=fed.max_update_norm,
+        server_learning_rate=fed.server_learning_rate, server_momentum=fed.server_momentum,
+        client_sampling=fed.client_sampling, seed=cfg.data.seed,
+    )
     num_nodes = len(list(grid.get_node_ids())) or fed.num_partitions
-    clients_per_round = max(int(num_nodes * fed.fraction_train), fed.min_train_clients)
+    clients_per_round = strategy.sample_size(num_nodes)
     planned = privacy.planned_participations(
         num_rounds=fed.num_rounds, clients_per_round=clients_per_round, num_clients=num_nodes,
         calibrate_for=priv.calibrate_for, margin=priv.participation_margin,
@@ -73,11 +79,6 @@ def main(grid: Grid, context: Context) -> None:
         if priv.private else "NON-PRIVATE", cfg.train.model, count_parameters(model),
     )
 
-    strategy = DPFedAvg(
-        fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
-        min_available_nodes=fed.min_available_clients, max_update_norm=fed.max_update_norm,
-        server_learning_rate=fed.server_learning_rate, server_momentum=fed.server_momentum,
-    )
     history: list[dict] = []
     round_start = [time.time()]
 

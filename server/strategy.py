@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -49,10 +52,32 @@ class ClientPrivacy:
     sample_rate: float
 
 
+def next_cohort(
+    queue: list[int], nodes: list[int], size: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """Take `size` distinct nodes from the front of `queue` (refilled with a fresh shuffle
+    of `nodes` when empty); returns (chosen, remaining queue). Over a pass every connected
+    node is chosen once."""
+    connected = set(nodes)
+    queue = [n for n in queue if n in connected]
+    chosen: list[int] = []
+    while len(chosen) < min(size, len(nodes)):
+        if not queue:
+            queue = [n for n in nodes if n not in chosen]
+            rng.shuffle(queue)
+        chosen.append(queue.pop(0))
+    return chosen, queue
+
+
 class DPFedAvg(FedAvg):
     def __init__(self, *, max_update_norm: float = 0.0, server_learning_rate: float = 1.0,
-                 server_momentum: float = 0.0, **kwargs: Any) -> None:
+                 server_momentum: float = 0.0, client_sampling: str = "cohorts", seed: int = 0,
+                 wait_timeout: float = 600.0, **kwargs: Any) -> None:
         super().__init__(fraction_evaluate=0.0, min_evaluate_nodes=0, **kwargs)
+        self.client_sampling = client_sampling
+        self.wait_timeout = wait_timeout
+        self._rng = random.Random(seed)
+        self._queue: list[int] = []
         self.max_update_norm = max_update_norm
         self.server_learning_rate = server_learning_rate
         self.server_momentum = server_momentum
@@ -65,9 +90,36 @@ class DPFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = keys.from_array_record(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.outcomes[server_round] = RoundOutcome(sampled=len(messages))
-        return messages
+        outcome = self.outcomes[server_round] = RoundOutcome()
+        nodes = self.sample(grid, outcome)
+        outcome.sampled = len(nodes)
+        config[keys.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def sample_size(self, num_nodes: int) -> int:
+        return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
+
+    def sample(self, grid: Grid, outcome: RoundOutcome) -> list[int]:
+        """This round's clients. "cohorts": a seeded shuffle of all nodes cut into cohorts,
+        so every client joins equally often (its noise is calibrated for exactly that);
+        "random": an independent uniform sample each round, as Flower's FedAvg does."""
+        deadline = time.monotonic() + self.wait_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                outcome.reasons.append(
+                    f"only {len(nodes)} node(s) connected after {self.wait_timeout:.0f}s, "
+                    f"fewer than min-available-clients={self.min_available_nodes}"
+                )
+                return []
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes),
+                     self.min_available_nodes)
+            time.sleep(1.0)
+        size = self.sample_size(len(nodes))
+        if self.client_sampling == "random":
+            return self._rng.sample(nodes, size)
+        chosen, self._queue = next_cohort(self._queue, nodes, size, self._rng)
+        return chosen
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

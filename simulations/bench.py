@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from client.trainer import train_round
 from common import privacy
 from common.config import resolve_config
 from common.data import load_partition
 from common.models import build_model, get_weights
 from common.results import read_rounds
-from client.trainer import train_round
 
 
 def throughput(mode: str, *, batch_size: int, threads: int, seconds: float) -> float:

@@ -15,8 +15,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from common.config import ConfigError, ExperimentConfig, project_root, resolve_config
 from common.data import locate

@@ -53,6 +53,15 @@ def test_infinite_epsilon_or_dp_off_is_the_nonprivate_baseline():
     assert resolve_config({"target-epsilon": math.inf, "noise-multiplier": 1.0}).privacy.private
 
 
+def test_baseline_uses_its_own_optimizer_settings():
+    cfg = resolve_config({"target-epsilon": math.inf, "baseline-batch-size": 16,
+                          "baseline-learning-rate": 0.2, "baseline-server-momentum": 0.5})
+    assert (cfg.train.batch_size, cfg.train.learning_rate) == (16, 0.2)
+    assert cfg.federation.server_momentum == 0.5
+    private = resolve_config({})
+    assert private.train.learning_rate != 0.2
+
+
 def test_round_trip_to_run_config():
     cfg = resolve_config({"num-rounds": 7})
     assert resolve_config(cfg.to_run_config()) == cfg

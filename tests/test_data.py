@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common import data
-from common.data import DataError, FILES, locate, partition_indices, read_idx
+from common.data import FILES, DataError, locate, partition_indices, read_idx
 
 SYSTEM = locate(download=False)  # the real files (Debian package or cache)
 
@@ -108,8 +108,8 @@ def test_partitions_are_deterministic_and_disjoint(name):
     a = partition_indices(LABELS, name, 20, seed=1)
     b = partition_indices(LABELS, name, 20, seed=1)
     c = partition_indices(LABELS, name, 20, seed=2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=False))
     joined = np.concatenate(a)
     assert len(joined) == len(np.unique(joined))  # disjoint
 

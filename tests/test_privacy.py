@@ -7,10 +7,10 @@ import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common import privacy
-from common.config import resolve_config
 from client.ledger import Ledger
 from client.trainer import BudgetExceeded, plan_spend
+from common import privacy
+from common.config import resolve_config
 
 
 def dp_accounting_epsilon(history, delta):
@@ -79,6 +79,7 @@ def test_history_entries_are_validated():
 def test_poisson_plan_matches_opacus_dataloader():
     assert privacy.poisson_plan(600, 64, 2) == (0.1, 20)
     assert privacy.poisson_plan(600, 600, 1) == (1.0, 1)
+    assert privacy.poisson_plan(600, 0, 3) == (1.0, 3)  # 0: full batch
     with pytest.raises(ValueError):
         privacy.poisson_plan(0, 64, 1)
 

@@ -141,3 +141,20 @@ def test_server_momentum_accelerates_a_constant_update():
         steps.append(float((new[k] - w[k]).mean()))
         w = new
     assert steps[0] == pytest.approx(0.1, rel=1e-4) and steps[1] == pytest.approx(0.15, rel=1e-4)
+
+
+def test_cohorts_give_every_client_the_same_number_of_rounds():
+    import random
+    from collections import Counter
+
+    from server.strategy import next_cohort
+
+    rng, queue, nodes = random.Random(0), [], list(range(100, 200))
+    counts: Counter = Counter()
+    for _ in range(30):  # 30 rounds x 10 clients = 3 passes over 100 nodes
+        chosen, queue = next_cohort(queue, nodes, 10, rng)
+        assert len(set(chosen)) == 10
+        counts.update(chosen)
+    assert set(counts.values()) == {3}
+    chosen, _ = next_cohort(queue, nodes[:5], 10, rng)  # fewer nodes than asked: all of them
+    assert sorted(chosen) == nodes[:5]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import train as client_train
+from client.trainer import train_round
 from common import keys, privacy
 from common.config import resolve_config
 from common.data import Split
 from common.models import build_model, get_weights
-from client.app import train as client_train
-from client.trainer import train_round
 from tests.helpers import context, train_message
 from tests.test_privacy import dp_accounting_epsilon
 

@@ -1,0 +1,76 @@
+"""End to end: `dpfl simulate` with real Flower processes, real Opacus, real data."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from common.results import read_json, read_rounds
+from simulations.simulate import simulate
+from tests.test_privacy import dp_accounting_epsilon
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"num-partitions": 10, "num-rounds": 3}
+
+
+def _no_leftover_flower_processes():
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "dpfl-flwr-home-" in line]
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return simulate(SMALL, output_dir=str(out), progress=None)
+
+
+def test_private_simulation_meets_band_and_budget(private_run):
+    summary = read_json(private_run / "summary.json")
+    rows = read_rounds(private_run / "rounds.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["clients_trained"] == 10 and r["clients_failed"] == 0 for r in rows)
+    # A floor (it learns) and a ceiling (the noise is really there).
+    assert 0.55 <= summary["final_accuracy"] <= 0.85
+    assert summary["epsilon_max"] <= summary["target_epsilon"] == 3.0
+    assert summary["num_clients"] == 10 and summary["rounds"] == 3
+
+
+def test_privacy_json_recomputes_with_dp_accounting(private_run):
+    priv = read_json(private_run / "privacy.json")
+    assert priv["accountant"] == "rdp" and len(priv["clients"]) == 10
+    for client in priv["clients"].values():
+        history = [tuple(e) for e in client["history"]]
+        assert sum(e[2] for e in history) > 0
+        independent = dp_accounting_epsilon(history, priv["delta"])
+        assert client["epsilon"] == pytest.approx(independent, rel=0.01)
+        assert client["epsilon"] <= priv["target_epsilon"]
+
+
+def test_run_files_are_complete(private_run):
+    config = read_json(private_run / "config.json")
+    assert config["run_config"]["num-partitions"] == 10
+    assert config["libraries"]["opacus"].startswith("1.6")
+    assert (private_run / "model.npz").stat().st_size > 0
+    assert not _no_leftover_flower_processes()
+
+
+def test_nonprivate_baseline_beats_the_private_run(tmp_path, private_run):
+    run = simulate({**SMALL, "target-epsilon": math.inf}, output_dir=str(tmp_path), progress=None)
+    summary = read_json(run / "summary.json")
+    assert summary["private"] is False and summary["epsilon_max"] == "inf"
+    assert summary["final_accuracy"] > read_json(private_run / "summary.json")["final_accuracy"]
+    assert summary["final_accuracy"] >= 0.80
+
+
+def test_cli_rejects_bad_config_before_starting(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--output-dir", str(tmp_path),
+         "--run-config", "fraction-train=0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "fraction-train=0.0 must be in (0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
