@@ -24,7 +24,7 @@ def test_defaults_parse():
         ({"min-train-clients": 200}, "min-train-clients"),
         ({"partitioner": "shard"}, "partitioner"),
         ({"max-grad-norm": -1.0}, "max-grad-norm"),
-        ({"batch-size": 0}, "batch-size"),
+        ({"batch-size": -1}, "batch-size"),
         ({"num-rounds": 2.5}, "num-rounds"),
         ({"dp": "maybe"}, "dp"),
         ({"model": "resnet"}, "model"),
