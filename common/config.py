@@ -22,6 +22,7 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 CALIBRATE_FOR = ("run", "participations")
 DEVICES = ("cpu", "cuda", "auto")
 CLIENT_SAMPLING = ("cohorts", "random")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,8 @@ class FederationConfig:
     max_update_norm: float
     server_learning_rate: float
     server_momentum: float
+    server_lr_schedule: str
+    server_ema: float
     client_sampling: str
 
     def __post_init__(self) -> None:
@@ -74,6 +77,11 @@ class FederationConfig:
             0 <= self.server_momentum < 1, "server-momentum", self.server_momentum,
             "must be in [0, 1)",
         )
+        _check(
+            self.server_lr_schedule in LR_SCHEDULES, "server-lr-schedule",
+            self.server_lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}",
+        )
+        _check(0 <= self.server_ema < 1, "server-ema", self.server_ema, "must be in [0, 1)")
         _check(
             self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
             f"must be one of {', '.join(CLIENT_SAMPLING)}",

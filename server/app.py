@@ -57,7 +57,8 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
         min_available_nodes=fed.min_available_clients, max_update_norm=fed.max_update_norm,
         server_learning_rate=fed.server_learning_rate, server_momentum=fed.server_momentum,
-        client_sampling=fed.client_sampling, seed=cfg.data.seed,
+        server_lr_schedule=fed.server_lr_schedule, server_ema=fed.server_ema,
+        num_rounds=fed.num_rounds, client_sampling=fed.client_sampling, seed=cfg.data.seed,
     )
     num_nodes = len(list(grid.get_node_ids())) or fed.num_partitions
     clients_per_round = strategy.sample_size(num_nodes)
@@ -83,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     round_start = [time.time()]
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:  # type: ignore[no-untyped-def]
-        set_weights(model, keys.from_array_record(arrays))
+        set_weights(model, strategy.reported_model(keys.from_array_record(arrays)))
         loss, acc = evaluate(model, test.images, test.labels)
         if server_round == 0:
             log.info("round 0: test accuracy %.4f (initial model)", acc)

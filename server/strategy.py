@@ -71,7 +71,9 @@ def next_cohort(
 
 class DPFedAvg(FedAvg):
     def __init__(self, *, max_update_norm: float = 0.0, server_learning_rate: float = 1.0,
-                 server_momentum: float = 0.0, client_sampling: str = "cohorts", seed: int = 0,
+                 server_momentum: float = 0.0, server_lr_schedule: str = "constant",
+                 server_ema: float = 0.0, num_rounds: int = 1,
+                 client_sampling: str = "cohorts", seed: int = 0,
                  wait_timeout: float = 600.0, **kwargs: Any) -> None:
         super().__init__(fraction_evaluate=0.0, min_evaluate_nodes=0, **kwargs)
         self.client_sampling = client_sampling
@@ -81,7 +83,11 @@ class DPFedAvg(FedAvg):
         self.max_update_norm = max_update_norm
         self.server_learning_rate = server_learning_rate
         self.server_momentum = server_momentum
+        self.server_lr_schedule = server_lr_schedule
+        self.server_ema = server_ema
+        self.num_rounds = num_rounds
         self._velocity: dict[str, np.ndarray] = {}
+        self.ema: dict[str, np.ndarray] | None = None
         self.clients: dict[int, ClientPrivacy] = {}
         self.outcomes: dict[int, RoundOutcome] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -158,23 +164,38 @@ class DPFedAvg(FedAvg):
             return None, None
         outcome.aggregated = True
         outcome.train_loss = float(np.average(losses, weights=weights))
-        avg = self._server_step(weighted_average(updates, weights))
+        avg = self._server_step(server_round, weighted_average(updates, weights))
         return keys.to_array_record(avg), MetricRecord({
             keys.NUM_EXAMPLES: int(sum(weights)), keys.TRAIN_LOSS: outcome.train_loss,
         })
 
-    def _server_step(self, avg: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Server optimizer on the averaged update (FedAvgM); post-processing, no privacy cost.
-        With learning rate 1 and momentum 0 it is plain FedAvg."""
-        if self.server_learning_rate == 1.0 and self.server_momentum == 0.0:
-            return avg
+    def server_lr(self, server_round: int) -> float:
+        if self.server_lr_schedule == "cosine":
+            frac = (server_round - 1) / max(self.num_rounds, 1)
+            return self.server_learning_rate * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.server_learning_rate
+
+    def _server_step(self, server_round: int, avg: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Server optimizer on the averaged update (FedAvgM with an optional cosine schedule)
+        and an exponential moving average of the global models. All of it is
+        post-processing of the clients' DP outputs: no privacy cost. With learning rate 1,
+        no momentum and no schedule it is plain FedAvg."""
+        lr = self.server_lr(server_round)
         out = {}
         for name, ref in self._global.items():
             delta = avg[name].astype(np.float64) - ref.astype(np.float64)
             vel = self.server_momentum * self._velocity.get(name, 0.0) + delta
             self._velocity[name] = vel
-            out[name] = (ref + self.server_learning_rate * vel).astype(ref.dtype)
+            out[name] = (ref + lr * vel).astype(ref.dtype)
+        if self.server_ema > 0:
+            d = self.server_ema
+            prev = self.ema or self._global
+            self.ema = {k: (d * prev[k] + (1 - d) * out[k]).astype(out[k].dtype) for k in out}
         return out
+
+    def reported_model(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model that is evaluated and saved: the moving average when enabled."""
+        return self.ema if (self.server_ema > 0 and self.ema is not None) else arrays
 
     def _classify(self, msg: Message) -> tuple[str, str] | None:
         """('refused' | 'invalid', reason) for a reply that must not be averaged, else None.

@@ -158,3 +158,17 @@ def test_cohorts_give_every_client_the_same_number_of_rounds():
     assert set(counts.values()) == {3}
     chosen, _ = next_cohort(queue, nodes[:5], 10, rng)  # fewer nodes than asked: all of them
     assert sorted(chosen) == nodes[:5]
+
+
+def test_cosine_schedule_and_moving_average_are_post_processing():
+    strategy = DPFedAvg(min_train_nodes=1, server_lr_schedule="cosine", num_rounds=4,
+                        server_ema=0.5)
+    assert strategy.server_lr(1) == pytest.approx(1.0)
+    assert strategy.server_lr(3) == pytest.approx(0.5)
+    strategy._global = GLOBAL
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: v + 0.2 for k, v in GLOBAL.items()})])
+    new = keys.from_array_record(arrays)
+    reported = strategy.reported_model(new)
+    k = next(iter(new))
+    assert np.allclose(new[k], GLOBAL[k] + 0.2, atol=1e-6)
+    assert np.allclose(reported[k], GLOBAL[k] + 0.1, atol=1e-6)  # halfway: decay 0.5
