@@ -15,6 +15,7 @@ from client.trainer import BudgetExceeded, plan_spend, train_round
 from common import keys
 from common.config import ExperimentConfig, parse_config
 from common.data import load_partition
+from common.models import MODEL_FEATURES
 
 app = ClientApp()
 
@@ -50,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(
         pid, num_parts, partitioner=cfg.data.partitioner, seed=cfg.data.seed,
         alpha=cfg.data.dirichlet_alpha, labels_per_client=cfg.data.labels_per_client,
-        data_dir=data_dir,
+        data_dir=data_dir, features=MODEL_FEATURES.get(cfg.train.model, ""),
     )
     ledger = load_ledger(context, ledger_file)
     priv = cfg.privacy

@@ -146,8 +146,14 @@ def _normalise(images: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def load_split(split: str, data_dir: str = "") -> Split:
-    """`split` is "train" or "test"; arrays are cached per process."""
+def load_split(split: str, data_dir: str = "", features: str = "") -> Split:
+    """`split` is "train" or "test"; arrays are cached per process. With `features`, the
+    images are replaced by that fixed transform of them (common.features), memory mapped."""
+    if features:
+        from common.features import cached_features
+
+        raw = load_split(split, data_dir)
+        return Split(cached_features(features, raw.images, cache_dir() / "features"), raw.labels)
     prefix = {"train": "train", "test": "t10k"}[split]
     folder = locate(data_dir or None)
     verify = not data_dir  # a user's own folder may hold their own data in the same format
@@ -219,7 +225,7 @@ def _cached_partitions(
 
 def load_partition(
     partition_id: int, num_partitions: int, *, partitioner: str, seed: int,
-    alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "",
+    alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "", features: str = "",
 ) -> Split:
     """One client's share of the training set."""
     if not 0 <= partition_id < num_partitions:
@@ -227,5 +233,5 @@ def load_partition(
     idx = _cached_partitions(
         data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client
     )[partition_id]
-    train = load_split("train", data_dir)
-    return Split(train.images[idx], train.labels[idx])
+    train = load_split("train", data_dir, features)
+    return Split(np.asarray(train.images[idx], dtype=np.float32), train.labels[idx])

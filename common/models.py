@@ -38,7 +38,16 @@ def _logreg() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": _cnn, "mlp": _mlp, "logreg": _logreg}
+def _scatter_linear() -> nn.Module:
+    # Tramèr & Boneh 2021: scattering features, GroupNorm (per sample, no parameters), linear.
+    return nn.Sequential(nn.GroupNorm(27, 81, affine=False), nn.Flatten(), nn.Linear(81 * 7 * 7, 10))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": _cnn, "mlp": _mlp, "logreg": _logreg, "scatter-linear": _scatter_linear,
+}
+# Models that take fixed features (common.features) instead of raw images.
+MODEL_FEATURES: dict[str, str] = {"scatter-linear": "scatter"}
 
 
 def build_model(name: str, *, seed: int | None = None) -> nn.Module:

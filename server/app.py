@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys, privacy
 from common.config import ExperimentConfig, parse_config, project_root
 from common.data import load_split
-from common.models import build_model, count_parameters, evaluate, get_weights, set_weights
+from common.models import MODEL_FEATURES, build_model, count_parameters, evaluate, get_weights, set_weights
 from common.results import RunWriter, git_revision, library_versions
 from server.strategy import DPFedAvg
 
@@ -52,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(cfg.runtime.num_threads)
 
     model = build_model(cfg.train.model, seed=cfg.data.seed)
-    test = load_split("test", cfg.data.data_dir)
+    test = load_split("test", cfg.data.data_dir, MODEL_FEATURES.get(cfg.train.model, ""))
+    test = type(test)(np.asarray(test.images, dtype=np.float32), test.labels)
     strategy = DPFedAvg(
         fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
         min_available_nodes=fed.min_available_clients, max_update_norm=fed.max_update_norm,
@@ -155,4 +156,3 @@ def main(grid: Grid, context: Context) -> None:
         summary["final_accuracy"], eps_max, summary["target_epsilon"], len(history),
         summary["wall_seconds"], writer.dir,
     )
-    _ = np  # numpy is used through the model helpers
