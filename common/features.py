@@ -50,7 +50,7 @@ def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarra
         try:
             if not path.exists():
                 feats = scattering(images).astype(np.float16)
-                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npy")  # np.save keeps .npy
                 os.close(fd)
                 try:
                     np.save(tmp, feats)
