@@ -9,7 +9,6 @@ steps with noise_multiplier 0, so its epsilon is reported as infinite.
 
 from __future__ import annotations
 
-import gc
 import math
 import warnings
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ def train_round(
     if hasattr(model, "remove_hooks"):
         model.remove_hooks()
     del model, optimizer, loader
-    gc.collect()
+
     return RoundResult(
         weights=weights_out, num_examples=len(data),
         train_loss=total_loss / max(seen, 1), steps=plan.steps,

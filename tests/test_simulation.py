@@ -12,7 +12,7 @@ from tests.test_privacy import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-partitions": 10, "num-rounds": 3}
+SMALL = {"num-partitions": 10, "num-rounds": 20, "fraction-train": 0.5}
 
 
 def _no_leftover_flower_processes():
@@ -29,12 +29,14 @@ def private_run(tmp_path_factory):
 def test_private_simulation_meets_band_and_budget(private_run):
     summary = read_json(private_run / "summary.json")
     rows = read_rounds(private_run / "rounds.jsonl")
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert all(r["clients_trained"] == 10 and r["clients_failed"] == 0 for r in rows)
+    assert [r["round"] for r in rows] == list(range(1, 21))
+    assert all(r["clients_trained"] == 5 and r["clients_failed"] == 0 for r in rows)
+    assert all(r["clients_refused"] == 0 for r in rows)  # cohorts: calibrated exactly
     # A floor (it learns) and a ceiling (the noise is really there).
     assert 0.55 <= summary["final_accuracy"] <= 0.85
     assert summary["epsilon_max"] <= summary["target_epsilon"] == 3.0
-    assert summary["num_clients"] == 10 and summary["rounds"] == 3
+    assert summary["num_clients"] == 10 and summary["rounds"] == 20
+    assert summary["epsilon_max"] > 0.9 * 3.0  # the budget is used, not wasted
 
 
 def test_privacy_json_recomputes_with_dp_accounting(private_run):
