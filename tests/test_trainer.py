@@ -56,7 +56,7 @@ def test_noise_has_the_right_scale():
 
 
 def _run_rounds(ctx, rounds, planned, start_round=1):
-    weights = get_weights(build_model("cnn", seed=0))
+    weights = get_weights(build_model(str(ctx.run_config["model"]), seed=0))
     replies = []
     for r in range(start_round, start_round + rounds):
         reply = client_train(train_message(weights, server_round=r, planned_rounds=planned), ctx)
@@ -130,7 +130,7 @@ def test_reply_weights_are_the_plain_models():
     ctx = context(partition_id=0)
     (reply,) = _run_rounds(ctx, rounds=1, planned=2)
     names = list(reply.content[keys.ARRAYS].keys())
-    assert names == list(build_model("cnn").state_dict().keys())
+    assert names == list(build_model(str(ctx.run_config["model"])).state_dict().keys())
     assert not any(n.startswith("_module") for n in names)
 
 
