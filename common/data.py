@@ -201,8 +201,10 @@ def partition_indices(
     alpha: float = 0.5, labels_per_client: int = 2,
 ) -> list[np.ndarray]:
     """Row indices of every partition, deterministic for (labels, name, params, seed)."""
+    import datasets
     from datasets import Dataset
 
+    datasets.disable_progress_bars()
     ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     ds = ds.shuffle(seed=seed).flatten_indices()  # IID shards need a seeded shuffle first
     part = make_partitioner(

@@ -23,18 +23,20 @@ from client.trainer import train_round
 from common import privacy
 from common.config import resolve_config
 from common.data import load_partition
-from common.models import build_model, get_weights
+from common.models import MODEL_FEATURES, build_model, get_weights
 from common.results import read_rounds
 
 
-def throughput(mode: str, *, batch_size: int, threads: int, seconds: float) -> float:
-    """Samples/s of local training; mode "off" is plain SGD, otherwise DP-SGD in that mode."""
+def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds: float) -> float:
+    """Samples/s of one client's local training (one real partition of the default 100);
+    mode "off" is plain SGD, otherwise DP-SGD with that Opacus grad-sample mode."""
     torch.set_num_threads(threads)
     cfg = resolve_config({
-        "batch-size": batch_size, "num-threads": threads,
+        "model": model, "batch-size": batch_size, "num-threads": threads,
         "grad-sample-mode": mode if mode != "off" else "hooks",
     })
-    data = load_partition(0, 10, partitioner="iid", seed=0)  # 6000 real examples
+    data = load_partition(0, cfg.federation.num_partitions, partitioner="iid", seed=0,
+                          features=MODEL_FEATURES.get(model, ""))
     weights = get_weights(build_model(cfg.train.model, seed=0))
     q, steps = privacy.poisson_plan(len(data), batch_size, 1)
     plan = privacy.RoundPlan(noise_multiplier=0.0 if mode == "off" else 1.0, sample_rate=q,
@@ -94,13 +96,15 @@ def round_figures(overrides: dict, client_cpus: float) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     cfg = resolve_config({})
-    batch = args.batch_size or cfg.train.batch_size
-    print(f"dpfl bench: model {cfg.train.model}, batch {batch}, {args.threads} thread(s), "
+    model = args.model or cfg.train.model
+    batch = cfg.train.batch_size if args.batch_size is None else args.batch_size
+    print(f"dpfl bench: model {model}, batch {batch or 'full'}, {args.threads} thread(s), "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-    base = throughput("off", batch_size=batch, threads=args.threads, seconds=args.seconds)
+    kw = {"model": model, "batch_size": batch, "threads": args.threads, "seconds": args.seconds}
+    base = throughput("off", **kw)
     print(f"  non-private SGD          {base:9.0f} samples/s")
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        sps = throughput(mode, batch_size=batch, threads=args.threads, seconds=args.seconds)
+        sps = throughput(mode, **kw)
         print(f"  DP-SGD {mode:<10}        {sps:9.0f} samples/s  ({base / sps:.2f}x slower)")
     if args.round:
         over = {"num-rounds": 3}

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(func=_simulate)
 
     bench = sub.add_parser("bench", help="measure DP-SGD throughput and round time")
-    bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--batch-size", type=int, default=None, help="0: full batch (default: config)")
+    bench.add_argument("--model", default=None, help="default: the config's model")
     bench.add_argument("--seconds", type=float, default=10.0, help="time per throughput figure")
     bench.add_argument("--modes", default="hooks,functorch,ghost", help="grad-sample modes to time")
     bench.add_argument("--threads", type=int, default=2)

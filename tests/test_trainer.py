@@ -16,9 +16,13 @@ from tests.helpers import context, train_message
 from tests.test_privacy import dp_accounting_epsilon
 
 
-def _one_step(images, labels, *, sigma, clip, lr=1.0, model="logreg"):
+MODES = ["hooks", "ghost", "functorch"]
+
+
+def _one_step(images, labels, *, sigma, clip, lr=1.0, model="logreg", mode="hooks"):
     cfg = resolve_config({"model": model, "batch-size": len(labels), "learning-rate": lr,
-                          "max-grad-norm": clip, "noise-multiplier": sigma})
+                          "max-grad-norm": clip, "noise-multiplier": sigma,
+                          "grad-sample-mode": mode})
     start = get_weights(build_model(model, seed=0))
     plan = privacy.RoundPlan(noise_multiplier=sigma, sample_rate=1.0, steps=1,
                              epsilon_before=0.0, epsilon_after=0.0)
@@ -27,13 +31,14 @@ def _one_step(images, labels, *, sigma, clip, lr=1.0, model="logreg"):
     return {k: res.weights[k] - start[k] for k in start}
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n", [1, 8])
-def test_every_per_sample_gradient_is_clipped(n):
+def test_every_per_sample_gradient_is_clipped(n, mode):
     rng = np.random.default_rng(0)
     images = (rng.normal(size=(n, 1, 28, 28)) * 3).astype(np.float32)  # raw grads >> clip
     labels = rng.integers(0, 10, size=n)
     clip = 0.1
-    delta = _one_step(images, labels, sigma=1e-9, clip=clip)
+    delta = _one_step(images, labels, sigma=1e-9, clip=clip, mode=mode)
     norm = math.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta.values()))
     # update = -lr * (sum of clipped per-sample grads) / n: each term has norm <= clip
     assert norm <= clip * (1 + 1e-4)
@@ -41,11 +46,12 @@ def test_every_per_sample_gradient_is_clipped(n):
         assert norm > 0.99 * clip  # the raw gradient was far larger, so clipping was active
 
 
-def test_noise_has_the_right_scale():
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_has_the_right_scale(mode):
     n, sigma, clip = 50, 2.0, 0.5
     images = np.zeros((n, 1, 28, 28), dtype=np.float32)  # zero inputs: weight gradients are 0
     labels = np.arange(n) % 10
-    delta = _one_step(images, labels, sigma=sigma, clip=clip)
+    delta = _one_step(images, labels, sigma=sigma, clip=clip, mode=mode)
     weight_key = next(k for k in delta if k.endswith("weight"))
     noise = delta[weight_key].ravel().astype(np.float64) * n  # update = -noise / n
     est = float(noise.std())
