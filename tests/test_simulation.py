@@ -12,7 +12,10 @@ from tests.test_privacy import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-partitions": 10, "num-rounds": 20, "fraction-train": 0.5}
+# 100 clients of 600 images, cohorts of 10, 30 rounds (3 participations per client) at a
+# small budget, where the noise visibly costs accuracy: measured 73.5% at epsilon 0.25,
+# 80.0% with the noise switched off, 87-90% non-private.
+SMALL = {"num-rounds": 30, "target-epsilon": 0.25}
 
 
 def _no_leftover_flower_processes():
@@ -29,19 +32,19 @@ def private_run(tmp_path_factory):
 def test_private_simulation_meets_band_and_budget(private_run):
     summary = read_json(private_run / "summary.json")
     rows = read_rounds(private_run / "rounds.jsonl")
-    assert [r["round"] for r in rows] == list(range(1, 21))
-    assert all(r["clients_trained"] == 5 and r["clients_failed"] == 0 for r in rows)
+    assert [r["round"] for r in rows] == list(range(1, 31))
+    assert all(r["clients_trained"] == 10 and r["clients_failed"] == 0 for r in rows)
     assert all(r["clients_refused"] == 0 for r in rows)  # cohorts: calibrated exactly
     # A floor (it learns) and a ceiling (the noise is really there).
-    assert 0.55 <= summary["final_accuracy"] <= 0.85
-    assert summary["epsilon_max"] <= summary["target_epsilon"] == 3.0
-    assert summary["num_clients"] == 10 and summary["rounds"] == 20
-    assert summary["epsilon_max"] > 0.9 * 3.0  # the budget is used, not wasted
+    assert 0.65 <= summary["final_accuracy"] <= 0.78
+    assert summary["epsilon_max"] <= summary["target_epsilon"] == 0.25
+    assert summary["num_clients"] == 100 and summary["rounds"] == 30
+    assert summary["epsilon_max"] > 0.9 * 0.25  # the budget is used, not wasted
 
 
 def test_privacy_json_recomputes_with_dp_accounting(private_run):
     priv = read_json(private_run / "privacy.json")
-    assert priv["accountant"] == "rdp" and len(priv["clients"]) == 10
+    assert priv["accountant"] == "rdp" and len(priv["clients"]) == 100
     for client in priv["clients"].values():
         history = [tuple(e) for e in client["history"]]
         assert sum(e[2] for e in history) > 0
@@ -52,7 +55,7 @@ def test_privacy_json_recomputes_with_dp_accounting(private_run):
 
 def test_run_files_are_complete(private_run):
     config = read_json(private_run / "config.json")
-    assert config["run_config"]["num-partitions"] == 10
+    assert config["run_config"]["num-partitions"] == 100
     assert config["libraries"]["opacus"].startswith("1.6")
     assert (private_run / "model.npz").stat().st_size > 0
     assert not _no_leftover_flower_processes()
@@ -63,7 +66,7 @@ def test_nonprivate_baseline_beats_the_private_run(tmp_path, private_run):
     summary = read_json(run / "summary.json")
     assert summary["private"] is False and summary["epsilon_max"] == "inf"
     assert summary["final_accuracy"] > read_json(private_run / "summary.json")["final_accuracy"]
-    assert summary["final_accuracy"] >= 0.80
+    assert summary["final_accuracy"] >= 0.85
 
 
 def test_cli_rejects_bad_config_before_starting(tmp_path):
