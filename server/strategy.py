@@ -189,7 +189,7 @@ class DPFedAvg(FedAvg):
             out[name] = (ref + lr * vel).astype(ref.dtype)
         if self.server_ema > 0:
             d = self.server_ema
-            prev = self.ema or self._global
+            prev = self.ema or out  # starts at the first aggregate, not the random init
             self.ema = {k: (d * prev[k] + (1 - d) * out[k]).astype(out[k].dtype) for k in out}
         return out
 

@@ -165,10 +165,14 @@ def test_cosine_schedule_and_moving_average_are_post_processing():
                         server_ema=0.5)
     assert strategy.server_lr(1) == pytest.approx(1.0)
     assert strategy.server_lr(3) == pytest.approx(0.5)
-    strategy._global = GLOBAL
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: v + 0.2 for k, v in GLOBAL.items()})])
-    new = keys.from_array_record(arrays)
-    reported = strategy.reported_model(new)
-    k = next(iter(new))
-    assert np.allclose(new[k], GLOBAL[k] + 0.2, atol=1e-6)
-    assert np.allclose(reported[k], GLOBAL[k] + 0.1, atol=1e-6)  # halfway: decay 0.5
+    w, k = GLOBAL, next(iter(GLOBAL))
+    for r in (1, 2):
+        strategy._global = w
+        arrays, _ = strategy.aggregate_train(r, [_reply(1, {n: v + 0.2 for n, v in w.items()})])
+        w = keys.from_array_record(arrays)
+        reported = strategy.reported_model(w)
+        if r == 1:  # the average starts at the first aggregate
+            assert np.allclose(reported[k], GLOBAL[k] + 0.2, atol=1e-6)
+    lr2 = strategy.server_lr(2)
+    assert np.allclose(w[k], GLOBAL[k] + 0.2 + 0.2 * lr2, atol=1e-5)
+    assert np.allclose(reported[k], GLOBAL[k] + 0.2 + 0.1 * lr2, atol=1e-5)  # halfway: decay 0.5
