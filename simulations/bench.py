@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         sps = throughput(mode, **kw)
         print(f"  DP-SGD {mode:<10}        {sps:9.0f} samples/s  ({base / sps:.2f}x slower)")
     if args.round:
-        over = {"num-rounds": 3}
+        over = {"num-rounds": 20}
         figs = round_figures(over, client_cpus=1.0)
-        print("  simulation (defaults, 3 rounds): " + json.dumps(figs, indent=2))
+        print("  simulation (defaults, 20 rounds): " + json.dumps(figs, indent=2))
     return 0
