@@ -134,3 +134,18 @@ def test_partition_id_out_of_range():
 
 def test_system_dir_is_used_when_present():
     assert SYSTEM.is_dir() and isinstance(SYSTEM, Path)
+
+
+def test_scatter_features_are_cached_and_shared(tmp_path):
+    from common.features import cached_features
+
+    images = data.load_split("test").images[:40]
+    first = cached_features("scatter", images, tmp_path)
+    assert first.shape == (40, 81, 7, 7) and np.isfinite(first).all()
+    files = sorted(p.name for p in tmp_path.glob("scatter-*.npy"))
+    again = cached_features("scatter", images, tmp_path)
+    assert np.array_equal(first, again) and sorted(p.name for p in tmp_path.glob("scatter-*.npy")) == files
+    other = cached_features("scatter", images[:20], tmp_path)  # other data: its own file
+    assert len(list(tmp_path.glob("scatter-*.npy"))) == 2 and np.allclose(other, first[:20])
+    with pytest.raises(ValueError, match="features='nope'"):
+        cached_features("nope", images, tmp_path)
