@@ -24,6 +24,7 @@ demo: install
 	$(VENV)/bin/dpfl simulate
 
 test: install
+	$(VENV)/bin/ruff check common client server simulations tests
 	$(PY) -m pytest
 
 bench: install

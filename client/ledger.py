@@ -10,14 +10,13 @@ lives in the node's `Context.state`; with a `ledger-path` it is also kept in a f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
+from common.results import atomic_write_text
 
 STATE_KEY = "dpfl-ledger"
 
@@ -50,20 +49,6 @@ class Ledger:
         return privacy.epsilon(self.history, delta, accountant)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_ledger(context: Context, path: Path | None = None) -> Ledger:
     """The newest of node state and the ledger file (the longer history wins)."""
     candidates = []
@@ -81,5 +66,5 @@ def load_ledger(context: Context, path: Path | None = None) -> Ledger:
 def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> None:
     text = ledger.to_json()
     if path is not None:
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
     context.state.config_records[STATE_KEY] = ConfigRecord({"json": text})

@@ -37,11 +37,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def as_float(value: Any) -> float:
-    """Inverse of `jsonable` for one number."""
-    return float(value)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")

@@ -17,7 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys, privacy
 from common.config import ExperimentConfig, parse_config, project_root
 from common.data import load_split
-from common.models import MODEL_FEATURES, build_model, count_parameters, evaluate, get_weights, set_weights
+from common.models import (
+    MODEL_FEATURES,
+    build_model,
+    count_parameters,
+    evaluate,
+    get_weights,
+    set_weights,
+)
 from common.results import RunWriter, git_revision, library_versions
 from server.strategy import DPFedAvg
 

@@ -10,7 +10,7 @@ from common.data import DataError
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import SimulationError, simulate, summary_text
+    from simulations.simulate import simulate, summary_text
 
     overrides = parse_overrides(" ".join(args.run_config or []))
     run_dir = simulate(
@@ -18,7 +18,6 @@ def _simulate(args: argparse.Namespace) -> int:
         progress=None if args.quiet else print,
     )
     print(summary_text(run_dir))
-    _ = SimulationError
     return 0
 
 

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from client.app import train as client_train
 from client.trainer import train_round
@@ -14,7 +13,6 @@ from common.data import Split
 from common.models import build_model, get_weights
 from tests.helpers import context, train_message
 from tests.test_privacy import dp_accounting_epsilon
-
 
 MODES = ["hooks", "ghost", "functorch"]
 
@@ -144,4 +142,3 @@ def test_delta_must_be_below_one_over_n():
     ctx = context(partition_id=0, target_delta=0.01)  # 600 records: 1/n = 0.0017
     with pytest.raises(ValueError, match="target-delta=0.01 must be < 1/n"):
         _run_rounds(ctx, rounds=1, planned=2)
-    _ = torch
