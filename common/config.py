@@ -47,6 +47,7 @@ class FederationConfig:
     server_lr_schedule: str
     server_ema: float
     client_sampling: str
+    max_idle_rounds: int
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
@@ -82,6 +83,10 @@ class FederationConfig:
             self.server_lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}",
         )
         _check(0 <= self.server_ema < 1, "server-ema", self.server_ema, "must be in [0, 1)")
+        _check(
+            self.max_idle_rounds >= 0, "max-idle-rounds", self.max_idle_rounds,
+            "must be >= 0 (0: never stop early)",
+        )
         _check(
             self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
             f"must be one of {', '.join(CLIENT_SAMPLING)}",

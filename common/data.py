@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -204,6 +205,10 @@ def partition_indices(
     import datasets
     from datasets import Dataset
 
+    if num_partitions > len(labels):
+        raise DataError(
+            f"num-partitions={num_partitions} exceeds the {len(labels)} training records"
+        )
     datasets.disable_progress_bars()
     ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     ds = ds.shuffle(seed=seed).flatten_indices()  # IID shards need a seeded shuffle first
@@ -211,12 +216,20 @@ def partition_indices(
         name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
     )
     part.dataset = ds
-    return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
-            for i in range(num_partitions)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flwr-datasets prints every alpha on retries
+            return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
+                    for i in range(num_partitions)]
+    except (ValueError, IndexError) as exc:
+        raise DataError(
+            f"the {name} partitioner cannot split {len(labels)} records into "
+            f"{num_partitions} partitions: {exc}"
+        ) from exc
 
 
 @lru_cache(maxsize=8)
-def _cached_partitions(
+def cached_partitions(
     data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int
 ) -> tuple[np.ndarray, ...]:
     labels = load_split("train", data_dir).labels
@@ -232,7 +245,7 @@ def load_partition(
     """One client's share of the training set."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
-    idx = _cached_partitions(
+    idx = cached_partitions(
         data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client
     )[partition_id]
     train = load_split("train", data_dir, features)

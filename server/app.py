@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys, privacy
@@ -44,6 +44,29 @@ def _setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+def run_rounds(grid: Grid, strategy: DPFedAvg, arrays: ArrayRecord, *, num_rounds: int,
+               train_config: ConfigRecord, evaluate_fn, max_idle_rounds: int,  # type: ignore[no-untyped-def]
+               timeout: float = 3600.0) -> str:
+    """The FedAvg round loop (as Strategy.start, plus an early stop): returns why it
+    stopped early, or "" if it ran every round."""
+    evaluate_fn(0, arrays)
+    idle = 0
+    for server_round in range(1, num_rounds + 1):
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays, idle = new_arrays, 0
+        else:
+            idle += 1
+        evaluate_fn(server_round, arrays)
+        if max_idle_rounds and idle >= max_idle_rounds:
+            reasons = strategy.outcomes[server_round].reasons
+            return (f"{idle} consecutive round(s) without a valid update (max-idle-rounds="
+                    f"{max_idle_rounds}); last: {reasons[0] if reasons else 'no replies'}")
+    return ""
 
 
 @app.main()
@@ -126,11 +149,13 @@ def main(grid: Grid, context: Context) -> None:
         round_start[0] = time.time()
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    strategy.start(
-        grid=grid, initial_arrays=keys.to_array_record(get_weights(model)),
-        num_rounds=fed.num_rounds, timeout=3600,
+    stopped = run_rounds(
+        grid, strategy, keys.to_array_record(get_weights(model)), num_rounds=fed.num_rounds,
         train_config=ConfigRecord({keys.PLANNED_ROUNDS: planned}), evaluate_fn=evaluate_fn,
+        max_idle_rounds=fed.max_idle_rounds,
     )
+    if stopped:
+        log.warning("run stopped early: %s", stopped)
 
     writer.write_model(get_weights(model))
     eps_max, eps_mean = strategy.epsilon_stats()
@@ -156,6 +181,7 @@ def main(grid: Grid, context: Context) -> None:
         "clients_refused_total": sum(r["clients_refused"] for r in history),
         "clients_failed_total": sum(r["clients_failed"] for r in history),
         "wall_seconds": time.time() - t0,
+        "stopped_early": stopped,
     }
     writer.write_summary(summary)
     log.info(

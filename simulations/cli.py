@@ -10,6 +10,7 @@ from common.data import DataError
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from common.results import read_json
     from simulations.simulate import simulate, summary_text
 
     overrides = parse_overrides(" ".join(args.run_config or []))
@@ -18,7 +19,7 @@ def _simulate(args: argparse.Namespace) -> int:
         progress=None if args.quiet else print,
     )
     print(summary_text(run_dir))
-    return 0
+    return 1 if read_json(run_dir / "summary.json").get("stopped_early") else 0
 
 
 def _bench(args: argparse.Namespace) -> int:

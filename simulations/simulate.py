@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, ExperimentConfig, project_root, resolve_config
+from common.data import cached_partitions as partition_cache
 from common.data import locate
 from common.results import read_json, read_rounds
 from simulations import runtime
@@ -64,6 +65,7 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
     if (run_dir / "rounds.jsonl").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
     locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
+    check_partitions(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -72,6 +74,22 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
     except OSError as exc:
         raise ConfigError(f"output-dir={str(out)!r} is not writable: {exc}") from exc
     return cfg, over
+
+
+def check_partitions(cfg: ExperimentConfig) -> None:
+    """Every virtual client must hold data, and delta must be below 1/n for the smallest."""
+    d = cfg.data
+    sizes = [len(p) for p in partition_cache(
+        d.data_dir, d.partitioner, cfg.federation.num_partitions, d.seed,
+        float(d.dirichlet_alpha), d.labels_per_client,
+    )]
+    smallest = min(sizes)
+    if smallest == 0:
+        raise ConfigError(
+            f"num-partitions={cfg.federation.num_partitions}: partition {sizes.index(0)} of "
+            f"the {d.partitioner} split has no records"
+        )
+    cfg.privacy.check_delta(smallest, client=f"the smallest client (partition {sizes.index(smallest)})")
 
 
 def simulate(
@@ -155,6 +173,8 @@ def summary_text(run_dir: Path) -> str:
         f"rounds          {s['rounds']} with {s['num_clients']} clients, "
         f"{float(s['wall_seconds']):.0f}s in the ServerApp",
     ]
+    if s.get("stopped_early"):
+        lines.append(f"STOPPED EARLY   {s['stopped_early']}")
     return "\n".join(lines)
 
 

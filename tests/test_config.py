@@ -65,3 +65,13 @@ def test_baseline_uses_its_own_optimizer_settings():
 def test_round_trip_to_run_config():
     cfg = resolve_config({"num-rounds": 7})
     assert resolve_config(cfg.to_run_config()) == cfg
+
+
+def test_simulate_checks_delta_and_partitions_before_starting(tmp_path):
+    from common.data import DataError
+    from simulations.simulate import prepare
+
+    with pytest.raises(ConfigError, match=r"target-delta=0.01 must be < 1/n .* smallest client"):
+        prepare({"target-delta": 0.01}, str(tmp_path))
+    with pytest.raises(DataError, match="num-partitions=70000 exceeds"):
+        prepare({"num-partitions": 70000}, str(tmp_path))

@@ -79,3 +79,16 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
     assert "fraction-train=0.0 must be in (0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_run_that_cannot_train_stops_early_and_says_why(tmp_path):
+    # noise-multiplier fixed and a budget too small for even one round: every client refuses
+    run = simulate({"num-partitions": 10, "num-rounds": 50, "noise-multiplier": 0.5,
+                    "target-epsilon": 0.1, "max-idle-rounds": 3},
+                   output_dir=str(tmp_path), progress=None)
+    summary = read_json(run / "summary.json")
+    rows = read_rounds(run / "rounds.jsonl")
+    assert summary["rounds"] == 3 and "3 consecutive round(s)" in summary["stopped_early"]
+    assert all(r["clients_refused"] == r["clients_sampled"] > 0 for r in rows)
+    assert "would reach epsilon" in rows[0]["reasons"][0]
+    assert summary["epsilon_max"] == 0.0  # nothing was spent
