@@ -7,6 +7,7 @@ ports with a private FLWR_HOME, and kills its whole process group when done.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,19 +60,33 @@ def wait_for_port(port: int, *, proc: subprocess.Popen | None, timeout: float, w
 
 
 def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
-    """Stop a process started with start_new_session=True, and all its children."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop a process started with start_new_session=True and every descendant, by PID.
+
+    Flower's SuperLink starts the simulation (and Ray's processes) in sessions of their
+    own, so killing the process group alone would leave them running."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def start(cmd: Sequence[str], *, env: dict[str, str], log_file: Path,

@@ -42,6 +42,15 @@ def test_rdp_agrees_with_dp_accounting(history):
     assert ours == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
 
 
+@pytest.mark.parametrize("history", [[(1.0, 0.05, 500)], [(5.0, 1.0, 15)], [(2.0, 0.2, 60)]])
+def test_prv_agrees_with_dp_accounting_pld(history):
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for sigma, q, steps in history:
+        pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    ours = privacy.epsilon(history, 1e-5, "prv")
+    assert ours == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
+
+
 def test_prv_is_close_to_and_below_rdp():
     hist = [(1.0, 0.05, 500)]
     prv, rdp = privacy.epsilon(hist, 1e-5, "prv"), privacy.epsilon(hist, 1e-5, "rdp")

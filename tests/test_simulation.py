@@ -1,6 +1,7 @@
 """End to end: `dpfl simulate` with real Flower processes, real Opacus, real data."""
 
 import math
+import signal
 import subprocess
 import sys
 
@@ -18,9 +19,13 @@ pytestmark = pytest.mark.slow
 SMALL = {"num-rounds": 30, "target-epsilon": 0.25}
 
 
+FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation",
+                    "ray::ClientAppActor", "raylet", "gcs_server")
+
+
 def _no_leftover_flower_processes():
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "dpfl-flwr-home-" in line]
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if any(p in line for p in FLOWER_PROCESSES)]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +97,24 @@ def test_run_that_cannot_train_stops_early_and_says_why(tmp_path):
     assert all(r["clients_refused"] == r["clients_sampled"] > 0 for r in rows)
     assert "would reach epsilon" in rows[0]["reasons"][0]
     assert summary["epsilon_max"] == 0.0  # nothing was spent
+
+
+def test_interrupted_simulation_leaves_no_process_behind(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--output-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:  # wait until rounds are running
+            if line.startswith("round"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in out
+    assert not _no_leftover_flower_processes()
+    run = next(tmp_path.iterdir())
+    assert read_rounds(run / "rounds.jsonl")  # what was written stays readable
