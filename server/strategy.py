@@ -55,18 +55,25 @@ class ClientPrivacy:
 def next_cohort(
     queue: list[int], nodes: list[int], size: int, rng: random.Random
 ) -> tuple[list[int], list[int]]:
-    """Take `size` distinct nodes from the front of `queue` (refilled with a fresh shuffle
-    of `nodes` when empty); returns (chosen, remaining queue). Over a pass every connected
-    node is chosen once."""
+    """Take the first `size` distinct nodes of `queue`, a concatenation of shuffled passes
+    over all `nodes` (a new pass is appended when fewer than `size` remain); returns
+    (chosen, remaining queue). A node is taken once per pass, so after R rounds none has
+    joined more than ceil(R * size / len(nodes)) times."""
     connected = set(nodes)
     queue = [n for n in queue if n in connected]
+    size = min(size, len(nodes))
+    while len(set(queue)) < size:
+        extra = list(nodes)
+        rng.shuffle(extra)
+        queue += extra
     chosen: list[int] = []
-    while len(chosen) < min(size, len(nodes)):
-        if not queue:
-            queue = [n for n in nodes if n not in chosen]
-            rng.shuffle(queue)
-        chosen.append(queue.pop(0))
-    return chosen, queue
+    rest: list[int] = []
+    for i, n in enumerate(queue):
+        if len(chosen) == size:
+            rest += queue[i:]
+            break
+        (rest if n in chosen else chosen).append(n)
+    return chosen, rest
 
 
 class DPFedAvg(FedAvg):

@@ -176,3 +176,21 @@ def test_cosine_schedule_and_moving_average_are_post_processing():
     lr2 = strategy.server_lr(2)
     assert np.allclose(w[k], GLOBAL[k] + 0.2 + 0.2 * lr2, atol=1e-5)
     assert np.allclose(reported[k], GLOBAL[k] + 0.2 + 0.1 * lr2, atol=1e-5)  # halfway: decay 0.5
+
+
+@pytest.mark.parametrize("n,k", [(7, 2), (7, 5), (33, 10), (33, 20), (100, 15), (10, 3)])
+def test_cohorts_never_exceed_the_planned_participations(n, k):
+    """Clients' noise is calibrated for ceil(R*K/N) rounds: cohorts must never exceed it."""
+    import math
+    import random
+    from collections import Counter
+
+    from server.strategy import next_cohort
+
+    for seed in range(3):
+        rng, queue, counts = random.Random(seed), [], Counter()
+        for r in range(1, 120):
+            chosen, queue = next_cohort(queue, list(range(n)), k, rng)
+            assert len(set(chosen)) == k
+            counts.update(chosen)
+            assert max(counts.values()) <= math.ceil(r * k / n)
