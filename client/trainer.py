@@ -10,6 +10,7 @@ steps with noise_multiplier 0, so its epsilon is reported as infinite.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -88,10 +89,17 @@ def train_round(
     weights: dict[str, np.ndarray], data: Split, plan: privacy.RoundPlan, *,
     train: TrainConfig, priv: PrivacyConfig, runtime: RuntimeConfig, seed: int,
 ) -> RoundResult:
-    """Run `plan.steps` local steps from `weights`; private iff plan.noise_multiplier > 0."""
+    """Run `plan.steps` local steps from `weights`; private iff plan.noise_multiplier > 0.
+    Private rounds draw their Poisson samples and noise from OS entropy, not from `seed`
+    (Opacus' secure_mode would need torchcsprng, which is not installed)."""
     if runtime.num_threads > 0:
         torch.set_num_threads(runtime.num_threads)
     device = resolve_device(runtime.device)
+    private = plan.noise_multiplier > 0
+    # DP needs the Poisson sample and the noise to be secret: never derive them from the
+    # run's (public) seed. The non-private baseline stays reproducible.
+    if private:
+        seed = secrets.randbits(63)
     torch.manual_seed(seed)
     model = build_model(train.model)
     set_weights(model, weights)
@@ -104,7 +112,7 @@ def train_round(
     optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
 
-    if plan.noise_multiplier > 0:
+    if private:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=priv.accountant)
@@ -114,6 +122,7 @@ def train_round(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=priv.max_grad_norm,
                 poisson_sampling=True, grad_sample_mode=runtime.grad_sample_mode,
+                noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
                 **({"criterion": criterion} if runtime.grad_sample_mode == "ghost" else {}),
             )
         if runtime.grad_sample_mode == "ghost":
@@ -139,7 +148,7 @@ def train_round(
                 total_loss += loss.item() * len(y)
             seen += len(y)
 
-    if plan.noise_multiplier > 0:
+    if private:
         spent = privacy.total_steps(engine.accountant.history)
         if spent != plan.steps or steps != plan.steps:
             raise RuntimeError(

@@ -142,3 +142,13 @@ def test_delta_must_be_below_one_over_n():
     ctx = context(partition_id=0, target_delta=0.01)  # 600 records: 1/n = 0.0017
     with pytest.raises(ValueError, match="target-delta=0.01 must be < 1/n"):
         _run_rounds(ctx, rounds=1, planned=2)
+
+
+def test_noise_is_not_derived_from_the_public_seed():
+    """Two private rounds with identical inputs and seed must draw different noise."""
+    images = np.zeros((20, 1, 28, 28), dtype=np.float32)
+    labels = np.arange(20) % 10
+    a = _one_step(images, labels, sigma=1.0, clip=0.5)
+    b = _one_step(images, labels, sigma=1.0, clip=0.5)
+    key = next(k for k in a if k.endswith("weight"))
+    assert not np.allclose(a[key], b[key])
