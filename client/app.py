@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -55,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     ledger = load_ledger(context, ledger_file)
     priv = cfg.privacy
-    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: 0.0, keys.PARTITION_ID: pid, keys.REFUSED: 0,
+    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: math.nan, keys.PARTITION_ID: pid, keys.REFUSED: 0,
                keys.TRAIN_SECONDS: 0.0}
     try:
         plan = plan_spend(
@@ -77,7 +78,10 @@ def train(msg: Message, context: Context) -> Message:
     ledger.spend(plan.entry)
     save_ledger(context, ledger, ledger_file)  # only after the round trained
     metrics.update({
-        keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss,
+        keys.NUM_EXAMPLES: result.num_examples,
+        # The training loss is a statistic of the client's records that no DP mechanism
+        # covers: a private client withholds it (NaN) rather than leak it unaccounted.
+        keys.TRAIN_LOSS: result.train_loss if not plan.noise_multiplier else math.nan,
         keys.EPSILON: plan.epsilon_after, keys.NOISE_MULTIPLIER: plan.noise_multiplier,
         keys.SAMPLE_RATE: plan.sample_rate, keys.STEPS: result.steps,
         keys.TRAIN_SECONDS: time.perf_counter() - t0,

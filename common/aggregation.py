@@ -53,7 +53,10 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
     n = metrics[keys.NUM_EXAMPLES]
     if not (float(n).is_integer() and n > 0):
         return f"num-examples={n!r} must be a positive integer"
-    for k in (keys.TRAIN_LOSS, keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.STEPS):
+    loss = float(metrics[keys.TRAIN_LOSS])  # type: ignore[arg-type]
+    if not (math.isnan(loss) or 0 <= loss < math.inf):  # NaN: withheld by a private client
+        return f"metric {keys.TRAIN_LOSS!r}={loss!r} must be finite and >= 0, or NaN (withheld)"
+    for k in (keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.STEPS):
         if not math.isfinite(float(metrics[k])) or float(metrics[k]) < 0:  # type: ignore[arg-type]
             return f"metric {k!r}={metrics[k]!r} must be finite and >= 0"
     eps = float(metrics[keys.EPSILON])  # type: ignore[arg-type]

@@ -170,7 +170,10 @@ class DPFedAvg(FedAvg):
             )
             return None, None
         outcome.aggregated = True
-        outcome.train_loss = float(np.average(losses, weights=weights))
+        released = [(loss, w) for loss, w in zip(losses, weights, strict=True) if not math.isnan(loss)]
+        if released:
+            outcome.train_loss = float(np.average([x for x, _ in released],
+                                                  weights=[w for _, w in released]))
         avg = self._server_step(server_round, weighted_average(updates, weights))
         return keys.to_array_record(avg), MetricRecord({
             keys.NUM_EXAMPLES: int(sum(weights)), keys.TRAIN_LOSS: outcome.train_loss,

@@ -80,6 +80,7 @@ def test_mismatched_arrays_are_excluded(mutate, expect):
         ({k: v for k, v in _metrics().items() if k != keys.EPSILON}, "lack epsilon"),
         (_metrics(extra=1.0), "unexpected keys"),
         (_metrics(**{keys.TRAIN_LOSS: float("inf")}), "finite"),
+        (_metrics(**{keys.TRAIN_LOSS: -1.0}), "finite"),
     ],
 )
 def test_bad_metrics_are_excluded(metrics, expect):

@@ -152,3 +152,10 @@ def test_noise_is_not_derived_from_the_public_seed():
     b = _one_step(images, labels, sigma=1.0, clip=0.5)
     key = next(k for k in a if k.endswith("weight"))
     assert not np.allclose(a[key], b[key])
+
+
+def test_private_client_withholds_its_training_loss():
+    (private,) = _run_rounds(context(partition_id=4), rounds=1, planned=2)
+    (baseline,) = _run_rounds(context(partition_id=4, dp=False), rounds=1, planned=2)
+    assert math.isnan(float(private.content[keys.METRICS][keys.TRAIN_LOSS]))
+    assert float(baseline.content[keys.METRICS][keys.TRAIN_LOSS]) > 0
