@@ -192,9 +192,6 @@ class PrivacyConfig:
             self.participation_margin >= 1 and math.isfinite(self.participation_margin),
             "participation-margin", self.participation_margin, "must be >= 1",
         )
-        if self.private and math.isinf(self.target_epsilon) and self.noise_multiplier > 0:
-            # A fixed sigma with an infinite budget is still DP-SGD; nothing to reject.
-            pass
 
     @property
     def private(self) -> bool:

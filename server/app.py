@@ -7,11 +7,12 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys, privacy
@@ -47,8 +48,8 @@ def _setup_logging() -> None:
 
 
 def run_rounds(grid: Grid, strategy: DPFedAvg, arrays: ArrayRecord, *, num_rounds: int,
-               train_config: ConfigRecord, evaluate_fn, max_idle_rounds: int,  # type: ignore[no-untyped-def]
-               timeout: float = 3600.0) -> str:
+               train_config: ConfigRecord, evaluate_fn: Callable[[int, ArrayRecord], None],
+               max_idle_rounds: int, timeout: float = 3600.0) -> str:
     """The FedAvg round loop (as Strategy.start, plus an early stop): returns why it
     stopped early, or "" if it ran every round."""
     evaluate_fn(0, arrays)
@@ -114,13 +115,13 @@ def main(grid: Grid, context: Context) -> None:
     history: list[dict] = []
     round_start = [time.time()]
 
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:  # type: ignore[no-untyped-def]
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
         set_weights(model, strategy.reported_model(keys.from_array_record(arrays)))
         loss, acc = evaluate(model, test.images, test.labels)
         if server_round == 0:
             log.info("round 0: test accuracy %.4f (initial model)", acc)
             round_start[0] = time.time()
-            return MetricRecord({"accuracy": acc, "loss": loss})
+            return
         out = strategy.outcomes.get(server_round)
         eps_max, eps_mean = strategy.epsilon_stats()
         row = {
@@ -147,7 +148,6 @@ def main(grid: Grid, context: Context) -> None:
             row["clients_sampled"], row["clients_refused"], row["clients_failed"], row["seconds"],
         )
         round_start[0] = time.time()
-        return MetricRecord({"accuracy": acc, "loss": loss})
 
     stopped = run_rounds(
         grid, strategy, keys.to_array_record(get_weights(model)), num_rounds=fed.num_rounds,
