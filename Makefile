@@ -25,6 +25,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check common client server simulations tests
+	$(VENV)/bin/mypy common client server simulations
 	$(PY) -m pytest
 
 bench: install
@@ -32,3 +33,4 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check common client server simulations tests
+	$(VENV)/bin/mypy common client server simulations

@@ -41,13 +41,14 @@ def _reply(msg: Message, metrics: dict, history: list, reason: str = "",
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = _config(tuple(sorted(context.run_config.items())))
-    pid = int(context.node_config[keys.NODE_PARTITION_ID])
-    num_parts = int(context.node_config[keys.NODE_NUM_PARTITIONS])
+    pid = int(keys.number(context.node_config[keys.NODE_PARTITION_ID], keys.NODE_PARTITION_ID))
+    num_parts = int(keys.number(context.node_config[keys.NODE_NUM_PARTITIONS],
+                                keys.NODE_NUM_PARTITIONS))
     data_dir = str(context.node_config.get(keys.NODE_DATA_DIR, cfg.data.data_dir))
     ledger_path = context.node_config.get(keys.NODE_LEDGER_PATH)
     ledger_file = Path(str(ledger_path)) if ledger_path else None
     server_cfg = msg.content[keys.CONFIG]
-    server_round = int(server_cfg[keys.SERVER_ROUND])
+    server_round = int(keys.number(server_cfg[keys.SERVER_ROUND], keys.SERVER_ROUND))
 
     data = load_partition(
         pid, num_parts, partitioner=cfg.data.partitioner, seed=cfg.data.seed,
@@ -61,7 +62,8 @@ def train(msg: Message, context: Context) -> Message:
     try:
         plan = plan_spend(
             ledger, num_examples=len(data), train=cfg.train, priv=priv,
-            planned_rounds=int(server_cfg[keys.PLANNED_ROUNDS]), client=f"client {pid}",
+            planned_rounds=int(keys.number(server_cfg[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS)),
+            client=f"client {pid}",
         )
     except BudgetExceeded as exc:
         metrics.update({keys.REFUSED: 1, keys.EPSILON: ledger.epsilon(priv.target_delta, priv.accountant),
@@ -72,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     result = train_round(
-        keys.from_array_record(msg.content[keys.ARRAYS]), data, plan, train=cfg.train, priv=priv,
+        keys.from_array_record(msg.content.array_records[keys.ARRAYS]), data, plan, train=cfg.train, priv=priv,
         runtime=cfg.runtime, seed=cfg.data.seed * 100_003 + server_round * 1009 + pid,
     )
     ledger.spend(plan.entry)

@@ -161,9 +161,9 @@ def train_round(
     # garbage collection, or a long-lived simulation actor grows by that much every round.
     optimizer.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.grad_sample = None
+        p.grad_sample = None  # type: ignore[attr-defined]
     if hasattr(model, "remove_hooks"):
-        model.remove_hooks()
+        model.remove_hooks()  # type: ignore[operator]
     del model, optimizer, loader
 
     return RoundResult(

@@ -7,7 +7,7 @@ averaging, so one broken or hostile client cannot crash the round or poison it w
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,8 +50,8 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
     for k, v in metrics.items():
         if isinstance(v, list) or isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"metric {k!r}={v!r} is not a number"
-    n = metrics[keys.NUM_EXAMPLES]
-    if not (float(n).is_integer() and n > 0):
+    n = keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES)
+    if not (n.is_integer() and n > 0):
         return f"num-examples={n!r} must be a positive integer"
     loss = float(metrics[keys.TRAIN_LOSS])  # type: ignore[arg-type]
     if not (math.isnan(loss) or 0 <= loss < math.inf):  # NaN: withheld by a private client
@@ -66,7 +66,7 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
 
 
 def weighted_average(
-    updates: list[Mapping[str, np.ndarray]], weights: list[float]
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
 ) -> dict[str, np.ndarray]:
     """FedAvg's average, in float64 then cast back to each array's dtype."""
     if not updates or len(updates) != len(weights) or sum(weights) <= 0:

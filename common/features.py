@@ -42,7 +42,7 @@ def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarra
     """Features of `images`, computed once and shared through a memory-mapped file."""
     if kind not in FEATURES:
         raise ValueError(f"features={kind!r} must be one of {', '.join(FEATURES)}")
-    digest = hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest()[:16]
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
     path = cache_dir / f"{kind}-{digest}.npy"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{kind}-{digest}.lock", "w") as lock:

@@ -1,5 +1,10 @@
 """Every key that crosses the wire between ServerApp and ClientApp, once."""
 
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -35,13 +40,18 @@ NODE_DATA_DIR = "data-dir"
 NODE_LEDGER_PATH = "ledger-path"
 
 
-def to_array_record(weights):  # type: ignore[no-untyped-def]
+def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
-    from flwr.app import Array, ArrayRecord
-
     return ArrayRecord({name: Array(value) for name, value in weights.items()})
 
 
-def from_array_record(record):  # type: ignore[no-untyped-def]
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> ordered dict of named numpy arrays."""
-    return {name: record[name].numpy() for name in record.keys()}
+    return {name: record[name].numpy() for name in record}
+
+
+def number(value: object, key: str) -> float:
+    """A record value that must be a number (not a bool, list or string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}={value!r} is not a number")
+    return float(value)

@@ -62,7 +62,7 @@ def read_json(path: Path) -> Any:
 
 def read_rounds(path: Path) -> list[dict[str, Any]]:
     """Every complete line of rounds.jsonl (a torn last line is skipped)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
@@ -135,7 +135,7 @@ class RunWriter:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".model", suffix=".npz")
         os.close(fd)
         try:
-            np.savez(tmp, **weights)
+            np.savez(tmp, **dict(weights))  # type: ignore[arg-type]
             os.replace(tmp, self.dir / "model.npz")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

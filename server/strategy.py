@@ -156,10 +156,10 @@ class DPFedAvg(FedAvg):
                 outcome.reasons.append(f"node {node}: {reason}")
                 continue
             metrics = msg.content[keys.METRICS]
-            updates.append(keys.from_array_record(msg.content[keys.ARRAYS]))
-            weights.append(float(metrics[keys.NUM_EXAMPLES]))
-            losses.append(float(metrics[keys.TRAIN_LOSS]))
-            outcome.train_seconds += float(metrics[keys.TRAIN_SECONDS])
+            updates.append(keys.from_array_record(msg.content.array_records[keys.ARRAYS]))
+            weights.append(keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES))
+            losses.append(keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS))
+            outcome.train_seconds += keys.number(metrics[keys.TRAIN_SECONDS], keys.TRAIN_SECONDS)
         for reason in outcome.reasons:
             log.warning("round %d: %s", server_round, reason)
         outcome.trained = len(updates)
@@ -224,19 +224,26 @@ class DPFedAvg(FedAvg):
                 history = json.loads(str(priv[keys.HISTORY]))
             except (KeyError, ValueError):
                 return "invalid", "privacy record has no readable history"
-            pid = int(metrics.get(keys.PARTITION_ID, msg.metadata.src_node_id))
-            self.clients[pid] = ClientPrivacy(
-                history=history, epsilon=float(metrics.get(keys.EPSILON, math.nan)),
-                noise_multiplier=float(metrics.get(keys.NOISE_MULTIPLIER, 0.0)),
-                sample_rate=float(metrics.get(keys.SAMPLE_RATE, 0.0)),
-            )
+            try:
+                pid = int(keys.number(metrics.get(keys.PARTITION_ID, msg.metadata.src_node_id),
+                                      keys.PARTITION_ID))
+                record = ClientPrivacy(
+                    history=history,
+                    epsilon=keys.number(metrics.get(keys.EPSILON, math.nan), keys.EPSILON),
+                    noise_multiplier=keys.number(metrics.get(keys.NOISE_MULTIPLIER, 0.0),
+                                                 keys.NOISE_MULTIPLIER),
+                    sample_rate=keys.number(metrics.get(keys.SAMPLE_RATE, 0.0), keys.SAMPLE_RATE),
+                )
+            except ValueError as exc:
+                return "invalid", str(exc)
+            self.clients[pid] = record
         if metrics.get(keys.REFUSED):
             reason = str(priv[keys.REASON]) if priv is not None else "refused"
             return "refused", reason
         if len(content.array_records) != 1 or keys.ARRAYS not in content.array_records:
             return "invalid", "reply must carry exactly one ArrayRecord named 'arrays'"
         problem = update_problem(
-            self._global, keys.from_array_record(content[keys.ARRAYS]),
+            self._global, keys.from_array_record(content.array_records[keys.ARRAYS]),
             max_update_norm=self.max_update_norm,
         )
         if problem:
