@@ -66,6 +66,11 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
     locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
     check_partitions(cfg)
+    if cfg.runtime.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA device on this machine")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"

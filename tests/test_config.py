@@ -75,3 +75,8 @@ def test_simulate_checks_delta_and_partitions_before_starting(tmp_path):
         prepare({"target-delta": 0.01}, str(tmp_path))
     with pytest.raises(DataError, match="num-partitions=70000 exceeds"):
         prepare({"num-partitions": 70000}, str(tmp_path))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device='cuda'"):
+            prepare({"device": "cuda"}, str(tmp_path))
