@@ -46,6 +46,8 @@ def train(msg: Message, context: Context) -> Message:
                                 keys.NODE_NUM_PARTITIONS))
     data_dir = str(context.node_config.get(keys.NODE_DATA_DIR, cfg.data.data_dir))
     ledger_path = context.node_config.get(keys.NODE_LEDGER_PATH)
+    if not ledger_path and cfg.privacy.ledger_dir:
+        ledger_path = str(Path(cfg.privacy.ledger_dir).expanduser() / f"partition-{pid}.json")
     ledger_file = Path(str(ledger_path)) if ledger_path else None
     server_cfg = msg.content[keys.CONFIG]
     server_round = int(keys.number(server_cfg[keys.SERVER_ROUND], keys.SERVER_ROUND))

@@ -162,6 +162,7 @@ class PrivacyConfig:
     accountant: str
     calibrate_for: str
     participation_margin: float
+    ledger_dir: str
 
     def __post_init__(self) -> None:
         _check(
