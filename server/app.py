@@ -115,6 +115,18 @@ def main(grid: Grid, context: Context) -> None:
     history: list[dict] = []
     round_start = [time.time()]
 
+    def privacy_record() -> dict:
+        return {
+            "accountant": priv.accountant, "delta": priv.target_delta,
+            "target_epsilon": priv.target_epsilon if priv.private else math.inf,
+            "private": priv.private, "max_grad_norm": priv.max_grad_norm,
+            "clients": {
+                str(pid): {"history": c.history, "epsilon": c.epsilon,
+                           "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate}
+                for pid, c in sorted(strategy.clients.items())
+            },
+        }
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
         set_weights(model, strategy.reported_model(keys.from_array_record(arrays)))
         loss, acc = evaluate(model, test.images, test.labels)
@@ -140,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
             "reasons": out.reasons[:20] if out else [],
         }
         writer.append_round(row)
+        writer.write_privacy(privacy_record())  # kept current: a killed run still has it
         history.append(row)
         log.info(
             "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
@@ -159,16 +172,7 @@ def main(grid: Grid, context: Context) -> None:
 
     writer.write_model(get_weights(model))
     eps_max, eps_mean = strategy.epsilon_stats()
-    writer.write_privacy({
-        "accountant": priv.accountant, "delta": priv.target_delta,
-        "target_epsilon": priv.target_epsilon if priv.private else math.inf,
-        "private": priv.private, "max_grad_norm": priv.max_grad_norm,
-        "clients": {
-            str(pid): {"history": c.history, "epsilon": c.epsilon,
-                       "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate}
-            for pid, c in sorted(strategy.clients.items())
-        },
-    })
+    writer.write_privacy(privacy_record())
     accs = [r["test_accuracy"] for r in history]
     summary = {
         "final_accuracy": accs[-1] if accs else math.nan,
