@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from common.results import atomic_write
 
 FEATURES = ("scatter",)
 SCATTER_SHAPE = (81, 7, 7)
@@ -50,14 +50,7 @@ def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarra
         try:
             if not path.exists():
                 feats = scattering(images).astype(np.float16)
-                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npy")  # np.save keeps .npy
-                os.close(fd)
-                try:
-                    np.save(tmp, feats)
-                    os.replace(tmp, path)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                atomic_write(path, lambda tmp: np.save(tmp, feats))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return np.load(path, mmap_mode="r")

@@ -14,7 +14,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,18 +37,42 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` fills a temporary file beside `path`, which then replaces `path`:
+    readers see the old file or the whole new one, never a torn one. The temporary name
+    keeps `path`'s extension (np.save / np.savez would otherwise append one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create a run directory, or refuse one that is not writable or already holds a run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output directory {run_dir} is not writable: {exc}") from exc
+    if (run_dir / "summary.json").exists() or (run_dir / "rounds.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose another run-name or output-dir")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -103,17 +127,7 @@ class RunWriter:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise OSError(f"output directory {self.dir} is not writable: {exc}") from exc
-        if (self.dir / "summary.json").exists() or (self.dir / "rounds.jsonl").exists():
-            raise FileExistsError(
-                f"{self.dir} already holds a run; choose another run-name or output-dir"
-            )
+        prepare_run_dir(run_dir)
 
     def write_config(self, data: Mapping[str, Any]) -> None:
         write_json(self.dir / "config.json", data)
@@ -132,11 +146,4 @@ class RunWriter:
         write_json(self.dir / "privacy.json", data)
 
     def write_model(self, weights: Mapping[str, np.ndarray]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".model", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **dict(weights))  # type: ignore[arg-type]
-            os.replace(tmp, self.dir / "model.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.dir / "model.npz", lambda tmp: np.savez(tmp, **dict(weights)))  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -19,10 +18,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, ExperimentConfig, project_root, resolve_config
+from common.config import (
+    ConfigError,
+    ExperimentConfig,
+    default_run_config,
+    project_root,
+    resolve_config,
+)
 from common.data import cached_partitions as partition_cache
 from common.data import locate
-from common.results import read_json, read_rounds
+from common.results import prepare_run_dir, read_json, read_rounds
 from simulations import runtime
 
 
@@ -58,7 +63,7 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
     over.setdefault("run-name", "")
     if not over["run-name"]:
         over["run-name"] = new_run_name()
-    out = Path(str(over.get("output-dir") or resolve_config({}).runtime.output_dir)).expanduser()
+    out = Path(str(over.get("output-dir") or default_run_config()["output-dir"])).expanduser()
     over["output-dir"] = str(out.resolve())
     cfg = resolve_config(over)
     run_dir = out.resolve() / cfg.runtime.run_name
@@ -72,12 +77,9 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device on this machine")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output-dir={str(out)!r} is not writable: {exc}") from exc
+        prepare_run_dir(run_dir)
+    except OSError as exc:  # FileExistsError included: the check above can race
+        raise ConfigError(f"output-dir={str(out)!r}: {exc}") from exc
     return cfg, over
 
 
@@ -182,6 +184,3 @@ def summary_text(run_dir: Path) -> str:
         lines.append(f"STOPPED EARLY   {s['stopped_early']}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the `dpfl simulate` command")
