@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
-from common.results import atomic_write_text
+from common.results import atomic_write, atomic_write_text, jsonable
 
 STATE_KEY = "dpfl-ledger"
 
@@ -25,10 +27,14 @@ STATE_KEY = "dpfl-ledger"
 class Ledger:
     history: list[privacy.Entry] = field(default_factory=list)
     noise_multiplier: float | None = None
+    # The last reply sent: the request it answered and its metrics (weights in a file
+    # beside the ledger file), so that the same request asked again gets the same answer.
+    replay: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
-            {"history": [list(e) for e in self.history], "noise_multiplier": self.noise_multiplier}
+            {"history": [list(e) for e in self.history], "noise_multiplier": self.noise_multiplier,
+             "replay": self.replay}
         )
 
     @classmethod
@@ -38,9 +44,11 @@ class Ledger:
             history = privacy.merge_history(raw["history"])
             sigma = raw.get("noise_multiplier")
             sigma = None if sigma is None else float(sigma)
+            replay = raw.get("replay")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{source} is unreadable ({exc}); refusing to reset epsilon") from exc
-        return cls(history=history, noise_multiplier=sigma)
+        return cls(history=history, noise_multiplier=sigma,
+                   replay=replay if isinstance(replay, dict) else None)
 
     def spend(self, entry: privacy.Entry) -> None:
         self.history = privacy.merge_history([*self.history, entry])
@@ -68,3 +76,36 @@ def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> N
     if path is not None:
         atomic_write_text(path, text)
     context.state.config_records[STATE_KEY] = ConfigRecord({"json": text})
+
+
+def replay_file(path: Path) -> Path:
+    return path.with_name(path.stem + ".reply.npz")
+
+
+def save_replay(ledger: Ledger, path: Path | None, key: str, weights: dict[str, np.ndarray],
+                metrics: dict[str, Any]) -> None:
+    """Keep the reply to request `key` (weights file first; the ledger that names it is
+    saved after, so a ledger never points at a missing or older file). Only with a
+    ledger file: node state does not outlive the process that a resume replaces."""
+    if path is None:
+        return
+    arrays = {**weights, "__request__": np.frombuffer(key.encode(), dtype=np.uint8)}
+    atomic_write(replay_file(path), lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
+    ledger.replay = {"key": key, "metrics": jsonable(metrics)}
+
+
+def load_replay(ledger: Ledger, path: Path | None, key: str
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The reply already sent for request `key`, or None."""
+    if path is None or not ledger.replay or ledger.replay.get("key") != key:
+        return None
+    try:
+        with np.load(replay_file(path)) as z:
+            weights = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+    if weights.pop("__request__", np.zeros(0, np.uint8)).tobytes().decode(errors="replace") != key:
+        return None  # the file holds a newer reply whose ledger was never saved
+    metrics = {k: (float(v) if isinstance(v, str) else v)  # "nan"/"inf" back to floats
+               for k, v in ledger.replay["metrics"].items()}
+    return weights, metrics

@@ -77,3 +77,41 @@ def weighted_average(
         acc = sum(np.asarray(u[name], dtype=np.float64) * (w / total) for u, w in zip(updates, weights, strict=False))
         out[name] = np.asarray(acc, dtype=ref.dtype)
     return out
+
+
+def robust_aggregate(
+    method: str, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], *,
+    trim_fraction: float = 0.2, krum_malicious: int = 0, krum_select: int = 1,
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Aggregate client models with one of Flower's rules; returns (model, indices of the
+    updates it used). fedavg: weighted mean; fedmedian: coordinate-wise median (as
+    Flower's FedMedian); fedtrimmedavg: coordinate-wise trimmed mean (Flower's
+    `trim_mean`); krum / multikrum: Flower's `select_multikrum` picks the update(s)
+    closest to their neighbours, which are then averaged by weight."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    everyone = list(range(len(updates)))
+    if method == "fedavg":
+        return weighted_average(updates, weights), everyone
+    names = list(updates[0])
+    if method in ("fedmedian", "fedtrimmedavg"):
+        out = {}
+        for name in names:
+            stack = np.stack([np.asarray(u[name], dtype=np.float64) for u in updates])
+            agg = np.median(stack, axis=0) if method == "fedmedian" else trim_mean(stack, trim_fraction)
+            out[name] = np.asarray(agg, dtype=updates[0][name].dtype)
+        return out, everyone
+    if method in ("krum", "multikrum"):
+        contents = [
+            RecordDict({"arrays": keys.to_array_record(u), "metrics": MetricRecord({"i": i})})
+            for i, u in enumerate(updates)
+        ]
+        chosen = select_multikrum(
+            contents, num_malicious_nodes=krum_malicious,
+            num_nodes_to_select=1 if method == "krum" else min(krum_select, len(updates)),
+        )
+        idx = sorted(int(c["metrics"]["i"]) for c in chosen)  # type: ignore[arg-type, call-overload]
+        return weighted_average([updates[i] for i in idx], [weights[i] for i in idx]), idx
+    raise ValueError(f"unknown aggregation {method!r}")

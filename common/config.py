@@ -23,6 +23,8 @@ CALIBRATE_FOR = ("run", "participations")
 DEVICES = ("cpu", "cuda", "auto")
 CLIENT_SAMPLING = ("cohorts", "random")
 LR_SCHEDULES = ("constant", "cosine")
+AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wrong-shape")
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,12 @@ class FederationConfig:
     server_ema: float
     client_sampling: str
     max_idle_rounds: int
+    aggregation: str
+    trim_fraction: float
+    krum_malicious: int
+    krum_select: int
+    round_timeout: float
+    node_wait_timeout: float
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
@@ -91,6 +99,23 @@ class FederationConfig:
             self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
             f"must be one of {', '.join(CLIENT_SAMPLING)}",
         )
+        _check(
+            self.aggregation in AGGREGATIONS, "aggregation", self.aggregation,
+            f"must be one of {', '.join(AGGREGATIONS)}",
+        )
+        _check(
+            0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction,
+            "must be in [0, 0.5)",
+        )
+        _check(self.krum_malicious >= 0, "krum-malicious", self.krum_malicious, "must be >= 0")
+        _check(self.krum_select >= 1, "krum-select", self.krum_select, "must be >= 1")
+        for key, value in (("round-timeout", self.round_timeout),
+                           ("node-wait-timeout", self.node_wait_timeout)):
+            _check(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
+
+    def clients_per_round(self, num_clients: int) -> int:
+        """How many clients a round samples out of `num_clients` connected ones."""
+        return min(num_clients, max(int(num_clients * self.fraction_train), self.min_train_clients))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +244,7 @@ class RuntimeConfig:
     num_threads: int
     output_dir: str
     run_name: str
+    resume: bool
 
     def __post_init__(self) -> None:
         _check(
@@ -236,17 +262,67 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """Simulated Byzantine clients, for robustness experiments only: partitions
+    0 .. attackers-1 misbehave (after training under DP and accounting as usual). With
+    several comma-separated attacks, attacker i uses attack i mod their count."""
+
+    attack: str
+    attackers: int
+    attack_scale: float
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.modes if a not in ATTACKS]
+        _check(not unknown, "attack", self.attack,
+               f"must be empty or comma-separated names from {', '.join(ATTACKS)}")
+        _check(self.attackers >= 0, "attackers", self.attackers, "must be >= 0")
+        _check(0 < self.attack_scale < math.inf, "attack-scale", self.attack_scale,
+               "must be > 0 and finite")
+
+    @property
+    def modes(self) -> list[str]:
+        return [a.strip() for a in self.attack.split(",") if a.strip() and a.strip() != "none"]
+
+    def mode_for(self, partition_id: int) -> str:
+        """The attack partition `partition_id` carries out, or "" for an honest client."""
+        modes = self.modes
+        if not modes or partition_id >= self.attackers:
+            return ""
+        return modes[partition_id % len(modes)]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     federation: FederationConfig
     data: DataConfig
     train: TrainConfig
     privacy: PrivacyConfig
+    attack: AttackConfig
     runtime: RuntimeConfig = field(compare=False)
+
+    def __post_init__(self) -> None:
+        fed = self.federation
+        _check(
+            self.attack.attackers <= fed.num_partitions, "attackers", self.attack.attackers,
+            f"must be <= num-partitions={fed.num_partitions}",
+        )
+        if fed.aggregation in ("krum", "multikrum"):
+            k = fed.clients_per_round(fed.num_partitions)
+            _check(
+                k > 2 * fed.krum_malicious + 2, "krum-malicious", fed.krum_malicious,
+                f"must satisfy clients per round ({k}) > 2 * krum-malicious + 2",
+            )
+        if fed.aggregation == "multikrum":
+            _check(
+                fed.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
+                fed.krum_select, "must be <= the clients sampled per round",
+            )
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config dict (dashed keys) that parses back to this config."""
         out: dict[str, Any] = {}
-        for section in (self.federation, self.data, self.train, self.privacy, self.runtime):
+        for section in (self.federation, self.data, self.train, self.privacy, self.attack,
+                        self.runtime):
             for k, v in asdict(section).items():
                 out[k.replace("_", "-")] = v
         return out
@@ -257,6 +333,7 @@ _SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "privacy": PrivacyConfig,
+    "attack": AttackConfig,
     "runtime": RuntimeConfig,
 }
 

@@ -29,6 +29,10 @@ REPLY_METRIC_KEYS = frozenset(
      TRAIN_SECONDS}
 )
 
+# MetricRecord in a query reply (node discovery): which partition a node holds
+OWN_DATA = "own-data"
+QUERY_METRIC_KEYS = frozenset({PARTITION_ID, NUM_EXAMPLES, OWN_DATA})
+
 # ConfigRecord in a train reply
 HISTORY = "history"
 REASON = "reason"

@@ -14,7 +14,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create a run directory, or refuse one that is not writable or already holds a run."""
+def prepare_run_dir(run_dir: Path, *, resume: bool = False) -> None:
+    """Create a run directory, or refuse one that is not writable or (unless resuming)
+    already holds a run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -71,7 +72,8 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OSError(f"output directory {run_dir} is not writable: {exc}") from exc
-    if (run_dir / "summary.json").exists() or (run_dir / "rounds.jsonl").exists():
+    holds_run = (run_dir / "summary.json").exists() or (run_dir / "rounds.jsonl").exists()
+    if holds_run and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another run-name or output-dir")
 
 
@@ -125,9 +127,14 @@ def git_revision(folder: Path) -> str:
 class RunWriter:
     """Writes one run's directory; created before the first round."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, resume: bool = False):
         self.dir = run_dir
-        prepare_run_dir(run_dir)
+        prepare_run_dir(run_dir, resume=resume)
+
+    def rewrite_rounds(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Replace rounds.jsonl by exactly `rows` (atomically; used on resume)."""
+        atomic_write_text(self.dir / "rounds.jsonl", "".join(
+            json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows))
 
     def write_config(self, data: Mapping[str, Any]) -> None:
         write_json(self.dir / "config.json", data)

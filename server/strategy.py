@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import keys
-from common.aggregation import metrics_problem, update_problem, weighted_average
+from common.aggregation import metrics_problem, robust_aggregate, update_problem
 
 log = logging.getLogger("dpfl.server")
 
@@ -42,6 +43,9 @@ class RoundOutcome:
     train_seconds: float = 0.0
     reasons: list[str] = field(default_factory=list)
     aggregated: bool = False
+    partitions_sampled: list[int] = field(default_factory=list)
+    partitions_trained: list[int] = field(default_factory=list)
+    partitions_aggregated: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +54,15 @@ class ClientPrivacy:
     epsilon: float
     noise_multiplier: float
     sample_rate: float
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node declared when discovered: its partition and how many records it holds."""
+
+    partition_id: int
+    num_examples: int
+    own_data: bool
 
 
 def next_cohort(
@@ -76,15 +89,48 @@ def next_cohort(
     return chosen, rest
 
 
+def short_error(reason: str, limit: int = 300) -> str:
+    """The last line of a client's error (its exception message, without the remote
+    traceback Flower wraps around it)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else text.strip()
+    last = last.removesuffix("'>")
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def query_problem(metrics: dict[str, Any]) -> str | None:
+    """Why a discovery reply is unusable, or None."""
+    if set(metrics) != keys.QUERY_METRIC_KEYS:
+        return f"discovery reply must hold exactly {sorted(keys.QUERY_METRIC_KEYS)}"
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"discovery reply {k}={v!r} must be an integer >= 0"
+    return None
+
+
 class DPFedAvg(FedAvg):
+    """Clients are addressed by partition: nodes are discovered with a QUERY message
+    (partition-id, records held), and rounds sample partitions, so a resumed run (whose
+    node ids are new) continues the same schedule."""
+
     def __init__(self, *, max_update_norm: float = 0.0, server_learning_rate: float = 1.0,
                  server_momentum: float = 0.0, server_lr_schedule: str = "constant",
                  server_ema: float = 0.0, num_rounds: int = 1,
                  client_sampling: str = "cohorts", seed: int = 0,
-                 wait_timeout: float = 600.0, **kwargs: Any) -> None:
+                 wait_timeout: float = 600.0, reply_timeout: float = 3600.0,
+                 aggregation: str = "fedavg", trim_fraction: float = 0.2,
+                 krum_malicious: int = 0, krum_select: int = 1,
+                 partition_sizes: dict[int, int] | None = None, **kwargs: Any) -> None:
         super().__init__(fraction_evaluate=0.0, min_evaluate_nodes=0, **kwargs)
         self.client_sampling = client_sampling
         self.wait_timeout = wait_timeout
+        self.reply_timeout = reply_timeout
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.krum_malicious = krum_malicious
+        self.krum_select = krum_select
+        self.partition_sizes = dict(partition_sizes or {})
         self._rng = random.Random(seed)
         self._queue: list[int] = []
         self.max_update_norm = max_update_norm
@@ -97,7 +143,77 @@ class DPFedAvg(FedAvg):
         self.ema: dict[str, np.ndarray] | None = None
         self.clients: dict[int, ClientPrivacy] = {}
         self.outcomes: dict[int, RoundOutcome] = {}
+        self.nodes: dict[int, NodeInfo] = {}
         self._global: dict[str, np.ndarray] = {}
+
+    # ---- discovery and sampling -------------------------------------------------------
+
+    def discover(self, grid: Grid, problems: list[str] | None = None) -> dict[int, int]:
+        """Ask connected nodes not yet known which partition they hold; returns
+        {partition_id: node_id} over the connected, known nodes. A node that does not
+        answer or answers badly is left out (and asked again next time)."""
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - set(self.nodes))
+        if new:
+            msgs = [Message(RecordDict({self.configrecord_key: ConfigRecord({})}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(msgs, timeout=min(self.reply_timeout, 120.0)):
+                node = reply.metadata.src_node_id
+                problem = None
+                if reply.has_error():
+                    problem = f"discovery failed: {short_error(reply.error.reason)}"
+                elif keys.METRICS not in reply.content.metric_records:
+                    problem = "discovery reply has no metrics"
+                else:
+                    metrics = dict(reply.content[keys.METRICS])
+                    problem = query_problem(metrics)
+                if problem:
+                    log.warning("node %d: %s", node, problem)
+                    if problems is not None:
+                        problems.append(f"node {node}: {problem}")
+                    continue
+                self.nodes[node] = NodeInfo(
+                    int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID)),
+                    int(keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES)),
+                    bool(metrics[keys.OWN_DATA]))
+        by_partition: dict[int, int] = {}
+        for node in sorted(connected & set(self.nodes)):
+            pid = self.nodes[node].partition_id
+            if pid in by_partition:
+                log.warning("nodes %d and %d both hold partition %d; only %d is used",
+                            by_partition[pid], node, pid, by_partition[pid])
+                continue
+            by_partition[pid] = node
+        return by_partition
+
+    def sample_size(self, num_nodes: int) -> int:
+        return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
+
+    def sample(self, grid: Grid, outcome: RoundOutcome) -> list[int]:
+        """This round's nodes. "cohorts": a seeded shuffle of all partitions cut into
+        cohorts, so every client joins equally often (its noise is calibrated for exactly
+        that); "random": an independent uniform sample each round, as Flower's FedAvg
+        does. Waits at most `wait_timeout` seconds for min-available-clients."""
+        deadline = time.monotonic() + self.wait_timeout
+        while len(by_partition := self.discover(grid, outcome.reasons)) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                outcome.reasons.append(
+                    f"only {len(by_partition)} client(s) available after waiting "
+                    f"{self.wait_timeout:.0f}s, fewer than min-available-clients="
+                    f"{self.min_available_nodes}: round skipped"
+                )
+                return []
+            log.info("waiting for clients: %d available, %d needed", len(by_partition),
+                     self.min_available_nodes)
+            time.sleep(min(3.0, self.wait_timeout))
+        partitions = sorted(by_partition)
+        size = self.sample_size(len(partitions))
+        if self.client_sampling == "random":
+            chosen = self._rng.sample(partitions, size)
+        else:
+            chosen, self._queue = next_cohort(self._queue, partitions, size, self._rng)
+        outcome.partitions_sampled = sorted(chosen)
+        return [by_partition[p] for p in chosen]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -110,29 +226,7 @@ class DPFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
-    def sample_size(self, num_nodes: int) -> int:
-        return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
-
-    def sample(self, grid: Grid, outcome: RoundOutcome) -> list[int]:
-        """This round's clients. "cohorts": a seeded shuffle of all nodes cut into cohorts,
-        so every client joins equally often (its noise is calibrated for exactly that);
-        "random": an independent uniform sample each round, as Flower's FedAvg does."""
-        deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            if time.monotonic() > deadline:
-                outcome.reasons.append(
-                    f"only {len(nodes)} node(s) connected after {self.wait_timeout:.0f}s, "
-                    f"fewer than min-available-clients={self.min_available_nodes}"
-                )
-                return []
-            log.info("waiting for nodes: %d connected, %d needed", len(nodes),
-                     self.min_available_nodes)
-            time.sleep(1.0)
-        size = self.sample_size(len(nodes))
-        if self.client_sampling == "random":
-            return self._rng.sample(nodes, size)
-        chosen, self._queue = next_cohort(self._queue, nodes, size, self._rng)
-        return chosen
+    # ---- aggregation ------------------------------------------------------------------
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -141,13 +235,14 @@ class DPFedAvg(FedAvg):
         replies = list(replies)
         outcome.timed_out = max(outcome.sampled - len(replies), 0)
         if outcome.timed_out:
-            outcome.reasons.append(f"{outcome.timed_out} client(s) did not reply in time")
-        updates, weights, losses = [], [], []
+            outcome.reasons.append(f"{outcome.timed_out} client(s) did not reply within "
+                                   f"round-timeout={self.reply_timeout:g}s")
+        updates, weights, losses, pids = [], [], [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 outcome.failed += 1
-                outcome.reasons.append(f"node {node} failed: {msg.error.reason}")
+                outcome.reasons.append(f"node {node} failed: {short_error(msg.error.reason)}")
                 continue
             verdict = self._classify(msg)
             if verdict is not None:
@@ -159,22 +254,31 @@ class DPFedAvg(FedAvg):
             updates.append(keys.from_array_record(msg.content.array_records[keys.ARRAYS]))
             weights.append(keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES))
             losses.append(keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS))
+            pids.append(int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID)))
             outcome.train_seconds += keys.number(metrics[keys.TRAIN_SECONDS], keys.TRAIN_SECONDS)
-        for reason in outcome.reasons:
-            log.warning("round %d: %s", server_round, reason)
         outcome.trained = len(updates)
+        outcome.partitions_trained = sorted(pids)
         if len(updates) < self.min_train_nodes or not updates:
             outcome.reasons.append(
                 f"only {len(updates)} valid update(s), fewer than min-train-clients="
                 f"{self.min_train_nodes}: the global model is kept"
             )
+            for reason in outcome.reasons:
+                log.warning("round %d: %s", server_round, reason)
             return None, None
+        for reason in outcome.reasons:
+            log.warning("round %d: %s", server_round, reason)
         outcome.aggregated = True
         released = [(loss, w) for loss, w in zip(losses, weights, strict=True) if not math.isnan(loss)]
         if released:
             outcome.train_loss = float(np.average([x for x, _ in released],
                                                   weights=[w for _, w in released]))
-        avg = self._server_step(server_round, weighted_average(updates, weights))
+        model, used = robust_aggregate(
+            self.aggregation, updates, weights, trim_fraction=self.trim_fraction,
+            krum_malicious=self.krum_malicious, krum_select=self.krum_select,
+        )
+        outcome.partitions_aggregated = sorted(pids[i] for i in used)
+        avg = self._server_step(server_round, model)
         return keys.to_array_record(avg), MetricRecord({
             keys.NUM_EXAMPLES: int(sum(weights)), keys.TRAIN_LOSS: outcome.train_loss,
         })
@@ -218,6 +322,12 @@ class DPFedAvg(FedAvg):
             else None
         if problem:
             return "invalid", problem
+        try:
+            problem = self._identity_problem(msg.metadata.src_node_id, metrics)
+        except (KeyError, ValueError) as exc:
+            problem = f"reply has no usable partition-id or num-examples ({exc})"
+        if problem:
+            return "invalid", problem
         priv = content.config_records.get(keys.PRIVACY)
         if priv is not None:
             try:
@@ -249,6 +359,56 @@ class DPFedAvg(FedAvg):
         if problem:
             return "invalid", problem
         return None
+
+    def _identity_problem(self, node: int, metrics: dict[str, Any]) -> str | None:
+        """A reply must come from the partition its node declared, and claim no more
+        examples than that partition holds (a client cannot buy weight by lying)."""
+        pid = int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID))
+        n = int(keys.number(metrics.get(keys.NUM_EXAMPLES, 0), keys.NUM_EXAMPLES))
+        info = self.nodes.get(node)
+        if info is not None and info.partition_id != pid:
+            return f"reply claims partition {pid} but the node holds partition {info.partition_id}"
+        bound = None
+        if info is not None and info.own_data:
+            bound = info.num_examples
+        elif pid in self.partition_sizes:
+            bound = self.partition_sizes[pid]
+        elif info is not None:
+            bound = info.num_examples
+        if bound is not None and n > bound:
+            return f"num-examples={n} exceeds the {bound} records partition {pid} holds"
+        return None
+
+    # ---- checkpoint -------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able state, named arrays) to resume the strategy exactly: the sampler's
+        RNG and queue, the server optimizer and moving average, the clients' privacy."""
+        version, internal, gauss = self._rng.getstate()
+        meta = {
+            "rng": [version, list(internal), gauss],
+            "queue": list(self._queue),
+            "clients": {str(p): asdict(c) for p, c in self.clients.items()},
+            "has_ema": self.ema is not None,
+        }
+        arrays = {f"velocity/{k}": np.asarray(v) for k, v in self._velocity.items()}
+        if self.ema is not None:
+            arrays.update({f"ema/{k}": v for k, v in self.ema.items()})
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        version, internal, gauss = meta["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._queue = [int(p) for p in meta["queue"]]
+        self.clients = {
+            int(p): ClientPrivacy(history=c["history"], epsilon=float(c["epsilon"]),
+                                  noise_multiplier=float(c["noise_multiplier"]),
+                                  sample_rate=float(c["sample_rate"]))
+            for p, c in meta["clients"].items()
+        }
+        self._velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
+        ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
+        self.ema = ema if meta.get("has_ema") else None
 
     def epsilon_stats(self) -> tuple[float, float]:
         """(max, mean) epsilon over every client that has reported so far."""

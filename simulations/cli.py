@@ -11,13 +11,18 @@ from common.data import DataError
 
 def _simulate(args: argparse.Namespace) -> int:
     from common.results import read_json
-    from simulations.simulate import simulate, summary_text
+    from simulations.simulate import resume, simulate, summary_text
 
-    overrides = parse_overrides(" ".join(args.run_config or []))
-    run_dir = simulate(
-        overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
-        progress=None if args.quiet else print,
-    )
+    progress = None if args.quiet else print
+    if args.resume:
+        if args.run_config or args.output_dir:
+            raise ConfigError("--resume continues a run with the config it started with: "
+                              "--run-config and --output-dir cannot be given with it")
+        run_dir = resume(args.resume, client_cpus=args.client_cpus, progress=progress)
+    else:
+        overrides = parse_overrides(" ".join(args.run_config or []))
+        run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
+                           progress=progress)
     print(summary_text(run_dir))
     return 1 if read_json(run_dir / "summary.json").get("stopped_early") else 0
 
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--client-cpus", type=float, default=1.0,
                      help="CPUs Ray reserves per virtual client (default 1: two at a time on 2 cores)")
     sim.add_argument("--quiet", action="store_true", help="no per-round progress")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a killed run from its last complete round")
     sim.set_defaults(func=_simulate)
 
     bench = sub.add_parser("bench", help="measure DP-SGD throughput and round time")

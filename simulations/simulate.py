@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import (
+    FIELD_TYPES,
     ConfigError,
     ExperimentConfig,
     default_run_config,
@@ -29,6 +30,8 @@ from common.data import cached_partitions as partition_cache
 from common.data import locate
 from common.results import prepare_run_dir, read_json, read_rounds
 from simulations import runtime
+
+LEDGERS = "ledgers"
 
 
 class SimulationError(RuntimeError):
@@ -67,6 +70,11 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
     over["output-dir"] = str(out.resolve())
     cfg = resolve_config(over)
     run_dir = out.resolve() / cfg.runtime.run_name
+    if not cfg.privacy.ledger_dir:
+        # Each virtual client's ledger on disk: a resumed run continues every client's
+        # epsilon instead of starting it again from zero.
+        over["ledger-dir"] = str(run_dir / LEDGERS)
+        cfg = resolve_config(over)
     if (run_dir / "rounds.jsonl").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
     locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
@@ -105,12 +113,43 @@ def simulate(
 ) -> Path:
     """Run one experiment; returns its run directory (with summary.json)."""
     cfg, over = prepare(overrides, output_dir)
+    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout)
+
+
+def resume_overrides(run_dir: Path) -> dict[str, Any]:
+    """The run config a killed run started with, set to resume it."""
+    from server import checkpoint
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} is not a dpfl run directory (no config.json)")
+    checkpoint.load(run_dir)  # a clear error if finished, unstarted or unreadable
+    saved = read_json(run_dir / "config.json")["run_config"]
+    over: dict[str, Any] = {}
+    for key, value in saved.items():
+        typ = FIELD_TYPES.get(key, (None, str))[1]
+        over[key] = float(value) if typ is float and isinstance(value, str) else value
+    over.update({"resume": True, "output-dir": str(run_dir.parent), "run-name": run_dir.name})
+    return over
+
+
+def resume(run_dir: Path, *, client_cpus: float = 1.0,
+           progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600) -> Path:
+    """Continue a killed `dpfl simulate` run from its last complete round."""
+    over = resume_overrides(run_dir)
+    cfg = resolve_config(over)
+    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout)
+
+
+def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
+            progress: Callable[[str], None] | None, timeout: float) -> Path:
     run_dir = Path(over["output-dir"]) / cfg.runtime.run_name
     logs = run_dir / "logs"
     flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
     say = progress or (lambda _msg: None)
     n = cfg.federation.num_partitions
-    say(f"dpfl: {n} virtual clients, {cfg.federation.num_rounds} rounds, "
+    say(f"dpfl: {'resuming ' if cfg.runtime.resume else ''}{n} virtual clients, "
+        f"{cfg.federation.num_rounds} rounds, "
         + (f"target epsilon {cfg.privacy.target_epsilon}, delta {cfg.privacy.target_delta}"
            if cfg.privacy.private else "non-private baseline")
         + f" -> {run_dir}")
@@ -135,12 +174,15 @@ def simulate(
     if not (run_dir / "summary.json").exists():
         tail = (logs / "flwr.log").read_text(errors="replace")[-4000:] if (logs / "flwr.log").exists() else ""
         raise SimulationError(f"the run ended without a summary; logs in {logs}\n{tail}")
+    if Path(cfg.privacy.ledger_dir) == run_dir / LEDGERS:
+        for spare in (run_dir / LEDGERS).glob("*.reply.npz"):  # only needed to resume
+            spare.unlink(missing_ok=True)
     return run_dir
 
 
 def _follow(proc: subprocess.Popen, run_dir: Path, cfg: ExperimentConfig,
             say: Callable[[str], None], t0: float, timeout: float) -> None:
-    shown = 0
+    shown = len(read_rounds(run_dir / "rounds.jsonl")) if cfg.runtime.resume else 0
     while True:
         done = proc.poll() is not None or (run_dir / "summary.json").exists()
         rows = read_rounds(run_dir / "rounds.jsonl")

@@ -16,10 +16,10 @@ def run_config(**overrides):
     return cfg
 
 
-def context(partition_id=0, num_partitions=100, state=None, node_extra=None, **overrides):
+def context(partition_id=0, num_partitions=100, state=None, node_extra=None, run_id=1, **overrides):
     node_config = {keys.NODE_PARTITION_ID: partition_id, keys.NODE_NUM_PARTITIONS: num_partitions}
     node_config.update(node_extra or {})
-    return Context(run_id=1, node_id=1000 + partition_id, node_config=node_config,
+    return Context(run_id=run_id, node_id=1000 + partition_id, node_config=node_config,
                    state=state if state is not None else RecordDict(), run_config=run_config(**overrides))
 
 

@@ -1,0 +1,72 @@
+"""The server's checkpoint: everything needed to continue a run after its last complete
+round, in one file written atomically (`checkpoint.npz` in the run directory).
+
+It holds the global model, the strategy's state (sampler RNG and queue, server optimizer,
+moving average, the clients' privacy view) and the run-level records (every round's row,
+the idle count, the planned participations). Clients keep their own ledgers (files under
+`ledger-dir`); the checkpoint never stands in for them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import ConfigError
+from common.results import atomic_write, jsonable
+
+FILE = "checkpoint.npz"
+_META = "__meta__"
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, np.ndarray]
+    strategy_arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def save(run_dir: Path, *, model: dict[str, np.ndarray],
+         strategy: tuple[dict[str, Any], dict[str, np.ndarray]], meta: dict[str, Any]) -> None:
+    strategy_meta, strategy_arrays = strategy
+    text = json.dumps(jsonable({**meta, "strategy": strategy_meta}), allow_nan=False)
+    arrays = {f"model/{k}": v for k, v in model.items()}
+    arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
+    arrays[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
+    atomic_write(run_dir / FILE, lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
+
+
+def load(run_dir: Path) -> Checkpoint:
+    path = run_dir / FILE
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
+    if not path.exists():
+        raise ConfigError(
+            f"{run_dir} has no {FILE}: the run stopped before its first round completed; "
+            "start it again instead of resuming"
+        )
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(data.pop(_META).tobytes().decode())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); it cannot be resumed") from exc
+    model = {k[len("model/"):]: v for k, v in data.items() if k.startswith("model/")}
+    strat = {k[len("strategy/"):]: v for k, v in data.items() if k.startswith("strategy/")}
+    return Checkpoint(model=model, strategy_arrays=strat, meta=meta)
+
+
+def check_matches(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:
+    """A run resumes with the config it started with (only `resume` may differ)."""
+    saved = {k: v for k, v in ckpt.meta["run_config"].items() if k != "resume"}
+    now = jsonable({k: v for k, v in run_config.items() if k != "resume"})
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(
+            "the checkpoint was written with another config; differing keys: "
+            + ", ".join(f"{k} ({saved.get(k)!r} then, {now.get(k)!r} now)" for k in diff)
+        )

@@ -1,0 +1,222 @@
+"""Faults and bad input, unit level: checkpoints, replayed requests, attacks, identity and
+num-examples checks, robust aggregation, config validation of the reliability keys."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+
+from client.app import query as client_query
+from client.app import train as client_train
+from client.ledger import load_ledger, replay_file
+from common import keys
+from common.aggregation import robust_aggregate
+from common.config import ConfigError, resolve_config
+from common.models import build_model, get_weights
+from server import checkpoint
+from server.strategy import DPFedAvg, NodeInfo, RoundOutcome, short_error
+from tests.helpers import context, metadata, train_message
+
+GLOBAL = get_weights(build_model("logreg", seed=0))
+
+
+def _ctx(pid=3, **kw):
+    return context(partition_id=pid, model="logreg", **kw)
+
+
+# ---- replayed requests: the same request twice costs privacy once ------------------
+
+
+def test_same_request_after_restart_is_answered_again_without_spending(tmp_path):
+    path = tmp_path / "partition-3.json"
+    node = {keys.NODE_LEDGER_PATH: str(path)}
+    first = client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    history = json.loads(path.read_text())["history"]
+    # A restarted node (empty state) receives the very same request: a resumed run redoing
+    # the round that was cut off.
+    again = client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    assert json.loads(path.read_text())["history"] == history  # nothing more spent
+    a, b = (keys.from_array_record(r.content[keys.ARRAYS]) for r in (first, again))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert float(again.content[keys.METRICS][keys.EPSILON]) == float(first.content[keys.METRICS][keys.EPSILON])
+    # Another round (or another model) is a new request: it trains and spends.
+    client_train(train_message(GLOBAL, server_round=2, planned_rounds=3), _ctx(node_extra=node))
+    assert json.loads(path.read_text())["history"][0][2] == 2 * history[0][2]
+
+
+def test_a_reply_file_newer_than_its_ledger_is_not_replayed(tmp_path):
+    path = tmp_path / "partition-3.json"
+    node = {keys.NODE_LEDGER_PATH: str(path)}
+    client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    saved = path.read_text()
+    client_train(train_message(GLOBAL, server_round=2, planned_rounds=3), _ctx(node_extra=node))
+    path.write_text(saved)  # as if killed after writing round 2's reply, before its ledger
+    assert replay_file(path).exists()
+    again = client_train(train_message(GLOBAL, server_round=2, planned_rounds=3), _ctx(node_extra=node))
+    assert int(again.content[keys.METRICS][keys.STEPS]) == 1
+    assert json.loads(path.read_text())["history"][0][2] == 2  # round 2 spent (again) honestly
+
+
+def test_new_run_with_same_ledger_is_not_a_replay(tmp_path):
+    node = {keys.NODE_LEDGER_PATH: str(tmp_path / "l.json")}
+    client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node, run_id=2))
+    ledger = load_ledger(_ctx(), tmp_path / "l.json")
+    assert ledger.history[0][2] == 2
+
+
+# ---- node discovery and the client's identity --------------------------------------
+
+
+def test_query_reports_partition_and_size():
+    msg = make_message(metadata(message_type="query"), content=RecordDict({"config": ConfigRecord({})}))
+    reply = client_query(msg, context(partition_id=4, num_partitions=10))
+    m = reply.content[keys.METRICS]
+    assert (int(m[keys.PARTITION_ID]), int(m[keys.NUM_EXAMPLES]), int(m[keys.OWN_DATA])) == (4, 6000, 0)
+
+
+def test_partition_id_outside_the_range_is_a_clear_error():
+    msg = make_message(metadata(message_type="query"), content=RecordDict({"config": ConfigRecord({})}))
+    with pytest.raises(ValueError, match=r"partition-id=10 must be in \[0, 9\]"):
+        client_query(msg, context(partition_id=10, num_partitions=10))
+
+
+def _reply(src, pid, n, weights=GLOBAL):
+    metrics = {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: math.nan, keys.EPSILON: 1.0,
+               keys.NOISE_MULTIPLIER: 1.0, keys.SAMPLE_RATE: 1.0, keys.STEPS: 1,
+               keys.PARTITION_ID: pid, keys.REFUSED: 0, keys.TRAIN_SECONDS: 0.1}
+    content = RecordDict({keys.METRICS: MetricRecord(metrics),
+                          keys.PRIVACY: ConfigRecord({keys.HISTORY: "[[1.0, 1.0, 1]]", keys.REASON: ""}),
+                          keys.ARRAYS: keys.to_array_record(weights)})
+    return make_message(metadata(src=src, dst=0, reply_to="x"), content=content)
+
+
+def _strategy(**kw):
+    s = DPFedAvg(min_train_nodes=1, **kw)
+    s._global = GLOBAL
+    s.outcomes[1] = RoundOutcome(sampled=3)
+    return s
+
+
+def test_a_client_cannot_buy_weight_or_speak_for_another_partition():
+    s = _strategy(partition_sizes={0: 600, 1: 600, 2: 600})
+    s.nodes = {10: NodeInfo(0, 600, False), 11: NodeInfo(1, 600, False), 12: NodeInfo(2, 600, False)}
+    s.aggregate_train(1, [_reply(10, 0, 600), _reply(11, 1, 600_000), _reply(12, 0, 600)])
+    out = s.outcomes[1]
+    assert out.trained == 1 and out.invalid == 2 and out.partitions_trained == [0]
+    assert any("exceeds the 600 records partition 1 holds" in r for r in out.reasons)
+    assert any("claims partition 0 but the node holds partition 2" in r for r in out.reasons)
+
+
+def test_own_data_nodes_are_bounded_by_what_they_declared():
+    s = _strategy(partition_sizes={0: 600})
+    s.nodes = {10: NodeInfo(0, 900, True)}
+    s.aggregate_train(1, [_reply(10, 0, 900)])
+    assert s.outcomes[1].trained == 1
+    s.outcomes[1] = RoundOutcome(sampled=1)
+    s.aggregate_train(1, [_reply(10, 0, 901)])
+    assert s.outcomes[1].invalid == 1
+
+
+def test_client_errors_are_shortened_to_their_message():
+    reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::X\x1b[39m\n"
+              '  File "a.py", line 1\nRuntimeError: disk full\'>')
+    assert short_error(reason) == "RuntimeError: disk full"
+
+
+# ---- robust aggregation ---------------------------------------------------------------
+
+
+def _updates(values):
+    return [{"w": np.full(4, v, dtype=np.float32)} for v in values]
+
+
+@pytest.mark.parametrize("method", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_rules_ignore_one_outlier_where_fedavg_does_not(method):
+    ups = _updates([1.0, 1.1, 0.9, 1.05, 0.95, -100.0])
+    avg, _ = robust_aggregate("fedavg", ups, [1] * 6)
+    robust, used = robust_aggregate(method, ups, [1] * 6, trim_fraction=0.2, krum_malicious=1,
+                                    krum_select=3)
+    assert avg["w"][0] < -10
+    assert 0.85 < robust["w"][0] < 1.15
+    assert (5 not in used) if "krum" in method else len(used) == 6
+    assert robust["w"].dtype == np.float32
+
+
+def test_robust_config_is_validated():
+    with pytest.raises(ConfigError, match="aggregation='mean' must be one of"):
+        resolve_config({"aggregation": "mean"})
+    with pytest.raises(ConfigError, match="trim-fraction=0.5 must be in"):
+        resolve_config({"trim-fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"krum-malicious=4 must satisfy clients per round \(10\)"):
+        resolve_config({"aggregation": "krum", "krum-malicious": 4})
+    with pytest.raises(ConfigError, match="attack='flip' must be empty"):
+        resolve_config({"attack": "flip"})
+    with pytest.raises(ConfigError, match="attackers=101 must be <= num-partitions=100"):
+        resolve_config({"attack": "nan", "attackers": 101})
+    with pytest.raises(ConfigError, match="round-timeout=0.0 must be > 0"):
+        resolve_config({"round-timeout": 0.0})
+    with pytest.raises(ConfigError, match="node-wait-timeout=inf must be > 0"):
+        resolve_config({"node-wait-timeout": math.inf})
+
+
+# ---- checkpoints -------------------------------------------------------------------
+
+
+def test_strategy_state_round_trips_and_continues_the_same_schedule(tmp_path):
+    def fresh():
+        s = DPFedAvg(min_train_nodes=1, fraction_train=0.3, server_momentum=0.9, server_ema=0.9, seed=7)
+        s._global = GLOBAL
+        return s
+
+    a = fresh()
+    parts = list(range(10))
+    for _ in range(2):
+        _, a._queue = __import__("server.strategy", fromlist=["next_cohort"]).next_cohort(
+            a._queue, parts, 3, a._rng)
+    a._server_step(1, {k: v + 0.1 for k, v in GLOBAL.items()})
+    meta, arrays = a.state_dict()
+    checkpoint.save(tmp_path, model=GLOBAL, strategy=(meta, arrays),
+                    meta={"round": 2, "run_config": {"seed": 7}, "history": []})
+    ck = checkpoint.load(tmp_path)
+    b = fresh()
+    b.load_state_dict(ck.meta["strategy"], ck.strategy_arrays)
+    from server.strategy import next_cohort
+
+    for _ in range(5):
+        ca, a._queue = next_cohort(a._queue, parts, 3, a._rng)
+        cb, b._queue = next_cohort(b._queue, parts, 3, b._rng)
+        assert ca == cb
+    step = {k: v + 0.2 for k, v in GLOBAL.items()}
+    ra, rb = a._server_step(2, step), b._server_step(2, step)
+    assert all(np.array_equal(ra[k], rb[k]) for k in ra)
+    assert all(np.array_equal(a.ema[k], b.ema[k]) for k in a.ema)
+    assert all(np.array_equal(ck.model[k], GLOBAL[k]) for k in GLOBAL)
+
+
+def test_checkpoint_refuses_other_config_finished_and_unreadable_runs(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint.npz"):
+        checkpoint.load(tmp_path)
+    checkpoint.save(tmp_path, model=GLOBAL, strategy=({}, {}),
+                    meta={"round": 1, "run_config": {"seed": 7, "resume": False}})
+    ck = checkpoint.load(tmp_path)
+    checkpoint.check_matches(ck, {"seed": 7, "resume": True})
+    with pytest.raises(ConfigError, match=r"seed \(7 then, 8 now\)"):
+        checkpoint.check_matches(ck, {"seed": 8, "resume": True})
+    (tmp_path / checkpoint.FILE).write_bytes(b"torn")
+    with pytest.raises(ConfigError, match="unreadable"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="finished run"):
+        checkpoint.load(tmp_path)
+
+
+def test_rng_state_is_json_safe():
+    s = DPFedAvg(seed=3)
+    meta, _ = s.state_dict()
+    json.dumps(meta)
+    random.Random(3).random()  # (the sampler's RNG is its own, not the global one)
