@@ -161,7 +161,7 @@ class DPFedAvg(FedAvg):
                 node = reply.metadata.src_node_id
                 problem = None
                 if reply.has_error():
-                    problem = f"discovery failed: {short_error(reply.error.reason)}"
+                    problem = f"discovery failed: {short_error(reply.error.reason or '')}"
                 elif keys.METRICS not in reply.content.metric_records:
                     problem = "discovery reply has no metrics"
                 else:
@@ -242,7 +242,7 @@ class DPFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 outcome.failed += 1
-                outcome.reasons.append(f"node {node} failed: {short_error(msg.error.reason)}")
+                outcome.reasons.append(f"node {node} failed: {short_error(msg.error.reason or '')}")
                 continue
             verdict = self._classify(msg)
             if verdict is not None:

@@ -27,6 +27,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 1 if read_json(run_dir / "summary.json").get("stopped_early") else 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from simulations.report import report
+    from simulations.sweep import load_grid, run_sweep
+
+    spec = load_grid(args.grid_file, " ".join(args.grid or []), " ".join(args.run_config or []))
+    if args.name:
+        spec["name"] = args.name
+    sweep_dir = run_sweep(spec, args.output_dir, client_cpus=args.client_cpus)
+    print(f"report: {report(sweep_dir)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from simulations.report import report
+
+    path = report(args.sweep_dir)
+    print(path.with_name("results.md").read_text(), end="")
+    print(f"report: {path}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from simulations.bench import main as bench_main
 
@@ -48,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
                      help="continue a killed run from its last complete round")
     sim.set_defaults(func=_simulate)
 
+    sweep = sub.add_parser("sweep", help="a grid of simulations (resumable), then a report")
+    sweep.add_argument("grid_file", nargs="?", default=None,
+                       help="TOML grid (or the name of one in simulations/grids/, e.g. default)")
+    sweep.add_argument("--grid", "-g", action="append", metavar='"k=v1,v2 ..."',
+                       help="axes on the command line (partition=iid,dirichlet:0.5 target-epsilon=1,inf)")
+    sweep.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
+                       help="overrides for every point")
+    sweep.add_argument("--name", help="the sweep directory's name (default: the grid's)")
+    sweep.add_argument("--output-dir", default="sweeps", help="where sweep directories go (default: sweeps/)")
+    sweep.add_argument("--client-cpus", type=float, default=1.0)
+    sweep.set_defaults(func=_sweep)
+
+    rep = sub.add_parser("report", help="tables, plots and report.md of a sweep directory")
+    rep.add_argument("sweep_dir")
+    rep.set_defaults(func=_report)
+
     bench = sub.add_parser("bench", help="measure DP-SGD throughput and round time")
     bench.add_argument("--batch-size", type=int, default=None, help="0: full batch (default: config)")
     bench.add_argument("--model", default=None, help="default: the config's model")
@@ -60,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, FileExistsError) as exc:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as exc:
         print(f"dpfl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpfl: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"dpfl: error: {exc}", file=sys.stderr)
         return 1
 

@@ -80,3 +80,33 @@ def test_simulate_checks_delta_and_partitions_before_starting(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device='cuda'"):
             prepare({"device": "cuda"}, str(tmp_path))
+
+
+def test_unwritable_output_dir_and_taken_run_name_are_clear_errors(tmp_path):
+    from simulations.simulate import prepare
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    with pytest.raises(ConfigError, match="output-dir=.*a-file/runs.*not writable"):
+        prepare({}, str(blocker / "runs"))
+    assert blocker.read_text() == "keep me"
+    run = tmp_path / "runs" / "taken"
+    run.mkdir(parents=True)
+    (run / "rounds.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(ConfigError, match="run-name='taken'.*already holds a run"):
+        prepare({"run-name": "taken"}, str(tmp_path / "runs"))
+    assert (run / "rounds.jsonl").read_text() == '{"round": 1}\n'
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"min-available-clients": 101}, "min-available-clients"),
+    ({"max-idle-rounds": -1}, "max-idle-rounds"),
+    ({"server-momentum": 1.0}, "server-momentum"),
+    ({"attack-scale": 0.0}, "attack-scale"),
+    ({"krum-select": 0}, "krum-select"),
+    ({"aggregation": "multikrum", "krum-select": 11}, "krum-select"),
+    ({"resume": "yes"}, "resume"),
+])
+def test_more_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        resolve_config(overrides)

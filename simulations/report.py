@@ -1,0 +1,301 @@
+"""`dpfl report SWEEP_DIR`: results.csv, results.md, accuracy_vs_epsilon.png,
+accuracy_per_round.png and report.md from the run directories of a sweep.
+
+Reads only files a run writes atomically (config.json, summary.json, rounds.jsonl,
+failed.json), so a sweep killed at any moment can be reported: unfinished points are
+listed with the rounds they have.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.results import atomic_write, atomic_write_text, read_json, read_rounds
+from simulations.sweep import FAILED_FILE, SPEC_FILE
+
+# Published centralized DP-SGD results on Fashion-MNIST at epsilon = 3 (delta = 1e-5):
+# Tramer & Boneh, "Differentially Private Learning Needs Better Features (or Much More
+# Data)", ICLR 2021, Table 1.
+REFERENCES = [
+    (3.0, 0.860, "end-to-end CNN, centralized (Tramèr & Boneh 2021)"),
+    (3.0, 0.897, "ScatterNet + linear, centralized (Tramèr & Boneh 2021)"),
+]
+
+PRIVACY_MODEL = (
+    "Record-level differential privacy at each client: every client runs DP-SGD (Opacus) "
+    "with Poisson sampling, per-sample gradient clipping and Gaussian noise, and composes "
+    "its epsilon over every step it takes in every round it joins (RDP accountant unless "
+    "the config says PRV). A record's guarantee is its own client's (epsilon, delta); the "
+    "tables report the maximum and the mean over clients, never a weighted average. The "
+    "server sees the clients' noisy models; there is no secure aggregation and no "
+    "client-level (user-level) guarantee."
+)
+
+
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    run_config: dict[str, Any]
+    summary: dict[str, Any] | None
+    rounds: list[dict[str, Any]]
+    failed: dict[str, Any] | None
+    libraries: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return "stopped early" if self.summary.get("stopped_early") else "finished"
+        return "failed" if self.failed else "incomplete"
+
+
+def partition_label(cfg: Mapping[str, Any]) -> str:
+    p = cfg.get("partitioner", "iid")
+    if p == "dirichlet":
+        return f"Dirichlet(α={float(cfg.get('dirichlet-alpha', 0.5)):g})"
+    if p == "pathological":
+        return f"{int(cfg.get('labels-per-client', 2))} labels/client"
+    return "IID"
+
+
+def target_epsilon(cfg: Mapping[str, Any]) -> float:
+    eps = float(cfg.get("target-epsilon", math.inf))
+    if not cfg.get("dp", True) or (math.isinf(eps) and not float(cfg.get("noise-multiplier", 0))):
+        return math.inf
+    return eps
+
+
+def _f(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    order: list[str] = []
+    if (sweep_dir / SPEC_FILE).exists():
+        order = list(read_json(sweep_dir / SPEC_FILE).get("points", []))
+    dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
+    runs = []
+    for d in dirs:
+        failed = read_json(d / FAILED_FILE) if (d / FAILED_FILE).exists() else None
+        config = read_json(d / "config.json") if (d / "config.json").exists() else {}
+        run_config = dict(config.get("run_config", {}))
+        if not run_config and failed:
+            run_config = dict(failed.get("overrides", {}))
+        if not run_config:
+            continue  # not a run directory
+        summary = read_json(d / "summary.json") if (d / "summary.json").exists() else None
+        runs.append(Run(d.name, d, run_config, summary, read_rounds(d / "rounds.jsonl"), failed,
+                        dict(config.get("libraries", {}))))
+    return runs
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def group_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (partition, clients, target epsilon): mean ± std over seeds."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = (partition_label(r.run_config), int(r.run_config.get("num-partitions", 0)),
+               target_epsilon(r.run_config))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (part, clients, eps), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        done = [m for m in members if m.summary is not None]
+        final = _mean_std([_f(m.summary["final_accuracy"]) for m in done if m.summary])
+        best = _mean_std([_f(m.summary["best_accuracy"]) for m in done if m.summary])
+        eps_max = max((_f(m.summary["epsilon_max"]) for m in done if m.summary), default=math.nan)
+        eps_mean = _mean_std([_f(m.summary["epsilon_mean"]) for m in done if m.summary])[0]
+        rows.append({
+            "partition": part, "clients": clients, "target_epsilon": eps,
+            "epsilon_max": eps_max, "epsilon_mean": eps_mean,
+            "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
+            "best_accuracy_mean": best[0], "best_accuracy_std": best[1],
+            "seeds": len(done), "points": len(members),
+            "rounds": max((len(m.rounds) for m in members), default=0),
+            "wall_seconds": statistics.fmean([_f(m.summary["wall_seconds"]) for m in done if m.summary])
+            if done else math.nan,
+            "status": ", ".join(sorted({m.status for m in members})),
+            "runs": " ".join(m.name for m in members),
+        })
+    return rows
+
+
+def _fmt_eps(x: float) -> str:
+    return "∞" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.3g}")
+
+
+def _fmt_acc(mean: float, std: float, seeds: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if seeds > 1 else "")
+
+
+def results_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    head = ("| partition | clients | target ε | achieved ε max | ε mean | final accuracy | "
+            "best accuracy | seeds | rounds | wall time | status |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        wall = "-" if math.isnan(r["wall_seconds"]) else f"{r['wall_seconds'] / 60:.1f} min"
+        lines.append(
+            f"| {r['partition']} | {r['clients']} | {_fmt_eps(r['target_epsilon'])} | "
+            f"{_fmt_eps(r['epsilon_max'])} | {_fmt_eps(r['epsilon_mean'])} | "
+            f"{_fmt_acc(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} | "
+            f"{_fmt_acc(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | "
+            f"{r['seeds']} | {r['rounds']} | {wall} | {r['status']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    if not rows:
+        atomic_write_text(path, "")
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    finite = [r for r in rows if not math.isinf(r["target_epsilon"]) and not math.isnan(r["final_accuracy_mean"])]
+    series = sorted({(r["partition"], r["clients"]) for r in rows})
+    multi_clients = len({c for _, c in series}) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (part, clients) in enumerate(series):
+        color = colors[i % len(colors)]
+        label = part + (f", {clients} clients" if multi_clients else "")
+        pts = sorted((r for r in finite if (r["partition"], r["clients"]) == (part, clients)),
+                     key=lambda r: r["target_epsilon"])
+        if pts:
+            ax.errorbar([r["epsilon_max"] if not math.isnan(r["epsilon_max"]) else r["target_epsilon"] for r in pts],
+                        [100 * r["final_accuracy_mean"] for r in pts],
+                        yerr=[100 * r["final_accuracy_std"] for r in pts], marker="o", capsize=3,
+                        color=color, label=f"dpfl, {label}")
+        for r in rows:
+            if (r["partition"], r["clients"]) == (part, clients) and math.isinf(r["target_epsilon"]) \
+                    and not math.isnan(r["final_accuracy_mean"]):
+                ax.axhline(100 * r["final_accuracy_mean"], color=color, linestyle="--", linewidth=1,
+                           label=f"non-private, {label} ({100 * r['final_accuracy_mean']:.1f}%)")
+    for (eps, acc, text), marker in zip(REFERENCES, ("s", "D"), strict=True):
+        ax.scatter([eps], [100 * acc], marker=marker, s=60, color="black", zorder=5,
+                   label=f"{text}: {100 * acc:.1f}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε achieved (max over clients; δ = target δ), log scale")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("Fashion-MNIST: accuracy against privacy budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_accuracy_per_round(runs: Sequence[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    parts = sorted({partition_label(r.run_config) for r in runs})
+    styles = ["-", "--", ":", "-."]
+    epsilons = sorted({target_epsilon(r.run_config) for r in runs})
+    cmap = plt.get_cmap("viridis")
+    for r in runs:
+        if not r.rounds:
+            continue
+        eps = target_epsilon(r.run_config)
+        color = cmap(epsilons.index(eps) / max(len(epsilons) - 1, 1))
+        ax.plot([row["round"] for row in r.rounds], [100 * _f(row["test_accuracy"]) for row in r.rounds],
+                linestyle=styles[parts.index(partition_label(r.run_config)) % len(styles)],
+                color=color, linewidth=1.2,
+                label=f"{partition_label(r.run_config)}, ε={_fmt_eps(eps)}"
+                + (f", seed {r.run_config.get('seed')}" if len(runs) > len(epsilons) * len(parts) else ""))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per round")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def report(sweep_dir: Path) -> Path:
+    """Write the report files into `sweep_dir`; returns report.md's path."""
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory")
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise ValueError(f"{sweep_dir} holds no run directories to report")
+    rows = group_rows(runs)
+    write_csv(sweep_dir / "results.csv", rows)
+    table = results_markdown(rows)
+    atomic_write_text(sweep_dir / "results.md", table)
+    plot_accuracy_vs_epsilon(rows, sweep_dir / "accuracy_vs_epsilon.png")
+    plot_accuracy_per_round(runs, sweep_dir / "accuracy_per_round.png")
+
+    spec = read_json(sweep_dir / SPEC_FILE) if (sweep_dir / SPEC_FILE).exists() else {}
+    libs = next((r.libraries for r in runs if r.libraries), {})
+    base = runs[0].run_config
+    varying = sorted(k for k in base if len({str(r.run_config.get(k)) for r in runs}) > 1
+                     and k not in ("run-name", "ledger-dir"))
+    shared = {k: v for k, v in sorted(base.items())
+              if k not in varying and k not in ("run-name", "ledger-dir", "output-dir")}
+    failed = [r for r in runs if r.status == "failed"]
+    over_budget = [r for r in runs if r.summary and _f(r.summary["epsilon_max"]) > target_epsilon(r.run_config)]
+    lines = [
+        f"# Sweep report: {sweep_dir.name}", "",
+        f"Command: `{spec.get('command', 'dpfl sweep')}`" if spec else "",
+        "",
+        "## Accuracy against ε", "", "![accuracy vs epsilon](accuracy_vs_epsilon.png)", "",
+        table, "",
+        "Accuracy is the global model's on the 10,000-image Fashion-MNIST test set after the "
+        "last round (mean ± std over seeds when there are several). ε is achieved at the "
+        "target δ; every point's achieved ε max is at most its target"
+        + ("." if not over_budget else f", EXCEPT {', '.join(r.name for r in over_budget)}."),
+        "",
+        "## Accuracy per round", "", "![accuracy per round](accuracy_per_round.png)", "",
+        "## Privacy model", "", PRIVACY_MODEL, "",
+        "## Config", "",
+        f"Varying: {', '.join(varying) if varying else '(nothing)'}. Shared by every point:", "",
+        "| key | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in shared.items()], "",
+        "## Library versions", "",
+        ", ".join(f"{k} {v}" for k, v in libs.items()) or "(no finished run)", "",
+        f"Published references drawn in the plot: {'; '.join(f'{100 * a:.1f}% at ε={e:g}, {t}' for e, a, t in REFERENCES)}.",
+    ]
+    if failed:
+        lines += ["", "## Failed points", ""]
+        lines += [f"- {r.name}: {str(r.failed.get('error', '')).splitlines()[0] if r.failed else ''}"
+                  for r in failed]
+    path = sweep_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
