@@ -109,3 +109,27 @@ def load_replay(ledger: Ledger, path: Path | None, key: str
     metrics = {k: (float(v) if isinstance(v, str) else v)  # "nan"/"inf" back to floats
                for k, v in ledger.replay["metrics"].items()}
     return weights, metrics
+
+
+def show_ledger(path: Path, *, delta: float, accountant: str) -> str:
+    if not path.exists():
+        return f"{path}: no ledger (nothing spent yet)"
+    ledger = Ledger.from_json(path.read_text(), source=str(path))
+    steps = privacy.total_steps(ledger.history)
+    return (f"{path}: epsilon {ledger.epsilon(delta, accountant):.4f} at delta {delta:g} "
+            f"({accountant}), {steps} DP-SGD steps, noise multiplier {ledger.noise_multiplier}, "
+            f"history {[list(e) for e in ledger.history]}")
+
+
+def reset_ledger(path: Path) -> Path:
+    """Move a ledger file aside (never delete it); returns where it went."""
+    import time
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no ledger to reset")
+    backup = path.with_name(f"{path.stem}.reset-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    path.rename(backup)
+    spare = replay_file(path)
+    if spare.exists():
+        spare.unlink()
+    return backup

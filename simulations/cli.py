@@ -48,6 +48,51 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulations import deploy
+
+    if args.deploy_command == "certs":
+        written = deploy.make_certs(Path(args.out), num_nodes=args.nodes, if_missing=args.if_missing,
+                                    hosts=tuple(args.host), ips=tuple(args.ip))
+        for path in written:
+            print(f"wrote {path}")
+        if not written:
+            print(f"{args.out}: certificates and {args.nodes} node keys already exist; nothing written")
+        return 0
+    text = deploy.compose_yaml(args.nodes, insecure=args.insecure)
+    if args.insecure:
+        print("dpfl: WARNING: insecure compose file: no TLS, no node authentication", file=sys.stderr)
+    if args.output == "-":
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} ({args.nodes} SuperNodes)")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.ledger import reset_ledger, show_ledger
+
+    path = Path(args.path)
+    if args.ledger_command == "show":
+        print(show_ledger(path, delta=args.delta, accountant=args.accountant))
+        return 0
+    print(show_ledger(path, delta=args.delta, accountant=args.accountant))
+    if not args.yes:
+        print("reset would move this ledger aside, so that the node trains again as if it had "
+              "spent nothing. Its data's earlier releases still happened: the guarantee for "
+              "those records is then the sum of both budgets. Re-run with --yes to reset.")
+        return 1
+    backup = reset_ledger(path)
+    print(f"reset: the ledger was moved to {backup}; {path} no longer exists, so the next "
+          "round starts a new ledger at epsilon 0")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from simulations.bench import main as bench_main
 
@@ -84,6 +129,35 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="tables, plots and report.md of a sweep directory")
     rep.add_argument("sweep_dir")
     rep.set_defaults(func=_report)
+
+    dep = sub.add_parser("deploy", help="certificates, node keys and docker-compose.yml")
+    dsub = dep.add_subparsers(dest="deploy_command", required=True)
+    certs = dsub.add_parser("certs", help="a CA, the SuperLink's TLS certificate and node keys")
+    certs.add_argument("--out", default="deploy/certs")
+    certs.add_argument("--nodes", type=int, default=3)
+    certs.add_argument("--host", action="append", default=["superlink", "localhost"],
+                       help="DNS names of the SuperLink (repeatable)")
+    certs.add_argument("--ip", action="append", default=["127.0.0.1"], help="IP addresses of the SuperLink")
+    certs.add_argument("--if-missing", action="store_true",
+                       help="make only what does not exist yet (never overwrite)")
+    comp = dsub.add_parser("compose", help="write docker-compose.yml for N SuperNodes")
+    comp.add_argument("--nodes", type=int, default=3)
+    comp.add_argument("--output", default="docker-compose.yml", help="'-' for standard output")
+    comp.add_argument("--insecure", action="store_true",
+                      help="no TLS and no node authentication (testing only)")
+    dep.set_defaults(func=_deploy)
+
+    led = sub.add_parser("ledger", help="show or reset a node's privacy ledger file")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    for name, text in (("show", "epsilon spent and the history"),
+                       ("reset", "move the ledger aside (asks for --yes)")):
+        p = lsub.add_parser(name, help=text)
+        p.add_argument("path")
+        p.add_argument("--delta", type=float, default=1e-5)
+        p.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
+        if name == "reset":
+            p.add_argument("--yes", action="store_true")
+    led.set_defaults(func=_ledger)
 
     bench = sub.add_parser("bench", help="measure DP-SGD throughput and round time")
     bench.add_argument("--batch-size", type=int, default=None, help="0: full batch (default: config)")

@@ -111,8 +111,8 @@ def test_bad_clients_never_stop_the_run(tmp_path):
 
 # Measured (10 rounds): clean FedAvg 60.8%; with one sign-flipper FedAvg 0.7%, FedMedian
 # 60.2%, Krum 60.6%.
-@pytest.mark.parametrize("aggregation,band", [("fedavg", (0.0, 0.3)), ("fedmedian", (0.5, 0.75)),
-                                            ("krum", (0.5, 0.75))])
+# (Krum and the trimmed mean are covered at unit level in test_reliability.py.)
+@pytest.mark.parametrize("aggregation,band", [("fedavg", (0.0, 0.3)), ("fedmedian", (0.5, 0.75))])
 def test_robust_aggregation_survives_a_sign_flipping_client(tmp_path, aggregation, band):
     run = simulate({"num-partitions": 10, "num-rounds": 10, "fraction-train": 1.0,
                     "attack": "sign-flip", "attackers": 1, "aggregation": aggregation},

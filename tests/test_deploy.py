@@ -1,0 +1,223 @@
+"""The multi-node topology for real: `flower-superlink` with TLS, node authentication and
+a state database; three `flower-supernode` processes with their node configs and ledger
+files; runs started with `flwr run`. The command lines come from simulations/deploy.py,
+which also generates docker-compose.yml."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from common.config import project_root
+from common.results import read_json, read_rounds
+from simulations import deploy, runtime
+from tests.test_privacy import dp_accounting_epsilon
+
+ROOT = project_root()
+
+
+def test_compose_file_is_generated_from_the_tested_commands():
+    committed = (ROOT / "docker-compose.yml").read_text()
+    assert committed == deploy.compose_yaml(3), "run `dpfl deploy compose --nodes 3`"
+    text = committed
+    for flag in ("--enable-supernode-auth", "--ssl-certfile", "--database", "--auth-supernode-private-key",
+                 "--root-certificates", "ledger-path"):
+        assert flag in text
+    assert "--insecure" not in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs Debian's docker-compose")
+def test_docker_compose_accepts_the_file(tmp_path):
+    proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(3):
+        assert f"node-{i}:" in proc.stdout and f"partition-id={i} num-partitions=3" in proc.stdout
+
+
+def test_insecure_mode_is_explicit(tmp_path):
+    out = tmp_path / "dc.yml"
+    proc = subprocess.run([str(runtime.tool("dpfl")), "deploy", "compose", "--insecure", "--output", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "WARNING: insecure" in proc.stderr
+    assert "--insecure" in out.read_text() and "--enable-supernode-auth" not in out.read_text()
+
+
+def test_certs_never_overwrite(tmp_path):
+    deploy.make_certs(tmp_path, num_nodes=1)
+    before = (tmp_path / "ca.crt").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds certificates"):
+        deploy.make_certs(tmp_path, num_nodes=1)
+    added = deploy.make_certs(tmp_path, num_nodes=2, if_missing=True)
+    assert [p.name for p in added] == ["node-1", "node-1.pub"]
+    assert (tmp_path / "ca.crt").read_bytes() == before
+
+
+# ---- the real topology ------------------------------------------------------------------
+
+
+class Cluster:
+    """A SuperLink and SuperNodes as local processes; stops every one by PID."""
+
+    def __init__(self, tmp_path, num_nodes):
+        self.dir = tmp_path
+        self.n = num_nodes
+        self.certs = tmp_path / "certs"
+        deploy.make_certs(self.certs, num_nodes=num_nodes + 1, hosts=("localhost",), ips=("127.0.0.1",))
+        self.home = tmp_path / "flwr-home"
+        self.home.mkdir()
+        self.port = runtime.free_port()
+        (self.home / "config.toml").write_text(
+            deploy.connection_toml(f"127.0.0.1:{self.port}", str(self.certs)))
+        self.env = runtime.flower_env(self.home)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.node_ports = [runtime.free_port() for _ in range(num_nodes + 1)]
+
+    def _start(self, name, cmd):
+        cmd = [runtime.tool(cmd[0]), *cmd[1:]]
+        self.procs[name] = runtime.start(cmd, env=self.env, log_file=self.dir / "logs" / f"{name}.log",
+                                         cwd=self.dir)
+        return self.procs[name]
+
+    def start_superlink(self):
+        proc = self._start("superlink", deploy.superlink_command(
+            host="127.0.0.1", port=self.port, certs=str(self.certs),
+            database=str(self.dir / "superlink.db")))
+        runtime.wait_for_port(self.port, proc=proc, timeout=60, what="flower-superlink",
+                              log_file=self.dir / "logs" / "superlink.log")
+
+    def start_node(self, i):
+        state = self.dir / f"node-{i}"
+        state.mkdir(exist_ok=True)
+        return self._start(f"node-{i}", deploy.supernode_command(
+            i, num_nodes=self.n, superlink=f"127.0.0.1:{self.port}", certs=str(self.certs),
+            state_dir=str(state), port=self.node_ports[i]))
+
+    def flwr(self, *args, timeout=120):
+        return subprocess.run([runtime.tool("flwr"), *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def register(self, i):
+        cmd = deploy.register_command(i, certs=str(self.certs))
+        return self.flwr(*cmd[1:])
+
+    def stop(self, name, sig=None):
+        proc = self.procs.pop(name)
+        if sig is None:
+            runtime.stop(proc)
+            return
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        proc.wait(timeout=10)
+
+    def close(self):
+        for name in list(self.procs):
+            self.stop(name)
+
+    def ledger(self, i):
+        return read_json(self.dir / f"node-{i}" / "ledger.json")
+
+
+RUN = ("num-partitions=3 num-rounds=4 fraction-train=1.0 min-train-clients=2 "
+       "min-available-clients=2 round-timeout=180.0 node-wait-timeout=120.0 target-epsilon=3.0")
+
+
+@pytest.mark.slow
+def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
+    c = Cluster(tmp_path, num_nodes=3)
+    runs = tmp_path / "runs"
+    try:
+        c.start_superlink()
+        for i in range(3):
+            reg = c.register(i)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            c.start_node(i)
+        # A node whose key was never registered is refused and exits.
+        intruder = c.start_node(3)
+        assert intruder.wait(timeout=120) != 0
+        c.procs.pop("node-3")
+        assert "auth" in (tmp_path / "logs" / "node-3.log").read_text().lower()
+
+        t0 = time.time()
+        run = subprocess.Popen(
+            [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
+             f'{RUN} output-dir="{runs}" run-name="first"'],
+            env=c.env, cwd=ROOT, stdout=open(tmp_path / "logs" / "flwr-run-1.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        c.procs["run-1"] = run
+        rounds = runs / "first" / "rounds.jsonl"
+        # Kill node 1 the moment round 2 is recorded (between rounds) and start it again.
+        while len(read_rounds(rounds)) < 2:
+            assert run.poll() is None, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
+            assert time.time() - t0 < 400, "round 2 never came"
+            time.sleep(0.05)
+        c.stop("node-1", sig=signal.SIGKILL)
+        c.start_node(1)
+        assert run.wait(timeout=400) == 0, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
+        c.procs.pop("run-1")
+        wall = time.time() - t0
+
+        summary = read_json(runs / "first" / "summary.json")
+        rows = read_rounds(rounds)
+        print(f"deployment run: {wall:.0f}s for {len(rows)} rounds; per round "
+              f"{[round(r['seconds'], 1) for r in rows]}")
+        assert summary["rounds"] == 4 and summary["epsilon_max"] <= 3.0
+        assert 0.55 <= summary["final_accuracy"] <= 0.85, summary["final_accuracy"]
+        # Node 1 kept its history across the restart: its ledger holds every step it took
+        # (one full-batch step per round it trained), and its epsilon is their composition.
+        for i in range(3):
+            ledger = c.ledger(i)
+            joined = sum(i in r["partitions_trained"] for r in rows)
+            assert ledger["history"] == [[ledger["noise_multiplier"], 1.0, joined]], (i, rows)
+            eps = read_json(runs / "first" / "privacy.json")["clients"][str(i)]["epsilon"]
+            assert float(eps) == pytest.approx(
+                dp_accounting_epsilon([tuple(ledger["history"][0])], 1e-5), rel=0.01)
+        assert sum(1 in r["partitions_trained"] for r in rows) >= 3
+
+        # The SuperLink restarted on its database still lists the run.
+        run_id = read_json(runs / "first" / "config.json")["run_id"]
+        c.stop("superlink")
+        c.start_superlink()
+        listed = c.flwr("ls", deploy.CONNECTION, "--format", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert str(run_id) in listed.stdout
+
+        # A new run with the same ledgers: every node has spent its budget and refuses.
+        spent = [c.ledger(i)["history"] for i in range(3)]
+        second = c.flwr("run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
+                        f'{RUN} max-idle-rounds=1 output-dir="{runs}" run-name="second"', timeout=400)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        s2 = read_json(runs / "second" / "summary.json")
+        row = read_rounds(runs / "second" / "rounds.jsonl")[0]
+        assert s2["stopped_early"] and row["clients_refused"] == row["clients_sampled"] >= 2
+        assert any("would reach epsilon" in r for r in row["reasons"])
+        assert [c.ledger(i)["history"] for i in range(3)] == spent  # refusing spends nothing
+    finally:
+        c.close()
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
+    assert not leftovers
+
+
+def test_ledger_reset_says_what_it_does_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"history": [[1.0, 1.0, 4]], "noise_multiplier": 1.0}))
+    dpfl = runtime.tool("dpfl")
+    show = subprocess.run([dpfl, "ledger", "show", str(path)], capture_output=True, text=True)
+    assert show.returncode == 0 and re.search(r"epsilon \d+\.\d+ at delta 1e-05", show.stdout)
+    dry = subprocess.run([dpfl, "ledger", "reset", str(path)], capture_output=True, text=True)
+    assert dry.returncode == 1 and "--yes" in dry.stdout and path.exists()
+    done = subprocess.run([dpfl, "ledger", "reset", str(path), "--yes"], capture_output=True, text=True)
+    assert done.returncode == 0 and not path.exists()
+    (backup,) = tmp_path.glob("ledger.reset-*.json")
+    assert json.loads(backup.read_text())["history"] == [[1.0, 1.0, 4]]
