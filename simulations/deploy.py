@@ -130,9 +130,8 @@ def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, sta
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
     if insecure:
         return [*cmd, "--insecure"]
-    priv, pub = node_key_paths(Path(certs), i)
-    return [*cmd, "--root-certificates", f"{certs}/ca.crt",
-            "--auth-supernode-private-key", str(priv), "--auth-supernode-public-key", str(pub)]
+    priv, _ = node_key_paths(Path(certs), i)  # Flower derives the public key from it
+    return [*cmd, "--root-certificates", f"{certs}/ca.crt", "--auth-supernode-private-key", str(priv)]
 
 
 def register_command(i: int, *, certs: str) -> list[str]:
