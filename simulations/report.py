@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import default_run_config
 from common.results import atomic_write, atomic_write_text, read_json, read_rounds
 from simulations.sweep import FAILED_FILE, SPEC_FILE
 
@@ -90,7 +91,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         config = read_json(d / "config.json") if (d / "config.json").exists() else {}
         run_config = dict(config.get("run_config", {}))
         if not run_config and failed:
-            run_config = dict(failed.get("overrides", {}))
+            run_config = {**default_run_config(), **failed.get("overrides", {})}
         if not run_config:
             continue  # not a run directory
         summary = read_json(d / "summary.json") if (d / "summary.json").exists() else None
@@ -103,25 +104,46 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return math.nan, math.nan
+    if any(math.isinf(v) for v in vals):
+        return max(vals), 0.0
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def group_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per (partition, clients, target epsilon): mean ± std over seeds."""
+# Keys shown in their own columns, or that name a run rather than configure it.
+_COLUMNS = {"partitioner", "dirichlet-alpha", "labels-per-client", "num-partitions",
+            "target-epsilon", "dp", "seed", "run-name", "ledger-dir", "output-dir", "resume"}
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.run_config})
+    return [k for k in keys if len({str(r.run_config.get(k)) for r in runs}) > 1]
+
+
+# Settings the non-private baseline replaces by its own (baseline-*): not a sweep axis.
+_DERIVED = {"batch-size", "learning-rate", "server-momentum"}
+
+
+def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (partition, clients, target epsilon, other axes): mean ± std over
+    seeds. `axes`: the sweep's grid keys (default: every key that varies)."""
+    if axes is None:
+        axes = [k for k in varying_keys(runs) if k not in _DERIVED]
+    extra = [k for k in axes if k not in _COLUMNS and k != "partition"]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
+        setting = " ".join(f"{k}={r.run_config.get(k)}" for k in extra)
         key = (partition_label(r.run_config), int(r.run_config.get("num-partitions", 0)),
-               target_epsilon(r.run_config))
+               target_epsilon(r.run_config), setting)
         groups.setdefault(key, []).append(r)
     rows = []
-    for (part, clients, eps), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (part, clients, eps, setting), members in sorted(groups.items(), key=lambda kv: kv[0]):
         done = [m for m in members if m.summary is not None]
         final = _mean_std([_f(m.summary["final_accuracy"]) for m in done if m.summary])
         best = _mean_std([_f(m.summary["best_accuracy"]) for m in done if m.summary])
         eps_max = max((_f(m.summary["epsilon_max"]) for m in done if m.summary), default=math.nan)
         eps_mean = _mean_std([_f(m.summary["epsilon_mean"]) for m in done if m.summary])[0]
         rows.append({
-            "partition": part, "clients": clients, "target_epsilon": eps,
+            "partition": part, "clients": clients, "target_epsilon": eps, "setting": setting,
             "epsilon_max": eps_max, "epsilon_mean": eps_mean,
             "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
             "best_accuracy_mean": best[0], "best_accuracy_std": best[1],
@@ -146,14 +168,17 @@ def _fmt_acc(mean: float, std: float, seeds: int) -> str:
 
 
 def results_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = ("| partition | clients | target ε | achieved ε max | ε mean | final accuracy | "
-            "best accuracy | seeds | rounds | wall time | status |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    with_setting = any(r["setting"] for r in rows)
+    head = ("| partition | clients | " + ("setting | " if with_setting else "")
+            + "target ε | achieved ε max | ε mean | final accuracy | best accuracy | seeds | "
+            "rounds | wall time | status |\n|---|---|" + ("---|" if with_setting else "")
+            + "---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         wall = "-" if math.isnan(r["wall_seconds"]) else f"{r['wall_seconds'] / 60:.1f} min"
         lines.append(
-            f"| {r['partition']} | {r['clients']} | {_fmt_eps(r['target_epsilon'])} | "
+            f"| {r['partition']} | {r['clients']} | " + (f"{r['setting']} | " if with_setting else "")
+            + f"{_fmt_eps(r['target_epsilon'])} | "
             f"{_fmt_eps(r['epsilon_max'])} | {_fmt_eps(r['epsilon_mean'])} | "
             f"{_fmt_acc(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} | "
             f"{_fmt_acc(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | "
@@ -184,13 +209,13 @@ def plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> N
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
     finite = [r for r in rows if not math.isinf(r["target_epsilon"]) and not math.isnan(r["final_accuracy_mean"])]
-    series = sorted({(r["partition"], r["clients"]) for r in rows})
-    multi_clients = len({c for _, c in series}) > 1
+    series = sorted({(r["partition"], r["clients"], r["setting"]) for r in rows})
+    multi_clients = len({c for _, c, _ in series}) > 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (part, clients) in enumerate(series):
+    for i, (part, clients, setting) in enumerate(series):
         color = colors[i % len(colors)]
-        label = part + (f", {clients} clients" if multi_clients else "")
-        pts = sorted((r for r in finite if (r["partition"], r["clients"]) == (part, clients)),
+        label = part + (f", {clients} clients" if multi_clients else "") + (f", {setting}" if setting else "")
+        pts = sorted((r for r in finite if (r["partition"], r["clients"], r["setting"]) == (part, clients, setting)),
                      key=lambda r: r["target_epsilon"])
         if pts:
             ax.errorbar([r["epsilon_max"] if not math.isnan(r["epsilon_max"]) else r["target_epsilon"] for r in pts],
@@ -198,7 +223,8 @@ def plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> N
                         yerr=[100 * r["final_accuracy_std"] for r in pts], marker="o", capsize=3,
                         color=color, label=f"dpfl, {label}")
         for r in rows:
-            if (r["partition"], r["clients"]) == (part, clients) and math.isinf(r["target_epsilon"]) \
+            if (r["partition"], r["clients"], r["setting"]) == (part, clients, setting) \
+                    and math.isinf(r["target_epsilon"]) \
                     and not math.isnan(r["final_accuracy_mean"]):
                 ax.axhline(100 * r["final_accuracy_mean"], color=color, linestyle="--", linewidth=1,
                            label=f"non-private, {label} ({100 * r['final_accuracy_mean']:.1f}%)")
@@ -255,18 +281,19 @@ def report(sweep_dir: Path) -> Path:
     runs = load_runs(sweep_dir)
     if not runs:
         raise ValueError(f"{sweep_dir} holds no run directories to report")
-    rows = group_rows(runs)
+    spec = read_json(sweep_dir / SPEC_FILE) if (sweep_dir / SPEC_FILE).exists() else {}
+    rows = group_rows(runs, list(spec["grid"]) if spec.get("grid") else None)
     write_csv(sweep_dir / "results.csv", rows)
     table = results_markdown(rows)
     atomic_write_text(sweep_dir / "results.md", table)
     plot_accuracy_vs_epsilon(rows, sweep_dir / "accuracy_vs_epsilon.png")
     plot_accuracy_per_round(runs, sweep_dir / "accuracy_per_round.png")
 
-    spec = read_json(sweep_dir / SPEC_FILE) if (sweep_dir / SPEC_FILE).exists() else {}
     libs = next((r.libraries for r in runs if r.libraries), {})
     base = runs[0].run_config
-    varying = sorted(k for k in base if len({str(r.run_config.get(k)) for r in runs}) > 1
-                     and k not in ("run-name", "ledger-dir"))
+    varying = [k for k in varying_keys(runs) if k not in ("run-name", "ledger-dir")]
+    if spec.get("grid"):
+        varying = sorted({*spec["grid"], *(k for k in varying if k in _DERIVED)})
     shared = {k: v for k, v in sorted(base.items())
               if k not in varying and k not in ("run-name", "ledger-dir", "output-dir")}
     failed = [r for r in runs if r.status == "failed"]

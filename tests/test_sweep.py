@@ -125,7 +125,7 @@ def test_sweep_survives_a_kill_records_a_failure_and_reports(tmp_path):
     assert read_json(sweep / names[2] / "summary.json")["resumed"] is True
     assert [r["round"] for r in read_rounds(sweep / names[2] / "rounds.jsonl")] == [1, 2, 3]
 
-    rows = group_rows(load_runs(sweep))
+    rows = group_rows(load_runs(sweep), ["target-epsilon", "target-delta"])
     finished = [r for r in rows if r["seeds"]]
     assert len(finished) == 2 and all(r["epsilon_max"] <= r["target_epsilon"] for r in finished)
     for name in ("results.csv", "results.md", "report.md", "accuracy_vs_epsilon.png",
