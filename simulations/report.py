@@ -232,6 +232,12 @@ def plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> N
         ax.scatter([eps], [100 * acc], marker=marker, s=60, color="black", zorder=5,
                    label=f"{text}: {100 * acc:.1f}%")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted({r["target_epsilon"] for r in finite} | {e for e, _, _ in REFERENCES})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax.set_xlabel("ε achieved (max over clients; δ = target δ), log scale")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title("Fashion-MNIST: accuracy against privacy budget")
@@ -242,32 +248,36 @@ def plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
-def plot_accuracy_per_round(runs: Sequence[Run], path: Path) -> None:
+def plot_accuracy_per_round(runs: Sequence[Run], path: Path, extra: Sequence[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
     parts = sorted({partition_label(r.run_config) for r in runs})
     styles = ["-", "--", ":", "-."]
     epsilons = sorted({target_epsilon(r.run_config) for r in runs})
+    seeds = len({r.run_config.get("seed") for r in runs}) > 1
     cmap = plt.get_cmap("viridis")
     for r in runs:
         if not r.rounds:
             continue
         eps = target_epsilon(r.run_config)
-        color = cmap(epsilons.index(eps) / max(len(epsilons) - 1, 1))
+        color = cmap(0.9 * epsilons.index(eps) / max(len(epsilons) - 1, 1))
+        label = f"{partition_label(r.run_config)}, ε={_fmt_eps(eps)}"
+        label += "".join(f", {k}={r.run_config.get(k)}" for k in extra)
+        label += f", seed {r.run_config.get('seed')}" if seeds else ""
         ax.plot([row["round"] for row in r.rounds], [100 * _f(row["test_accuracy"]) for row in r.rounds],
                 linestyle=styles[parts.index(partition_label(r.run_config)) % len(styles)],
-                color=color, linewidth=1.2,
-                label=f"{partition_label(r.run_config)}, ε={_fmt_eps(eps)}"
-                + (f", seed {r.run_config.get('seed')}" if len(runs) > len(epsilons) * len(parts) else ""))
+                color=color, linewidth=1.2, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy per round")
+    ax.set_title("Accuracy per round (colour: ε; line style: partitioning)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -287,7 +297,9 @@ def report(sweep_dir: Path) -> Path:
     table = results_markdown(rows)
     atomic_write_text(sweep_dir / "results.md", table)
     plot_accuracy_vs_epsilon(rows, sweep_dir / "accuracy_vs_epsilon.png")
-    plot_accuracy_per_round(runs, sweep_dir / "accuracy_per_round.png")
+    axes = list(spec["grid"]) if spec.get("grid") else [k for k in varying_keys(runs) if k not in _DERIVED]
+    plot_accuracy_per_round(runs, sweep_dir / "accuracy_per_round.png",
+                            [k for k in axes if k not in _COLUMNS and k != "partition"])
 
     libs = next((r.libraries for r in runs if r.libraries), {})
     base = runs[0].run_config
