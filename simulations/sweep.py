@@ -27,7 +27,7 @@ import sys
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ class Progress:
 
 
 def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: float = 1.0,
-              stream=sys.stdout, runner: Callable[..., Path] | None = None) -> Path:
+              stream=sys.stdout) -> Path:
     """Run every point not yet finished; returns the sweep directory."""
     points = expand(spec)
     name = spec.get("name") or "sweep"
@@ -231,9 +231,7 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
             _shown[0] = len(rows)
 
         try:
-            if runner is not None:
-                runner(point, run_dir, on_line)
-            elif status == "interrupted":
+            if status == "interrupted":
                 sim.resume(run_dir, client_cpus=client_cpus, progress=on_line)
             else:
                 sim.simulate({**point.overrides, "run-name": point.name}, output_dir=str(sweep_dir),

@@ -1,6 +1,7 @@
 """Faults end to end, with real processes: a run SIGKILLed mid-way and resumed; hostile,
 crashing and hanging clients; robust aggregation against a sign-flipping client."""
 
+import json
 import os
 import signal
 import subprocess
@@ -85,11 +86,21 @@ def test_sigkilled_run_resumes_where_it_stopped(tmp_path):
         assert expect <= 3.0
 
 
-def test_resume_refuses_a_finished_run(tmp_path):
-    run = simulate({"num-partitions": 4, "num-rounds": 1}, output_dir=str(tmp_path), progress=None)
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--resume", str(run)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "finished run" in proc.stderr and "Traceback" not in proc.stderr
+def test_resume_refuses_finished_and_unstarted_runs(tmp_path):
+    def resume_cli(run):
+        return subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--resume", str(run)],
+                              capture_output=True, text=True, timeout=120)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"run_config": {}}))
+    proc = resume_cli(run)
+    assert proc.returncode == 2 and "no checkpoint.npz" in proc.stderr and "Traceback" not in proc.stderr
+    (run / "summary.json").write_text("{}")
+    proc = resume_cli(run)
+    assert proc.returncode == 2 and "finished run" in proc.stderr
+    proc = resume_cli(tmp_path / "nowhere")
+    assert proc.returncode == 2 and "not a dpfl run directory" in proc.stderr
 
 
 def test_bad_clients_never_stop_the_run(tmp_path):
@@ -97,7 +108,7 @@ def test_bad_clients_never_stop_the_run(tmp_path):
     with its reason, the honest ones are aggregated, the run completes."""
     run = simulate({"num-partitions": 8, "num-rounds": 2, "fraction-train": 1.0,
                     "attack": "crash,nan,wrong-shape,inflate-examples,hang", "attackers": 5,
-                    "round-timeout": 20.0}, output_dir=str(tmp_path), progress=None)
+                    "round-timeout": 10.0}, output_dir=str(tmp_path), progress=None)
     rows = read_rounds(run / "rounds.jsonl")
     assert len(rows) == 2 and read_json(run / "summary.json")["stopped_early"] == ""
     for r in rows:

@@ -61,10 +61,13 @@ def test_grid_file_errors_are_clear(tmp_path):
 
 
 def test_a_sweep_dir_is_not_reused_for_another_grid(tmp_path):
-    spec = load_grid(None, "target-epsilon=1,2")
+    # Both points fail before starting (delta too large for 600 records): quick and real.
+    spec = load_grid(None, "target-delta=0.5,0.6")
     spec["name"] = "s"
-    run_sweep(spec, tmp_path, runner=lambda *a: (_ for _ in ()).throw(ValueError("no run")))
-    other = load_grid(None, "target-epsilon=1,3")
+    run_sweep(spec, tmp_path, stream=open(tmp_path / "log", "w"))
+    assert all((tmp_path / "s" / p / "failed.json").exists()
+               for p in ("target-delta-0.5", "target-delta-0.6"))
+    other = load_grid(None, "target-delta=0.5,0.7")
     other["name"] = "s"
     with pytest.raises(ConfigError, match="another grid"):
         run_sweep(other, tmp_path)
@@ -78,8 +81,8 @@ def test_partition_labels():
 
 # ---- a real sweep -------------------------------------------------------------------
 
-AXES = "target-epsilon=2.0,inf target-delta=1e-5,0.5"
-FIXED = "num-partitions=4 num-rounds=3"
+AXES = "num-rounds=2,3 target-delta=1e-5,0.5"
+FIXED = "num-partitions=4 target-epsilon=2.0"
 
 
 def _sweep_cmd(out):
@@ -90,8 +93,8 @@ def _sweep_cmd(out):
 @pytest.mark.slow
 def test_sweep_survives_a_kill_records_a_failure_and_reports(tmp_path):
     sweep = tmp_path / "t"
-    names = ["eps-2.0_target-delta-1e-05", "eps-2.0_target-delta-0.5",
-             "eps-inf_target-delta-1e-05", "eps-inf_target-delta-0.5"]
+    names = ["num-rounds-2_target-delta-1e-05", "num-rounds-2_target-delta-0.5",
+             "num-rounds-3_target-delta-1e-05", "num-rounds-3_target-delta-0.5"]
     proc = subprocess.Popen(_sweep_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -120,12 +123,12 @@ def test_sweep_survives_a_kill_records_a_failure_and_reports(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     out = again.stdout
     assert f"point 1/4 {names[0]} (finished)" in out and f"point 3/4 {names[2]} (interrupted)" in out
-    assert "FAILED: target-delta=0.5" in out and "3 of 4 points finished, 1 failed" in out
+    assert "FAILED: target-delta=0.5" in out and "2 of 4 points finished, 2 failed" in out
     assert first_summary.stat().st_mtime_ns == stamp  # a finished point is not recomputed
     assert read_json(sweep / names[2] / "summary.json")["resumed"] is True
     assert [r["round"] for r in read_rounds(sweep / names[2] / "rounds.jsonl")] == [1, 2, 3]
 
-    rows = group_rows(load_runs(sweep), ["target-epsilon", "target-delta"])
+    rows = group_rows(load_runs(sweep), ["num-rounds", "target-delta"])
     finished = [r for r in rows if r["seeds"]]
     assert len(finished) == 2 and all(r["epsilon_max"] <= r["target_epsilon"] for r in finished)
     for name in ("results.csv", "results.md", "report.md", "accuracy_vs_epsilon.png",
