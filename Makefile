@@ -7,7 +7,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install data demo test bench lint
+.PHONY: install data test-tools demo test bench lint
 
 install: $(VENV)/.installed data
 
@@ -20,10 +20,13 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@bash scripts/install-data.sh
 
+test-tools:
+	@bash scripts/install-test-tools.sh
+
 demo: install
 	$(VENV)/bin/dpfl simulate
 
-test: install
+test: install test-tools
 	$(VENV)/bin/ruff check common client server simulations tests
 	$(VENV)/bin/mypy common client server simulations
 	$(PY) -m pytest
