@@ -43,3 +43,19 @@ def as_reply(reply: Message, src: int) -> Message:
     if reply.has_error():
         return make_message(metadata(src=src, dst=0, reply_to="x"), error=reply.error)
     return make_message(metadata(src=src, dst=0, reply_to="x"), content=reply.content)
+
+
+def sigkill_tree(pid):
+    """SIGKILL a process and all its descendants at once (a crash, not a shutdown);
+    returns the processes, all of them gone."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    return procs

@@ -6,7 +6,6 @@ which also generates docker-compose.yml."""
 import json
 import re
 import shutil
-import signal
 import subprocess
 import time
 
@@ -16,6 +15,7 @@ import pytest
 from common.config import project_root
 from common.results import read_json, read_rounds
 from simulations import deploy, runtime
+from tests.helpers import sigkill_tree
 from tests.test_privacy import dp_accounting_epsilon
 
 ROOT = project_root()
@@ -120,18 +120,12 @@ class Cluster:
         cmd = deploy.register_command(i, certs=str(self.certs))
         return self.flwr(*cmd[1:])
 
-    def stop(self, name, sig=None):
+    def stop(self, name, kill=False):
         proc = self.procs.pop(name)
-        if sig is None:
+        if not kill:
             runtime.stop(proc)
             return
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
+        sigkill_tree(proc.pid)
         proc.wait(timeout=10)
 
     def close(self):
@@ -179,7 +173,7 @@ def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
             assert run.poll() is None, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
             assert time.time() - t0 < 400, "round 2 never came"
             time.sleep(0.05)
-        c.stop("node-1", sig=signal.SIGKILL)
+        c.stop("node-1", kill=True)
         c.restart_node(1)
         assert run.wait(timeout=400) == 0, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
         c.procs.pop("run-1")

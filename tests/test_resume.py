@@ -3,7 +3,6 @@ crashing and hanging clients; robust aggregation against a sign-flipping client.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,24 +12,13 @@ import pytest
 
 from common.results import read_json, read_rounds
 from simulations.simulate import resume, simulate
+from tests.helpers import sigkill_tree
 from tests.test_privacy import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
 
 # 10 clients, 3 a round, 8 rounds: every client joins 2 or 3 rounds.
 SMALL = {"num-partitions": 10, "num-rounds": 8, "fraction-train": 0.3, "seed": 5}
-
-
-def _sigkill_tree(pid):
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    return procs
 
 
 def _ledgers(run):
@@ -54,7 +42,7 @@ def test_sigkilled_run_resumes_where_it_stopped(tmp_path):
             assert proc.poll() is None and time.time() < deadline, "the run did not get to round 3"
             time.sleep(0.2)
     finally:
-        procs = _sigkill_tree(proc.pid)  # the harness, SuperLink, simulation, Ray: all at once
+        procs = sigkill_tree(proc.pid)  # the harness, SuperLink, simulation, Ray: all at once
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
     before = read_rounds(killed / "rounds.jsonl")
     assert 3 <= len(before) < 8 and not (killed / "summary.json").exists()

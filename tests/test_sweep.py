@@ -3,19 +3,18 @@ killed, rerun, has a failing point, and is reported (slow)."""
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from common.config import ConfigError
 from common.results import read_json, read_rounds
 from simulations.report import group_rows, load_runs, partition_label, report
 from simulations.sweep import GRIDS, expand, load_grid, point_name, run_sweep
+from tests.helpers import sigkill_tree
 
 
 def test_shipped_grids_expand_to_valid_points():
@@ -103,13 +102,7 @@ def test_sweep_survives_a_kill_records_a_failure_and_reports(tmp_path):
             assert proc.poll() is None and time.time() < deadline, "the sweep did not reach point 3"
             time.sleep(0.2)
     finally:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        sigkill_tree(proc.pid)
     first_summary = sweep / names[0] / "summary.json"
     stamp = first_summary.stat().st_mtime_ns
     assert "target-delta=0.5 must be < 1/n" in read_json(sweep / names[1] / "failed.json")["error"]
