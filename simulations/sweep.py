@@ -217,8 +217,10 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
         if status == "finished":
             progress.skip(per_point[point.name])
             continue
-        if status == "failed":
-            shutil.rmtree(run_dir)  # retried from scratch (its error was reported last time)
+        if status == "failed":  # retried from scratch; the failed attempt is kept aside
+            attic = sweep_dir / ".failed"
+            attic.mkdir(exist_ok=True)
+            shutil.move(str(run_dir), str(attic / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
         elif status == "unstarted":
             shutil.rmtree(run_dir)  # killed before its first round: nothing to keep
         shown = [len(read_rounds(run_dir / "rounds.jsonl"))] if status == "interrupted" else [0]
