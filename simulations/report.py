@@ -136,7 +136,11 @@ def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[d
                target_epsilon(r.run_config), setting)
         groups.setdefault(key, []).append(r)
     rows = []
-    for (part, clients, eps, setting), members in sorted(groups.items(), key=lambda kv: kv[0]):
+    def order(key: tuple) -> tuple:
+        part, clients, eps, setting = key
+        return (part != "IID", part, clients, setting, eps)  # IID first, then by label
+
+    for (part, clients, eps, setting), members in sorted(groups.items(), key=lambda kv: order(kv[0])):
         done = [m for m in members if m.summary is not None]
         final = _mean_std([_f(m.summary["final_accuracy"]) for m in done if m.summary])
         best = _mean_std([_f(m.summary["best_accuracy"]) for m in done if m.summary])
@@ -158,7 +162,7 @@ def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[d
 
 
 def _fmt_eps(x: float) -> str:
-    return "∞" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.3g}")
+    return "∞" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.4g}")
 
 
 def _fmt_acc(mean: float, std: float, seeds: int) -> str:
