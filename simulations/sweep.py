@@ -206,7 +206,7 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
                 "give the sweep another name (--name) or output directory"
             )
     write_json(sweep_dir / SPEC_FILE, {**saved, "points": [p.name for p in points],
-                                       "command": " ".join(sys.argv)})
+                                       "command": " ".join(["dpfl", *sys.argv[1:]])})
     per_point = {p.name: int(resolve_config(p.overrides).federation.num_rounds) for p in points}
     progress = Progress(len(points), sum(per_point.values()), stream=stream)
     failures = 0
