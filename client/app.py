@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.attacks import apply_attack, attack_before_training
-from client.ledger import load_ledger, load_replay, save_ledger, save_replay
+from client.ledger import adopt_known, load_ledger, load_replay, save_ledger, save_replay
 from client.trainer import BudgetExceeded, plan_spend, train_round
 from common import keys
 from common.config import ExperimentConfig, parse_config
@@ -127,7 +127,11 @@ def train(msg: Message, context: Context) -> Message:
     attack_before_training(attack, cfg)
     global_weights = keys.from_array_record(msg.content.array_records[keys.ARRAYS])
 
-    ledger = load_ledger(context, node.ledger_file)
+    ledger = adopt_known(
+        load_ledger(context, node.ledger_file),
+        str(server_cfg[keys.KNOWN_HISTORY]) if keys.KNOWN_HISTORY in server_cfg else None,
+        keys.number(server_cfg[keys.KNOWN_SIGMA], keys.KNOWN_SIGMA) if keys.KNOWN_SIGMA in server_cfg else None,
+    )
     priv = cfg.privacy
     key = request_key(cfg, context, server_round, global_weights)
     replay = load_replay(ledger, node.ledger_file, key)

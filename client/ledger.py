@@ -71,6 +71,23 @@ def load_ledger(context: Context, path: Path | None = None) -> Ledger:
     return max(candidates, key=lambda led: privacy.total_steps(led.history))
 
 
+def adopt_known(ledger: Ledger, history_json: str | None, sigma: float | None) -> Ledger:
+    """The longer of the client's ledger and the history the server last saw from this
+    client. Adopting a longer history only raises epsilon (conservative); a shorter or
+    unreadable one is ignored."""
+    if not history_json:
+        return ledger
+    try:
+        known = Ledger.from_json(json.dumps({"history": json.loads(history_json),
+                                             "noise_multiplier": sigma}), source="server's view")
+    except ValueError:
+        return ledger
+    if privacy.total_steps(known.history) <= privacy.total_steps(ledger.history):
+        return ledger
+    sigma_kept = ledger.noise_multiplier if ledger.noise_multiplier is not None else known.noise_multiplier
+    return Ledger(history=known.history, noise_multiplier=sigma_kept, replay=ledger.replay)
+
+
 def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> None:
     text = ledger.to_json()
     if path is not None:

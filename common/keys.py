@@ -13,6 +13,11 @@ PRIVACY = "privacy"
 # ConfigRecord sent with a train message
 SERVER_ROUND = "server-round"
 PLANNED_ROUNDS = "planned-rounds"
+# The client's own history as the server last saw it (JSON) and its noise multiplier: a
+# client whose ledger is shorter (lost node state, a resumed run without ledger files)
+# adopts it, so its epsilon never restarts.
+KNOWN_HISTORY = "known-history"
+KNOWN_SIGMA = "known-noise-multiplier"
 
 # MetricRecord in a train reply (every reply carries every key)
 NUM_EXAMPLES = "num-examples"

@@ -223,8 +223,21 @@ class DPFedAvg(FedAvg):
         nodes = self.sample(grid, outcome)
         outcome.sampled = len(nodes)
         config[keys.SERVER_ROUND] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        messages = []
+        for node in nodes:
+            record = RecordDict({self.arrayrecord_key: arrays,
+                                 self.configrecord_key: self.node_train_config(node, config)})
+            messages.append(Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    def node_train_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
+        """The round's config for one node, with that client's history as last seen."""
+        out = ConfigRecord(dict(config))
+        known = self.clients.get(self.nodes[node].partition_id) if node in self.nodes else None
+        if known is not None and known.history:
+            out[keys.KNOWN_HISTORY] = json.dumps([list(e) for e in known.history])
+            out[keys.KNOWN_SIGMA] = float(known.noise_multiplier)
+        return out
 
     # ---- aggregation ------------------------------------------------------------------
 

@@ -220,3 +220,34 @@ def test_rng_state_is_json_safe():
     meta, _ = s.state_dict()
     json.dumps(meta)
     random.Random(3).random()  # (the sampler's RNG is its own, not the global one)
+
+
+# ---- the server's view as a floor for a client's ledger ------------------------------
+
+
+def test_client_with_a_lost_ledger_adopts_the_history_the_server_saw():
+    from server.strategy import ClientPrivacy
+
+    s = DPFedAvg()
+    s.nodes = {10: NodeInfo(3, 600, False)}
+    s.clients[3] = ClientPrivacy(history=[[6.0, 1.0, 3]], epsilon=1.0, noise_multiplier=6.0,
+                                 sample_rate=1.0)
+    cfg = s.node_train_config(10, ConfigRecord({keys.SERVER_ROUND: 4, keys.PLANNED_ROUNDS: 6}))
+    msg = train_message(GLOBAL, server_round=4, planned_rounds=6)
+    msg.content[keys.CONFIG] = cfg
+    reply = client_train(msg, _ctx())  # fresh node state: no ledger of its own
+    m = reply.content[keys.METRICS]
+    assert float(m[keys.NOISE_MULTIPLIER]) == 6.0  # the sigma it had, not a new calibration
+    assert json.loads(str(reply.content[keys.PRIVACY][keys.HISTORY])) == [[6.0, 1.0, 4]]
+    from common import privacy
+
+    assert float(m[keys.EPSILON]) == pytest.approx(privacy.epsilon([(6.0, 1.0, 4)], 1e-5))
+
+
+def test_a_shorter_server_view_never_lowers_a_ledger(tmp_path):
+    from client.ledger import Ledger, adopt_known
+
+    mine = Ledger(history=[(2.0, 1.0, 5)], noise_multiplier=2.0)
+    assert adopt_known(mine, "[[2.0, 1.0, 2]]", 2.0) is mine
+    assert adopt_known(mine, "not json", 2.0) is mine
+    assert adopt_known(mine, "[[2.0, 1.0, 9]]", 2.0).history == [(2.0, 1.0, 9)]
