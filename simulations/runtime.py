@@ -59,8 +59,9 @@ def wait_for_port(port: int, *, proc: subprocess.Popen | None, timeout: float, w
     raise TimeoutError(f"{what} did not open port {port} within {timeout:.0f}s")
 
 
-def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
-    """Stop a process started with start_new_session=True and every descendant, by PID.
+def stop(proc: subprocess.Popen, *, grace: float = 8.0) -> None:
+    """Stop a process started with start_new_session=True and every descendant, by PID:
+    SIGTERM to all of them at once, SIGKILL to whatever is left after `grace` seconds.
 
     Flower's SuperLink starts the simulation (and Ray's processes) in sessions of their
     own, so killing the process group alone would leave them running."""
@@ -76,9 +77,10 @@ def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
     for child in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
+    deadline = time.monotonic() + grace
     _, alive = psutil.wait_procs(tree, timeout=grace)
     try:
-        proc.wait(timeout=grace)
+        proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,14 +1,17 @@
 """End to end: `dpfl simulate` with real Flower processes, real Opacus, real data."""
 
 import math
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from common.results import read_json, read_rounds
 from simulations.simulate import simulate
+from tests.helpers import sigkill_tree
 from tests.test_privacy import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
@@ -103,16 +106,19 @@ def test_interrupted_simulation_leaves_no_process_behind(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", "simulate", "--output-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # see each round line as it is printed
     )
     try:
         for line in proc.stdout:  # wait until rounds are running
             if line.startswith("round"):
                 break
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=180)
+        print(f"stopped {time.time() - t0:.1f}s after SIGINT")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            sigkill_tree(proc.pid)  # the harness and everything it started
             proc.wait()
     assert proc.returncode == 130 and "interrupted" in out
     assert not _no_leftover_flower_processes()
