@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from common.config import ConfigError, parse_overrides
@@ -99,6 +100,10 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
+    # Ctrl-C and SIGTERM stop a run and every process it started, even when dpfl was
+    # started with SIGINT ignored (as a background job of a non-interactive shell is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
     except (ConfigError, DataError, FileExistsError, FileNotFoundError) as exc:
