@@ -16,14 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common import FLOWER_ENV
+
 PORT = 9093  # the SuperLink's one port (Fleet, Control and ServerAppIo APIs)
 CERTS = "certs"  # folder with ca.crt, server.crt/.key, node-<i>(.pub) keys
 CONNECTION = "dpfl"  # the `flwr` connection name in FLWR_HOME/config.toml
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 
 
 # ---- certificates and node keys ------------------------------------------------------
