@@ -36,6 +36,11 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} {rule}")
 
 
+def clients_per_round(num_clients: int, fraction: float, minimum: int) -> int:
+    """How many clients a round samples out of `num_clients` available ones."""
+    return min(num_clients, max(int(num_clients * fraction), minimum))
+
+
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     num_rounds: int
@@ -114,8 +119,7 @@ class FederationConfig:
             _check(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
 
     def clients_per_round(self, num_clients: int) -> int:
-        """How many clients a round samples out of `num_clients` connected ones."""
-        return min(num_clients, max(int(num_clients * self.fraction_train), self.min_train_clients))
+        return clients_per_round(num_clients, self.fraction_train, self.min_train_clients)
 
 
 @dataclass(frozen=True, kw_only=True)

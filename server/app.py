@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -97,7 +96,6 @@ def main(grid: Grid, context: Context) -> None:
         ckpt = checkpoint.load(run_dir)  # raises a clear error if there is nothing to resume
         checkpoint.check_matches(ckpt, cfg.to_run_config())
     writer = RunWriter(run_dir, resume=cfg.runtime.resume)
-    random.seed(cfg.data.seed)  # Flower's node sampling uses the global `random`
     torch.manual_seed(cfg.data.seed)
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)

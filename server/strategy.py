@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.aggregation import metrics_problem, robust_aggregate, update_problem
+from common.config import clients_per_round
 
 log = logging.getLogger("dpfl.server")
 
@@ -187,7 +188,7 @@ class DPFedAvg(FedAvg):
         return by_partition
 
     def sample_size(self, num_nodes: int) -> int:
-        return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
+        return clients_per_round(num_nodes, self.fraction_train, self.min_train_nodes)
 
     def sample(self, grid: Grid, outcome: RoundOutcome) -> list[int]:
         """This round's nodes. "cohorts": a seeded shuffle of all partitions cut into

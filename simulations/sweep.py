@@ -46,7 +46,6 @@ FAILED_FILE = "failed.json"
 class Point:
     name: str
     overrides: dict[str, Any]  # the point's config overrides (fixed + axes)
-    axes: dict[str, Any]  # the axis values as written in the grid
 
 
 def parse_partition(value: str) -> dict[str, Any]:
@@ -132,7 +131,7 @@ def expand(spec: Mapping[str, Any]) -> list[Point]:
             if reserved in over:
                 raise ConfigError(f"{reserved} is set by the sweep; it cannot be in the grid")
         resolve_config(over)  # unknown keys and bad values are named before anything runs
-        points.append(Point(point_name(axes), over, axes))
+        points.append(Point(point_name(axes), over))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ConfigError("two points of the grid get the same name; make the axis values distinct")
