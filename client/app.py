@@ -9,22 +9,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
-from dataclasses import dataclass
+import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.attacks import apply_attack, attack_before_training
-from client.ledger import adopt_known, load_ledger, load_replay, save_ledger, save_replay
+from client.ledger import Ledger, load_ledger, load_replay, save_ledger, save_replay
 from client.trainer import BudgetExceeded, plan_spend, train_round
 from common import keys
-from common.config import ExperimentConfig, parse_config
+from common.aggregation import model_problem
+from common.config import (
+    NODE_CONFIG_ENV,
+    ExperimentConfig,
+    NodeConfig,
+    parse_config,
+    parse_node_config,
+)
 from common.data import Split, cached_partitions, load_partition, load_split
-from common.models import MODEL_FEATURES
+from common.models import MODEL_FEATURES, build_model, get_weights
 
 app = ClientApp()
 
@@ -34,34 +39,21 @@ def _config(items: tuple) -> ExperimentConfig:
     return parse_config(dict(items))
 
 
-@dataclass(frozen=True)
-class Node:
-    """This node's identity and files, from its node config (and the run config)."""
-
-    partition_id: int
-    num_partitions: int
-    own_data_dir: str  # node config `data-dir`: the node's own records, used whole
-    ledger_file: Path | None
+def _node(context: Context) -> NodeConfig:
+    """This node's identity, files and privacy policy: Flower's node config over what the
+    harness put in NODE_CONFIG_ENV (both the node operator's, never the server's)."""
+    return parse_node_config(context.node_config, os.environ.get(NODE_CONFIG_ENV, ""))
 
 
-def _node(cfg: ExperimentConfig, context: Context) -> Node:
-    nc = context.node_config
-    pid = int(keys.number(nc[keys.NODE_PARTITION_ID], keys.NODE_PARTITION_ID))
-    num = int(keys.number(nc[keys.NODE_NUM_PARTITIONS], keys.NODE_NUM_PARTITIONS))
-    if not 0 <= pid < num:
-        raise ValueError(f"node config partition-id={pid} must be in [0, {num - 1}] "
-                         f"(num-partitions={num})")
-    ledger_path = nc.get(keys.NODE_LEDGER_PATH)
-    if not ledger_path and cfg.privacy.ledger_dir:
-        ledger_path = str(Path(cfg.privacy.ledger_dir).expanduser() / f"partition-{pid}.json")
-    return Node(pid, num, str(nc.get(keys.NODE_DATA_DIR, "")),
-                Path(str(ledger_path)).expanduser() if ledger_path else None)
+@lru_cache(maxsize=8)
+def _template(model: str) -> dict[str, np.ndarray]:
+    return dict(get_weights(build_model(model, seed=0)))
 
 
-def _data(cfg: ExperimentConfig, node: Node) -> Split:
+def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
     features = MODEL_FEATURES.get(cfg.train.model, "")
-    if node.own_data_dir:
-        split = load_split("train", node.own_data_dir, features)
+    if node.data_dir:
+        split = load_split("train", node.data_dir, features)
         return Split(np.asarray(split.images, dtype=np.float32), split.labels)
     return load_partition(
         node.partition_id, node.num_partitions, partitioner=cfg.data.partitioner,
@@ -70,9 +62,9 @@ def _data(cfg: ExperimentConfig, node: Node) -> Split:
     )
 
 
-def _num_examples(cfg: ExperimentConfig, node: Node) -> int:
-    if node.own_data_dir:
-        return len(load_split("train", node.own_data_dir).labels)
+def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
+    if node.data_dir:
+        return len(load_split("train", node.data_dir).labels)
     d = cfg.data
     return len(cached_partitions(d.data_dir, d.partitioner, node.num_partitions, d.seed,
                                  float(d.dirichlet_alpha), d.labels_per_client)[node.partition_id])
@@ -81,10 +73,10 @@ def _num_examples(cfg: ExperimentConfig, node: Node) -> int:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     cfg = _config(tuple(sorted(context.run_config.items())))
-    node = _node(cfg, context)
+    node = _node(context)
     return Message(content=RecordDict({keys.METRICS: MetricRecord({
         keys.PARTITION_ID: node.partition_id, keys.NUM_EXAMPLES: _num_examples(cfg, node),
-        keys.OWN_DATA: int(bool(node.own_data_dir)),
+        keys.OWN_DATA: int(bool(node.data_dir)),
     })}), reply_to=msg)
 
 
@@ -116,23 +108,44 @@ def request_key(cfg: ExperimentConfig, context: Context, server_round: int,
     return h.hexdigest()
 
 
+def request_problem(cfg: ExperimentConfig, node: NodeConfig,
+                    weights: dict[str, np.ndarray]) -> str | None:
+    """Why this node refuses the request before touching any data, or None. Every reason
+    depends only on the run config, the node config and the global weights, all of them
+    known to the server: a refusal reveals nothing about the records."""
+    problem = node.policy_problem(cfg.privacy)
+    if problem:
+        return problem
+    if cfg.attack.mode_for(node.partition_id) and not node.simulated_attacks:
+        return (f"the run config asks this node to misbehave (attack={cfg.attack.attack!r}); "
+                "only a simulation harness may enable that (node config simulated-attacks)")
+    return model_problem(_template(cfg.train.model), weights, max_norm=node.max_model_norm)
+
+
+def _refusal(msg: Message, ledger: Ledger, cfg: ExperimentConfig, node: NodeConfig,
+             reason: str) -> Message:
+    delta = min(cfg.privacy.target_delta, node.max_delta)
+    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: math.nan, keys.PARTITION_ID: node.partition_id,
+               keys.REFUSED: 1, keys.EPSILON: ledger.epsilon(delta, cfg.privacy.accountant),
+               keys.NOISE_MULTIPLIER: ledger.noise_multiplier or 0.0, keys.SAMPLE_RATE: 0.0,
+               keys.STEPS: 0}
+    return _reply(msg, metrics, ledger.history, reason=reason)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = _config(tuple(sorted(context.run_config.items())))
-    node = _node(cfg, context)
-    pid = node.partition_id
+    node = _node(context)
     server_cfg = msg.content[keys.CONFIG]
     server_round = int(keys.number(server_cfg[keys.SERVER_ROUND], keys.SERVER_ROUND))
-    attack = cfg.attack.mode_for(pid)
-    attack_before_training(attack, cfg)
     global_weights = keys.from_array_record(msg.content.array_records[keys.ARRAYS])
+    view = server_cfg.get(keys.KNOWN_HISTORY)
+    ledger = load_ledger(context, node.ledger_file, str(view) if view is not None else None)
 
-    ledger = adopt_known(
-        load_ledger(context, node.ledger_file),
-        str(server_cfg[keys.KNOWN_HISTORY]) if keys.KNOWN_HISTORY in server_cfg else None,
-        keys.number(server_cfg[keys.KNOWN_SIGMA], keys.KNOWN_SIGMA) if keys.KNOWN_SIGMA in server_cfg else None,
-    )
-    priv = cfg.privacy
+    problem = request_problem(cfg, node, global_weights)
+    if problem:
+        return _refusal(msg, ledger, cfg, node, f"{problem}; round {server_round} refused, "
+                                                "nothing spent")
     key = request_key(cfg, context, server_round, global_weights)
     replay = load_replay(ledger, node.ledger_file, key)
     if replay is not None:
@@ -141,36 +154,32 @@ def train(msg: Message, context: Context) -> Message:
         weights, metrics = replay
         return _reply(msg, metrics, ledger.history, arrays=keys.to_array_record(weights))
 
+    attack = cfg.attack.mode_for(node.partition_id)  # only with simulated-attacks
+    attack_before_training(attack, cfg)
     data = _data(cfg, node)
-    metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: math.nan, keys.PARTITION_ID: pid,
-               keys.REFUSED: 0, keys.TRAIN_SECONDS: 0.0}
     try:
         plan = plan_spend(
-            ledger, num_examples=len(data), train=cfg.train, priv=priv,
+            ledger, num_examples=len(data), train=cfg.train, priv=cfg.privacy,
             planned_rounds=int(keys.number(server_cfg[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS)),
-            client=f"client {pid}",
+            client=f"client {node.partition_id}", min_noise_multiplier=node.min_noise_multiplier,
         )
     except BudgetExceeded as exc:
-        metrics.update({keys.REFUSED: 1, keys.EPSILON: ledger.epsilon(priv.target_delta, priv.accountant),
-                        keys.NOISE_MULTIPLIER: ledger.noise_multiplier or 0.0,
-                        keys.SAMPLE_RATE: 0.0, keys.STEPS: 0})
         save_ledger(context, ledger, node.ledger_file)  # keeps a freshly calibrated sigma
-        return _reply(msg, metrics, ledger.history, reason=f"{exc} in round {server_round}")
+        return _refusal(msg, ledger, cfg, node, f"{exc} in round {server_round}")
 
-    t0 = time.perf_counter()
     result = train_round(
-        global_weights, data, plan, train=cfg.train, priv=priv,
-        runtime=cfg.runtime, seed=cfg.data.seed * 100_003 + server_round * 1009 + pid,
+        global_weights, data, plan, train=cfg.train, priv=cfg.privacy,
+        runtime=cfg.runtime, seed=cfg.data.seed * 100_003 + server_round * 1009 + node.partition_id,
     )
-    metrics.update({
-        keys.NUM_EXAMPLES: result.num_examples,
+    metrics = {
+        keys.NUM_EXAMPLES: result.num_examples, keys.PARTITION_ID: node.partition_id,
+        keys.REFUSED: 0,
         # The training loss is a statistic of the client's records that no DP mechanism
         # covers: a private client withholds it (NaN) rather than leak it unaccounted.
         keys.TRAIN_LOSS: result.train_loss if not plan.noise_multiplier else math.nan,
         keys.EPSILON: plan.epsilon_after, keys.NOISE_MULTIPLIER: plan.noise_multiplier,
         keys.SAMPLE_RATE: plan.sample_rate, keys.STEPS: result.steps,
-        keys.TRAIN_SECONDS: time.perf_counter() - t0,
-    })
+    }
     weights, metrics = apply_attack(attack, cfg, global_weights, result.weights, metrics)
     ledger.spend(plan.entry)
     # Only after the round trained; the reply is kept beside the ledger so that the same
@@ -178,4 +187,3 @@ def train(msg: Message, context: Context) -> Message:
     save_replay(ledger, node.ledger_file, key, weights, metrics)
     save_ledger(context, ledger, node.ledger_file)
     return _reply(msg, metrics, ledger.history, arrays=keys.to_array_record(weights))
-

@@ -57,35 +57,46 @@ class Ledger:
         return privacy.epsilon(self.history, delta, accountant)
 
 
-def load_ledger(context: Context, path: Path | None = None) -> Ledger:
-    """The newest of node state and the ledger file (the longer history wins)."""
+def load_ledger(context: Context, path: Path | None = None, server_view: str | None = None
+                ) -> Ledger:
+    """The client's own ledger: the longer of node state and the ledger file. The server's
+    view of this client's history (`server_view`, JSON) is only a safety net for a
+    client that has lost its ledger: it is never read when a ledger file exists, and
+    otherwise only adopted when it extends the client's own history (`adopt_view`)."""
     candidates = []
     if STATE_KEY in context.state.config_records:
         candidates.append(
             Ledger.from_json(str(context.state.config_records[STATE_KEY]["json"]), source="node state ledger")
         )
-    if path is not None and path.exists():
+    file_exists = path is not None and path.exists()
+    if file_exists:
+        assert path is not None
         candidates.append(Ledger.from_json(path.read_text(), source=str(path)))
-    if not candidates:
-        return Ledger()
-    return max(candidates, key=lambda led: privacy.total_steps(led.history))
+    own = max(candidates, key=lambda led: privacy.total_steps(led.history)) if candidates else Ledger()
+    return own if file_exists else adopt_view(own, server_view)
 
 
-def adopt_known(ledger: Ledger, history_json: str | None, sigma: float | None) -> Ledger:
-    """The longer of the client's ledger and the history the server last saw from this
-    client. Adopting a longer history only raises epsilon (conservative); a shorter or
-    unreadable one is ignored."""
+def adopt_view(ledger: Ledger, history_json: str | None) -> Ledger:
+    """The server's view of this client's history, when it may only lengthen the ledger:
+    the client's own history must be a prefix of it, and every step it adds must use
+    the client's own noise multiplier (when it has one). Adopting adds accounted steps,
+    so epsilon can only rise; the noise multiplier is never taken from the server. Any
+    other view (shorter, diverging, another sigma, unreadable) is ignored."""
     if not history_json:
         return ledger
     try:
-        known = Ledger.from_json(json.dumps({"history": json.loads(history_json),
-                                             "noise_multiplier": sigma}), source="server's view")
-    except ValueError:
+        view = privacy.merge_history(json.loads(history_json))
+    except (ValueError, TypeError):
         return ledger
-    if privacy.total_steps(known.history) <= privacy.total_steps(ledger.history):
+    if (privacy.total_steps(view) <= privacy.total_steps(ledger.history)
+            or not privacy.extends(ledger.history, view)):
         return ledger
-    sigma_kept = ledger.noise_multiplier if ledger.noise_multiplier is not None else known.noise_multiplier
-    return Ledger(history=known.history, noise_multiplier=sigma_kept, replay=ledger.replay)
+    sigma = ledger.noise_multiplier
+    mine = len(ledger.history)
+    added = view[mine - 1:] if mine else view  # the continued last entry and the new ones
+    if sigma is not None and any(e[0] != sigma for e in added):
+        return ledger
+    return Ledger(history=view, noise_multiplier=sigma, replay=ledger.replay)
 
 
 def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> None:

@@ -48,13 +48,14 @@ def resolve_device(name: str) -> torch.device:
 
 def plan_spend(
     ledger: Ledger, *, num_examples: int, train: TrainConfig, priv: PrivacyConfig,
-    planned_rounds: int, client: str,
+    planned_rounds: int, client: str, min_noise_multiplier: float = 0.0,
 ) -> privacy.RoundPlan:
     """Decide this round's (noise_multiplier, sample_rate, steps) and check the budget.
 
     The noise multiplier is fixed once per client (calibrated for `planned_rounds` rounds of
-    local training, or taken from config) and kept in the ledger for every later round.
-    Raises BudgetExceeded if the round would pass target_epsilon.
+    local training, or taken from config; never below the node's `min_noise_multiplier`)
+    and kept in the ledger for every later round. Raises BudgetExceeded if the round would
+    pass target_epsilon.
     """
     q, steps = privacy.poisson_plan(num_examples, train.batch_size, train.local_epochs)
     if not priv.private:
@@ -72,7 +73,7 @@ def plan_spend(
                 sample_rate=q, steps=steps * planned_rounds, accountant=priv.accountant,
                 prior=ledger.history,
             )
-        ledger.noise_multiplier = sigma
+        ledger.noise_multiplier = max(sigma, min_noise_multiplier)
     plan = privacy.plan_round(
         ledger.history, noise_multiplier=ledger.noise_multiplier, sample_rate=q, steps=steps,
         delta=priv.target_delta, accountant=priv.accountant,
@@ -83,6 +84,47 @@ def plan_spend(
             f"{priv.target_epsilon} (spent {plan.epsilon_before:.3f}); it does not train"
         )
     return plan
+
+
+def finite_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Which samples have a finite loss under the current weights (a forward pass without
+    gradients, so Opacus' hooks record nothing)."""
+    inner = getattr(model, "_module", model)
+    with torch.no_grad():
+        out = inner(x)
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+    return torch.isfinite(loss) & torch.isfinite(out.reshape(len(x), -1)).all(1)
+
+
+def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Samples whose per-sample gradient (hooks, functorch, ew) or per-sample gradient
+    norm (ghost clipping) holds a non-finite value after a backward pass."""
+    bad = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    for p in model.parameters():
+        for attr in ("grad_sample", "_norm_sample"):
+            t = getattr(p, attr, None)
+            if isinstance(t, torch.Tensor) and t.shape[:1] == (batch_size,) and batch_size:
+                bad |= ~torch.isfinite(t.reshape(batch_size, -1)).all(1)
+    return bad
+
+
+def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward on the batch, with every sample whose loss or gradient is not
+    finite taken out (a zero contribution, as the null record of zero-out adjacency), so
+    that what the DP step releases is finite whatever the data. Otherwise one record could
+    turn the whole update non-finite: a membership test outside the mechanism. Returns
+    (loss, labels used); the caller takes the optimizer step."""
+    keep = finite_rows(model, x, y)
+    while True:
+        x, y = x[keep], y[keep]
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        bad = nonfinite_samples(model, len(y), x.device)
+        if not bool(bad.any()):
+            return loss, y
+        keep = ~bad  # samples are independent (no batch statistics): the rest stay finite
 
 
 def train_round(
@@ -137,11 +179,8 @@ def train_round(
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(train.local_epochs):
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
             # Poisson sampling can draw an empty batch; Opacus still takes a noisy step.
-            loss = criterion(model(x), y)
-            loss.backward()
+            loss, y = finite_step(model, optimizer, criterion, x.to(device), y.to(device))
             optimizer.step()
             steps += 1
             if len(y):

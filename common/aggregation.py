@@ -14,28 +14,62 @@ import numpy as np
 from common import keys
 
 
+def _structure_problem(
+    reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], what: str
+) -> str | None:
+    """Names (in order), shapes, dtypes and finiteness of `arrays` against `reference`."""
+    if list(arrays) != list(reference):
+        missing = sorted(set(reference) - set(arrays))
+        extra = sorted(set(arrays) - set(reference))
+        return f"{what}: array names differ from the model (missing {missing}, unexpected {extra})"
+    for name, ref in reference.items():
+        arr = arrays[name]
+        if arr.shape != ref.shape:
+            return f"{what}: array {name!r} has shape {arr.shape}, expected {ref.shape}"
+        if arr.dtype != ref.dtype:
+            return f"{what}: array {name!r} has dtype {arr.dtype}, expected {ref.dtype}"
+        if not np.all(np.isfinite(arr)):
+            return f"{what}: array {name!r} holds non-finite values"
+    return None
+
+
+def _norm(arrays: Mapping[str, np.ndarray], minus: Mapping[str, np.ndarray] | None = None) -> float:
+    sq = 0.0
+    for name, arr in arrays.items():
+        a = arr.astype(np.float64)
+        if minus is not None:
+            a = a - minus[name].astype(np.float64)
+        sq += float(np.sum(a * a))
+    return math.sqrt(sq)
+
+
 def update_problem(
     reference: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], *,
     max_update_norm: float = 0.0,
 ) -> str | None:
     """Why `update` cannot be averaged into `reference`, or None if it can."""
-    if list(update) != list(reference):
-        missing = sorted(set(reference) - set(update))
-        extra = sorted(set(update) - set(reference))
-        return f"array names differ from the global model (missing {missing}, unexpected {extra})"
-    sq = 0.0
-    for name, ref in reference.items():
-        arr = update[name]
-        if arr.shape != ref.shape:
-            return f"array {name!r} has shape {arr.shape}, expected {ref.shape}"
-        if arr.dtype != ref.dtype:
-            return f"array {name!r} has dtype {arr.dtype}, expected {ref.dtype}"
-        if not np.all(np.isfinite(arr)):
-            return f"array {name!r} holds non-finite values"
-        sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    norm = math.sqrt(sq)
+    problem = _structure_problem(reference, update, "update")
+    if problem:
+        return problem
+    norm = _norm(update, reference)
     if max_update_norm > 0 and norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm}"
+    return None
+
+
+def model_problem(
+    template: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray], *, max_norm: float,
+) -> str | None:
+    """Why a client refuses to train on global `weights` (checked before it touches any
+    data, so the answer depends only on the weights): names, shapes and dtypes of the
+    model `template`, finite values, and an L2 norm of at most `max_norm` (a bounded model
+    on bounded inputs cannot overflow float32 for one record and not for another)."""
+    problem = _structure_problem(template, weights, "global model")
+    if problem:
+        return problem
+    norm = _norm(weights)
+    if norm > max_norm:
+        return f"global model norm {norm:.4g} exceeds this node's max-model-norm={max_norm}"
     return None
 
 

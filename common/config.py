@@ -191,7 +191,6 @@ class PrivacyConfig:
     accountant: str
     calibrate_for: str
     participation_margin: float
-    ledger_dir: str
 
     def __post_init__(self) -> None:
         _check(
@@ -237,6 +236,111 @@ class PrivacyConfig:
                 f"target-delta={self.target_delta!r} must be < 1/n = {1.0 / num_examples:.3g} "
                 f"for {client} with n={num_examples} records"
             )
+
+
+# The data holder's side: node config. In deployment it is Flower's node config
+# (`flower-supernode --node-config`); Flower's simulation sets only partition-id and
+# num-partitions per virtual node, so the harness that starts the simulation passes the
+# rest in the environment variable NODE_CONFIG_ENV (the same `k=v ...` syntax). Both are
+# in the node operator's hands; the run config is in the hands of whoever starts the run.
+NODE_CONFIG_ENV = "DPFL_NODE_CONFIG"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """One node's identity, files and privacy policy, owned by its data holder.
+
+    The policy is enforced by the client as the stricter of the policy and the run
+    config: a run that asks for less privacy than the node allows (DP off, a larger
+    target-epsilon or target-delta, a smaller fixed noise multiplier) is refused and
+    spends nothing. Defaults are private: DP required, epsilon <= 8 at delta <= 1e-5."""
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str = ""  # the node's own records (IDX files), used whole
+    ledger_path: str = ""  # this node's ledger file
+    ledger_dir: str = ""  # simulation: one ledger file per partition in this folder
+    require_dp: bool = True
+    max_epsilon: float = 8.0
+    max_delta: float = 1e-5
+    min_noise_multiplier: float = 0.0
+    max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
+    simulated_attacks: bool = False  # only a simulation harness sets this
+
+    def __post_init__(self) -> None:
+        _check(self.num_partitions >= 1, "node config num-partitions", self.num_partitions,
+               "must be >= 1")
+        _check(0 <= self.partition_id < self.num_partitions, "node config partition-id",
+               self.partition_id, f"must be in [0, {self.num_partitions - 1}] "
+               f"(num-partitions={self.num_partitions})")
+        _check(self.max_epsilon > 0, "node config max-epsilon", self.max_epsilon,
+               "must be > 0 (inf: no cap)")
+        _check(0 < self.max_delta < 1, "node config max-delta", self.max_delta, "must be in (0, 1)")
+        _check(0 <= self.min_noise_multiplier < math.inf, "node config min-noise-multiplier",
+               self.min_noise_multiplier, "must be >= 0 and finite")
+        _check(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
+               "must be > 0 (inf: no bound)")
+
+    @property
+    def ledger_file(self) -> Path | None:
+        if self.ledger_path:
+            return Path(self.ledger_path).expanduser()
+        if self.ledger_dir:
+            return Path(self.ledger_dir).expanduser() / f"partition-{self.partition_id}.json"
+        return None
+
+    def policy_problem(self, priv: PrivacyConfig) -> str | None:
+        """Why this node refuses a run with privacy config `priv`, or None. Depends only on
+        the two configs, never on the node's data."""
+        if not priv.private:
+            if self.require_dp:
+                return ("the run asks for no differential privacy (dp=false or "
+                        "target-epsilon=inf) but this node requires it (node config require-dp)")
+            return None
+        if priv.target_epsilon > self.max_epsilon:
+            return (f"the run's target-epsilon={priv.target_epsilon} exceeds this node's "
+                    f"max-epsilon={self.max_epsilon}")
+        if priv.target_delta > self.max_delta:
+            return (f"the run's target-delta={priv.target_delta} exceeds this node's "
+                    f"max-delta={self.max_delta}")
+        if 0 < priv.noise_multiplier < self.min_noise_multiplier:
+            return (f"the run's noise-multiplier={priv.noise_multiplier} is below this node's "
+                    f"min-noise-multiplier={self.min_noise_multiplier}")
+        return None
+
+
+NODE_FIELD_TYPES = {
+    f.name.replace("_", "-"): {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+    for f in fields(NodeConfig)
+}
+
+
+def parse_node_config(node_config: Mapping[str, Any], env_text: str = "") -> NodeConfig:
+    """The node's config: `env_text` (NODE_CONFIG_ENV, `k=v ...`) overridden by Flower's
+    node config. Unknown keys and bad values stop with the key named."""
+    merged = {**(parse_overrides(env_text) if env_text.strip() else {}), **dict(node_config)}
+    unknown = sorted(set(merged) - set(NODE_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown node config key(s): {', '.join(unknown)}; known keys: "
+                          f"{', '.join(sorted(NODE_FIELD_TYPES))}")
+    for key in ("partition-id", "num-partitions"):
+        if key not in merged:
+            raise ConfigError(f"node config lacks {key}")
+    return NodeConfig(**{k.replace("-", "_"): _coerce(f"node config {k}", v, NODE_FIELD_TYPES[k])
+                         for k, v in merged.items()})
+
+
+def node_policy_for(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The node policy a simulation harness gives its virtual nodes so that they accept
+    exactly the run it starts (its data holders and its server are the same person)."""
+    priv = cfg.privacy
+    return {
+        "require-dp": priv.private,
+        "max-epsilon": priv.target_epsilon if priv.private else math.inf,
+        "max-delta": priv.target_delta,
+        "min-noise-multiplier": priv.noise_multiplier,
+        "simulated-attacks": bool(cfg.attack.modes),
+    }
 
 
 @dataclass(frozen=True, kw_only=True)

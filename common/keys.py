@@ -13,11 +13,10 @@ PRIVACY = "privacy"
 # ConfigRecord sent with a train message
 SERVER_ROUND = "server-round"
 PLANNED_ROUNDS = "planned-rounds"
-# The client's own history as the server last saw it (JSON) and its noise multiplier: a
-# client whose ledger is shorter (lost node state, a resumed run without ledger files)
-# adopts it, so its epsilon never restarts.
+# The client's own history as the server last saw it (JSON): a client that has lost its
+# ledger (no ledger file, lost node state) adopts it when it only lengthens its own
+# history (client.ledger.adopt_view), so its epsilon never restarts.
 KNOWN_HISTORY = "known-history"
-KNOWN_SIGMA = "known-noise-multiplier"
 
 # MetricRecord in a train reply (every reply carries every key)
 NUM_EXAMPLES = "num-examples"
@@ -28,10 +27,8 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 PARTITION_ID = "partition-id"
 REFUSED = "refused"
-TRAIN_SECONDS = "train-seconds"
 REPLY_METRIC_KEYS = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, PARTITION_ID, REFUSED,
-     TRAIN_SECONDS}
+    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, PARTITION_ID, REFUSED}
 )
 
 # MetricRecord in a query reply (node discovery): which partition a node holds
@@ -42,7 +39,7 @@ QUERY_METRIC_KEYS = frozenset({PARTITION_ID, NUM_EXAMPLES, OWN_DATA})
 HISTORY = "history"
 REASON = "reason"
 
-# Node config
+# Node config (common.config.NodeConfig has them all)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_DIR = "data-dir"

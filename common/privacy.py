@@ -15,6 +15,13 @@ from dataclasses import dataclass
 
 Entry = tuple[float, float, int]
 
+# Neighbouring datasets of one client: one record replaced by a null record that
+# contributes nothing (a zero gradient); the client's record count n stays the same and
+# is public. Under this relation the Poisson-subsampled Gaussian has the same RDP bound
+# Opacus computes for add/remove (Kairouz et al. 2021; Ponomareva et al. 2023, "How to
+# DP-fy ML", section 5.1), so the accounting below holds as it is.
+ADJACENCY = "zero-out"
+
 
 def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
     """Normalise entries and merge neighbours with equal (noise_multiplier, sample_rate)."""
@@ -32,6 +39,20 @@ def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
         else:
             out.append((sigma, q, steps))
     return out
+
+
+def extends(history: Sequence[Entry], longer: Sequence[Entry]) -> bool:
+    """True when `longer` is `history` followed by more steps: every entry of `history`
+    appears unchanged and in order at the start of `longer` (its last one may have
+    continued with more steps of the same noise multiplier and sample rate)."""
+    a, b = merge_history(history), merge_history(longer)
+    if len(a) > len(b):
+        return False
+    for i, (sigma, q, steps) in enumerate(a):
+        s2, q2, n2 = b[i]
+        if (sigma, q) != (s2, q2) or steps > n2 or (steps < n2 and i < len(a) - 1):
+            return False
+    return True
 
 
 def total_steps(history: Iterable[Sequence[float]]) -> int:
@@ -100,12 +121,13 @@ def calibrate_noise(
 
 def poisson_plan(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
     """(sample_rate, steps) for `epochs` local epochs, exactly as Opacus' DPDataLoader does:
-    q = 1 / ceil(n / B) and ceil(n / B) Poisson-sampled steps per epoch (B=0: full batch,
-    q = 1, one step per epoch)."""
+    q = 1 / ceil(n / B), and its sampler takes int(1 / q) Poisson-sampled steps per epoch
+    (one fewer than ceil(n / B) where 1 / q rounds down in floating point, e.g. n = 93,
+    B = 1). B=0: full batch, q = 1, one step per epoch."""
     if num_examples < 1:
         raise ValueError("a client needs at least one example to train")
-    steps_per_epoch = math.ceil(num_examples / batch_size) if batch_size > 0 else 1
-    return 1.0 / steps_per_epoch, steps_per_epoch * epochs
+    q = 1.0 / (math.ceil(num_examples / batch_size) if batch_size > 0 else 1)
+    return q, int(1 / q) * epochs
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,8 @@ def jsonable(value: Any) -> Any:
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` fills a temporary file beside `path`, which then replaces `path`:
     readers see the old file or the whole new one, never a torn one. The temporary name
-    keeps `path`'s extension (np.save / np.savez would otherwise append one)."""
+    keeps `path`'s extension (np.save / np.savez would otherwise append one). The directory
+    is fsynced after the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -50,6 +51,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename itself must survive a power loss: sync the directory entry too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -113,6 +113,7 @@ def main(grid: Grid, context: Context) -> None:
         aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
         krum_malicious=fed.krum_malicious, krum_select=fed.krum_select,
         partition_sizes=partition_sizes(cfg, fed.num_partitions),
+        delta=priv.target_delta, accountant=priv.accountant,
     )
     history: list[dict] = []
     arrays = keys.to_array_record(get_weights(model))
@@ -158,9 +159,11 @@ def main(grid: Grid, context: Context) -> None:
             "accountant": priv.accountant, "delta": priv.target_delta,
             "target_epsilon": priv.target_epsilon if priv.private else math.inf,
             "private": priv.private, "max_grad_norm": priv.max_grad_norm,
+            "adjacency": privacy.ADJACENCY, "source": "replies",
             "clients": {
                 str(pid): {"history": c.history, "epsilon": c.epsilon,
-                           "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate}
+                           "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate,
+                           "unconfirmed_rounds": c.unconfirmed_rounds}
                 for pid, c in sorted(strategy.clients.items())
             },
         }
@@ -179,7 +182,6 @@ def main(grid: Grid, context: Context) -> None:
             "clients_failed": out.failed, "clients_refused": out.refused,
             "clients_invalid": out.invalid, "clients_timed_out": out.timed_out,
             "aggregated": out.aggregated, "train_loss": out.train_loss,
-            "client_train_seconds": out.train_seconds,
             "epsilon_max": eps_max, "epsilon_mean": eps_mean,
             "seconds": time.time() - round_start[0],
             "partitions_sampled": out.partitions_sampled,
@@ -228,7 +230,8 @@ def main(grid: Grid, context: Context) -> None:
         "final_loss": history[-1]["test_loss"] if history else math.nan,
         "epsilon_max": eps_max, "epsilon_mean": eps_mean,
         "target_epsilon": priv.target_epsilon if priv.private else math.inf,
-        "delta": priv.target_delta, "private": priv.private,
+        "delta": priv.target_delta, "private": priv.private, "adjacency": privacy.ADJACENCY,
+        "clients_unconfirmed": sum(bool(c.unconfirmed_rounds) for c in strategy.clients.values()),
         "rounds": len(history), "num_clients": num_nodes,
         "clients_refused_total": sum(r["clients_refused"] for r in history),
         "clients_failed_total": sum(r["clients_failed"] for r in history),

@@ -23,11 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common import keys
+from common import keys, privacy
 from common.aggregation import metrics_problem, robust_aggregate, update_problem
 from common.config import clients_per_round
 
 log = logging.getLogger("dpfl.server")
+MAX_HISTORY_ENTRIES = 10_000  # a longer reported history is not read (cost bound)
 
 
 @dataclass
@@ -41,7 +42,6 @@ class RoundOutcome:
     invalid: int = 0
     timed_out: int = 0
     train_loss: float = math.nan
-    train_seconds: float = 0.0
     reasons: list[str] = field(default_factory=list)
     aggregated: bool = False
     partitions_sampled: list[int] = field(default_factory=list)
@@ -51,10 +51,15 @@ class RoundOutcome:
 
 @dataclass
 class ClientPrivacy:
+    """A client's privacy as the server last heard it. `unconfirmed_rounds`: rounds it was
+    asked to train whose reply carried no history (failed, timed out): it may have trained
+    and spent more than `history` shows; its own ledger is the truth."""
+
     history: list
     epsilon: float
     noise_multiplier: float
     sample_rate: float
+    unconfirmed_rounds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ class DPFedAvg(FedAvg):
                  wait_timeout: float = 600.0, reply_timeout: float = 3600.0,
                  aggregation: str = "fedavg", trim_fraction: float = 0.2,
                  krum_malicious: int = 0, krum_select: int = 1,
-                 partition_sizes: dict[int, int] | None = None, **kwargs: Any) -> None:
+                 partition_sizes: dict[int, int] | None = None, delta: float = 1e-5,
+                 accountant: str = "rdp", **kwargs: Any) -> None:
         super().__init__(fraction_evaluate=0.0, min_evaluate_nodes=0, **kwargs)
         self.client_sampling = client_sampling
         self.wait_timeout = wait_timeout
@@ -132,6 +138,8 @@ class DPFedAvg(FedAvg):
         self.krum_malicious = krum_malicious
         self.krum_select = krum_select
         self.partition_sizes = dict(partition_sizes or {})
+        self.delta = delta
+        self.accountant = accountant
         self._rng = random.Random(seed)
         self._queue: list[int] = []
         self.max_update_norm = max_update_norm
@@ -237,7 +245,6 @@ class DPFedAvg(FedAvg):
         known = self.clients.get(self.nodes[node].partition_id) if node in self.nodes else None
         if known is not None and known.history:
             out[keys.KNOWN_HISTORY] = json.dumps([list(e) for e in known.history])
-            out[keys.KNOWN_SIGMA] = float(known.noise_multiplier)
         return out
 
     # ---- aggregation ------------------------------------------------------------------
@@ -252,12 +259,18 @@ class DPFedAvg(FedAvg):
             outcome.reasons.append(f"{outcome.timed_out} client(s) did not reply within "
                                    f"round-timeout={self.reply_timeout:g}s")
         updates, weights, losses, pids = [], [], [], []
+        heard: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 outcome.failed += 1
                 outcome.reasons.append(f"node {node} failed: {short_error(msg.error.reason or '')}")
                 continue
+            # Privacy first, from every reply that carries a history, valid or not: the
+            # client may have trained and spent before its reply was found unusable.
+            pid = self._record_privacy(msg)
+            if pid is not None:
+                heard.add(pid)
             verdict = self._classify(msg)
             if verdict is not None:
                 kind, reason = verdict
@@ -269,7 +282,9 @@ class DPFedAvg(FedAvg):
             weights.append(keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES))
             losses.append(keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS))
             pids.append(int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID)))
-            outcome.train_seconds += keys.number(metrics[keys.TRAIN_SECONDS], keys.TRAIN_SECONDS)
+        for pid in set(outcome.partitions_sampled) - heard:
+            client = self.clients.setdefault(pid, ClientPrivacy([], 0.0, 0.0, 0.0))
+            client.unconfirmed_rounds.append(server_round)
         outcome.trained = len(updates)
         outcome.partitions_trained = sorted(pids)
         if len(updates) < self.min_train_nodes or not updates:
@@ -325,9 +340,35 @@ class DPFedAvg(FedAvg):
         """The model that is evaluated and saved: the moving average when enabled."""
         return self.ema if (self.server_ema > 0 and self.ema is not None) else arrays
 
+    def _record_privacy(self, msg: Message) -> int | None:
+        """Record the history a reply carries, under the partition its node declared at
+        discovery (the reply's own claim only for an undiscovered node); epsilon is
+        recomputed here from the history (never below what the client claimed). Returns
+        the partition, or None when the reply carries no readable history."""
+        content = msg.content
+        priv = content.config_records.get(keys.PRIVACY)
+        metrics = dict(content[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+        info = self.nodes.get(msg.metadata.src_node_id)
+        try:
+            pid = info.partition_id if info is not None else int(
+                keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID))
+            history = privacy.merge_history(json.loads(str(priv[keys.HISTORY])))  # type: ignore[index]
+            if len(history) > MAX_HISTORY_ENTRIES:
+                return None
+            claimed = keys.number(metrics.get(keys.EPSILON, 0.0), keys.EPSILON)
+            sigma = keys.number(metrics.get(keys.NOISE_MULTIPLIER, 0.0), keys.NOISE_MULTIPLIER)
+            rate = keys.number(metrics.get(keys.SAMPLE_RATE, 0.0), keys.SAMPLE_RATE)
+        except (KeyError, ValueError, TypeError):
+            return None
+        eps = privacy.epsilon(history, self.delta, self.accountant)
+        if not math.isnan(claimed):
+            eps = max(eps, claimed)
+        self.clients[pid] = ClientPrivacy(history=[list(e) for e in history], epsilon=eps,
+                                          noise_multiplier=sigma, sample_rate=rate)
+        return pid
+
     def _classify(self, msg: Message) -> tuple[str, str] | None:
-        """('refused' | 'invalid', reason) for a reply that must not be averaged, else None.
-        Records the client's privacy state from every well-formed reply."""
+        """('refused' | 'invalid', reason) for a reply that must not be averaged, else None."""
         content = msg.content
         if keys.METRICS not in content.metric_records:
             return "invalid", "reply has no metrics"
@@ -343,24 +384,10 @@ class DPFedAvg(FedAvg):
         if problem:
             return "invalid", problem
         priv = content.config_records.get(keys.PRIVACY)
-        if priv is not None:
-            try:
-                history = json.loads(str(priv[keys.HISTORY]))
-            except (KeyError, ValueError):
-                return "invalid", "privacy record has no readable history"
-            try:
-                pid = int(keys.number(metrics.get(keys.PARTITION_ID, msg.metadata.src_node_id),
-                                      keys.PARTITION_ID))
-                record = ClientPrivacy(
-                    history=history,
-                    epsilon=keys.number(metrics.get(keys.EPSILON, math.nan), keys.EPSILON),
-                    noise_multiplier=keys.number(metrics.get(keys.NOISE_MULTIPLIER, 0.0),
-                                                 keys.NOISE_MULTIPLIER),
-                    sample_rate=keys.number(metrics.get(keys.SAMPLE_RATE, 0.0), keys.SAMPLE_RATE),
-                )
-            except ValueError as exc:
-                return "invalid", str(exc)
-            self.clients[pid] = record
+        try:
+            privacy.merge_history(json.loads(str(priv[keys.HISTORY])))  # type: ignore[index]
+        except (KeyError, ValueError, TypeError):
+            return "invalid", "reply has no privacy record with a readable history"
         if metrics.get(keys.REFUSED):
             reason = str(priv[keys.REASON]) if priv is not None else "refused"
             return "refused", reason
@@ -417,7 +444,8 @@ class DPFedAvg(FedAvg):
         self.clients = {
             int(p): ClientPrivacy(history=c["history"], epsilon=float(c["epsilon"]),
                                   noise_multiplier=float(c["noise_multiplier"]),
-                                  sample_rate=float(c["sample_rate"]))
+                                  sample_rate=float(c["sample_rate"]),
+                                  unconfirmed_rounds=list(c.get("unconfirmed_rounds", [])))
             for p, c in meta["clients"].items()
         }
         self._velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}

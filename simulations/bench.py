@@ -79,15 +79,12 @@ def round_figures(overrides: dict, client_cpus: float) -> dict:
         stop.set()
         watcher.join()
     rows = read_rounds(Path(run_dir) / "rounds.jsonl")
-    train_s = [r.get("client_train_seconds", 0.0) for r in rows]
     round_s = [r["seconds"] for r in rows]
-    slots = max(1, int(round((os.cpu_count() or 2) / client_cpus)))
     later = rows[1:] or rows  # round 1 includes one-off start-up (actors, data, calibration)
     return {
         "wall_seconds_total": time.time() - t0,
         "seconds_round_1": round_s[0] if round_s else None,
         "seconds_per_round_after_1": sum(r["seconds"] for r in later) / len(later),
-        "train_share_of_round": sum(train_s[1:] or train_s) / (slots * sum(round_s[1:] or round_s)),
         "peak_memory_increase_gib": (peak[0] - base) / 2**30,
         "final_accuracy": rows[-1]["test_accuracy"] if rows else None,
         "run_dir": str(run_dir),

@@ -19,11 +19,12 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.run_config or args.output_dir:
             raise ConfigError("--resume continues a run with the config it started with: "
                               "--run-config and --output-dir cannot be given with it")
-        run_dir = resume(args.resume, client_cpus=args.client_cpus, progress=progress)
+        run_dir = resume(args.resume, client_cpus=args.client_cpus, progress=progress,
+                         ledger_dir=args.ledger_dir)
     else:
         overrides = parse_overrides(" ".join(args.run_config or []))
         run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
-                           progress=progress)
+                           progress=progress, ledger_dir=args.ledger_dir)
     print(summary_text(run_dir))
     return 1 if read_json(run_dir / "summary.json").get("stopped_early") else 0
 
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--quiet", action="store_true", help="no per-round progress")
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a killed run from its last complete round")
+    sim.add_argument("--ledger-dir", metavar="DIR",
+                     help="keep each virtual client's privacy ledger here (partition-<id>.json), "
+                          "so a later run continues its epsilon (default: the run's ledgers/)")
     sim.set_defaults(func=_simulate)
 
     sweep = sub.add_parser("sweep", help="a grid of simulations (resumable), then a report")

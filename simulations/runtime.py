@@ -105,15 +105,18 @@ def start(cmd: Sequence[str], *, env: dict[str, str], log_file: Path,
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
-    """A private simulation SuperLink; yields the name of its connection in FLWR_HOME."""
+def simulation_superlink(flwr_home: Path, log_file: Path,
+                         extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """A private simulation SuperLink; yields the name of its connection in FLWR_HOME.
+    `extra_env` reaches every process it starts, the virtual clients included (the node
+    operator's channel in simulation: see common.config.NODE_CONFIG_ENV)."""
     port = free_port()  # Flower 1.41 serves Runtime, Control and Fleet APIs on this one port
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "dpfl-sim"\n\n'
         f'[superlink.dpfl-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = flower_env(flwr_home)
+    env = {**flower_env(flwr_home), **(extra_env or {})}
     proc = start([
         tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),

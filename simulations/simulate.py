@@ -20,15 +20,17 @@ from typing import Any
 
 from common.config import (
     FIELD_TYPES,
+    NODE_CONFIG_ENV,
     ConfigError,
     ExperimentConfig,
     default_run_config,
+    node_policy_for,
     project_root,
     resolve_config,
 )
 from common.data import cached_partitions as partition_cache
 from common.data import locate
-from common.results import prepare_run_dir, read_json, read_rounds
+from common.results import prepare_run_dir, read_json, read_rounds, write_json
 from simulations import runtime
 
 LEDGERS = "ledgers"
@@ -58,7 +60,8 @@ def new_run_name() -> str:
     return time.strftime("sim-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
+def prepare(overrides: Mapping[str, Any], output_dir: str | None = None
+            ) -> tuple[ExperimentConfig, dict[str, Any]]:
     """Validate everything that can be checked before starting processes."""
     over = dict(overrides)
     if output_dir is not None:
@@ -70,11 +73,6 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> tupl
     over["output-dir"] = str(out.resolve())
     cfg = resolve_config(over)
     run_dir = out.resolve() / cfg.runtime.run_name
-    if not cfg.privacy.ledger_dir:
-        # Each virtual client's ledger on disk: a resumed run continues every client's
-        # epsilon instead of starting it again from zero.
-        over["ledger-dir"] = str(run_dir / LEDGERS)
-        cfg = resolve_config(over)
     if (run_dir / "rounds.jsonl").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
     locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
@@ -110,10 +108,14 @@ def check_partitions(cfg: ExperimentConfig) -> None:
 def simulate(
     overrides: Mapping[str, Any], *, output_dir: str | None = None, client_cpus: float = 1.0,
     progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600,
+    ledger_dir: str | Path | None = None,
 ) -> Path:
-    """Run one experiment; returns its run directory (with summary.json)."""
+    """Run one experiment; returns its run directory (with summary.json). Every virtual
+    client keeps its ledger in `ledger_dir` (default: the run's `ledgers/`), so a resumed
+    run, or a later run given the same folder, continues its epsilon."""
     cfg, over = prepare(overrides, output_dir)
-    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout)
+    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout,
+                   ledger_dir=ledger_dir)
 
 
 def resume_overrides(run_dir: Path) -> dict[str, Any]:
@@ -127,6 +129,8 @@ def resume_overrides(run_dir: Path) -> dict[str, Any]:
     saved = read_json(run_dir / "config.json")["run_config"]
     over: dict[str, Any] = {}
     for key, value in saved.items():
+        if key not in FIELD_TYPES:
+            continue  # a key of an older dpfl (e.g. ledger-dir, now the harness's)
         typ = FIELD_TYPES.get(key, (None, str))[1]
         over[key] = float(value) if typ is float and isinstance(value, str) else value
     over.update({"resume": True, "output-dir": str(run_dir.parent), "run-name": run_dir.name})
@@ -134,17 +138,62 @@ def resume_overrides(run_dir: Path) -> dict[str, Any]:
 
 
 def resume(run_dir: Path, *, client_cpus: float = 1.0,
-           progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600) -> Path:
-    """Continue a killed `dpfl simulate` run from its last complete round."""
+           progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600,
+           ledger_dir: str | Path | None = None) -> Path:
+    """Continue a killed `dpfl simulate` run from its last complete round (with the ledger
+    folder it ran with: the run's `ledgers/` unless `ledger_dir` is given)."""
     over = resume_overrides(run_dir)
     cfg = resolve_config(over)
-    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout)
+    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout,
+                   ledger_dir=ledger_dir)
+
+
+def node_env(cfg: ExperimentConfig, ledger_dir: Path) -> dict[str, str]:
+    """The node config every virtual client gets (NODE_CONFIG_ENV): a policy that accepts
+    exactly this run (the harness is both the data holders and the server here), and
+    where its ledger file lives. Only the harness sets it, never the run config."""
+    policy = {**node_policy_for(cfg), "ledger-dir": str(ledger_dir)}
+    return {NODE_CONFIG_ENV: format_overrides(policy)}
+
+
+def reconcile_privacy(run_dir: Path, ledger_dir: Path, cfg: ExperimentConfig) -> None:
+    """Every client's epsilon from its own ledger file, the truth in simulation: it also
+    counts rounds whose reply the server never used (timed out, failed after training).
+    Rewrites privacy.json's clients and summary.json's epsilon max and mean."""
+    from client.ledger import Ledger
+
+    ledgers = sorted(ledger_dir.glob("partition-*.json"))
+    if not ledgers or not (run_dir / "privacy.json").exists():
+        return
+    priv = cfg.privacy
+    record = read_json(run_dir / "privacy.json")
+    clients = record.setdefault("clients", {})
+    for path in ledgers:
+        pid = path.stem.removeprefix("partition-")
+        if not pid.isdigit() or int(pid) >= cfg.federation.num_partitions:
+            continue
+        ledger = Ledger.from_json(path.read_text(), source=str(path))
+        eps = ledger.epsilon(priv.target_delta, priv.accountant)
+        entry = clients.setdefault(pid, {"sample_rate": 0.0})
+        entry.update({"history": [list(e) for e in ledger.history], "epsilon": eps,
+                      "noise_multiplier": ledger.noise_multiplier or 0.0,
+                      "unconfirmed_rounds": [], "ledger": str(path)})
+    record["source"] = "ledger files"
+    write_json(run_dir / "privacy.json", record)
+    if (run_dir / "summary.json").exists():
+        values = [float(c["epsilon"]) for c in clients.values()] or [0.0]
+        summary = read_json(run_dir / "summary.json")
+        summary.update({"epsilon_max": max(values), "epsilon_mean": sum(values) / len(values),
+                        "clients_unconfirmed": 0})
+        write_json(run_dir / "summary.json", summary)
 
 
 def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
-            progress: Callable[[str], None] | None, timeout: float) -> Path:
+            progress: Callable[[str], None] | None, timeout: float,
+            ledger_dir: str | Path | None = None) -> Path:
     run_dir = Path(over["output-dir"]) / cfg.runtime.run_name
     logs = run_dir / "logs"
+    ledgers = Path(ledger_dir).expanduser().resolve() if ledger_dir else run_dir / LEDGERS
     flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
     say = progress or (lambda _msg: None)
     n = cfg.federation.num_partitions
@@ -155,7 +204,8 @@ def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
         + f" -> {run_dir}")
     t0 = time.time()
     try:
-        with runtime.simulation_superlink(flwr_home, logs / "superlink.log") as connection:
+        with runtime.simulation_superlink(flwr_home, logs / "superlink.log",
+                                          extra_env=node_env(cfg, ledgers)) as connection:
             cmd = [
                 runtime.tool("flwr"), "run", str(project_root()), connection,
                 "--run-config", format_overrides(over),
@@ -171,11 +221,12 @@ def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
                 runtime.stop(proc)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
+    reconcile_privacy(run_dir, ledgers, cfg)
     if not (run_dir / "summary.json").exists():
         tail = (logs / "flwr.log").read_text(errors="replace")[-4000:] if (logs / "flwr.log").exists() else ""
         raise SimulationError(f"the run ended without a summary; logs in {logs}\n{tail}")
-    if Path(cfg.privacy.ledger_dir) == run_dir / LEDGERS:
-        for spare in (run_dir / LEDGERS).glob("*.reply.npz"):  # only needed to resume
+    if ledgers == run_dir / LEDGERS:
+        for spare in ledgers.glob("*.reply.npz"):  # only needed to resume
             spare.unlink(missing_ok=True)
     return run_dir
 

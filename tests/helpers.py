@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
 from common import keys
-from common.config import default_run_config
+from common.config import default_run_config, node_policy_for, parse_config
 
 
 def run_config(**overrides):
@@ -16,11 +16,18 @@ def run_config(**overrides):
     return cfg
 
 
-def context(partition_id=0, num_partitions=100, state=None, node_extra=None, run_id=1, **overrides):
+def context(partition_id=0, num_partitions=100, state=None, node_extra=None, run_id=1,
+            harness_policy=True, **overrides):
+    """A node's context. With `harness_policy` its node config holds the policy that
+    `dpfl simulate` gives virtual nodes (accepting exactly this run config); without,
+    only what `node_extra` sets (the node's defaults for the rest)."""
+    rc = run_config(**overrides)
     node_config = {keys.NODE_PARTITION_ID: partition_id, keys.NODE_NUM_PARTITIONS: num_partitions}
+    if harness_policy:
+        node_config.update(node_policy_for(parse_config(rc)))
     node_config.update(node_extra or {})
     return Context(run_id=run_id, node_id=1000 + partition_id, node_config=node_config,
-                   state=state if state is not None else RecordDict(), run_config=run_config(**overrides))
+                   state=state if state is not None else RecordDict(), run_config=rc)
 
 
 def metadata(src=0, dst=1, reply_to="", message_type="train"):

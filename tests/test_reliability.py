@@ -3,7 +3,6 @@ num-examples checks, robust aggregation, config validation of the reliability ke
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -88,7 +87,7 @@ def test_partition_id_outside_the_range_is_a_clear_error():
 def _reply(src, pid, n, weights=GLOBAL):
     metrics = {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: math.nan, keys.EPSILON: 1.0,
                keys.NOISE_MULTIPLIER: 1.0, keys.SAMPLE_RATE: 1.0, keys.STEPS: 1,
-               keys.PARTITION_ID: pid, keys.REFUSED: 0, keys.TRAIN_SECONDS: 0.1}
+               keys.PARTITION_ID: pid, keys.REFUSED: 0}
     content = RecordDict({keys.METRICS: MetricRecord(metrics),
                           keys.PRIVACY: ConfigRecord({keys.HISTORY: "[[1.0, 1.0, 1]]", keys.REASON: ""}),
                           keys.ARRAYS: keys.to_array_record(weights)})
@@ -219,7 +218,9 @@ def test_rng_state_is_json_safe():
     s = DPFedAvg(seed=3)
     meta, _ = s.state_dict()
     json.dumps(meta)
-    random.Random(3).random()  # (the sampler's RNG is its own, not the global one)
+    restored = DPFedAvg(seed=99)
+    restored.load_state_dict(json.loads(json.dumps(meta)), {})
+    assert restored._rng.random() == s._rng.random()  # the sampler continues where it was
 
 
 # ---- the server's view as a floor for a client's ledger ------------------------------
@@ -237,17 +238,18 @@ def test_client_with_a_lost_ledger_adopts_the_history_the_server_saw():
     msg.content[keys.CONFIG] = cfg
     reply = client_train(msg, _ctx())  # fresh node state: no ledger of its own
     m = reply.content[keys.METRICS]
-    assert float(m[keys.NOISE_MULTIPLIER]) == 6.0  # the sigma it had, not a new calibration
-    assert json.loads(str(reply.content[keys.PRIVACY][keys.HISTORY])) == [[6.0, 1.0, 4]]
+    sigma = float(m[keys.NOISE_MULTIPLIER])  # its own calibration, never the server's sigma
+    history = json.loads(str(reply.content[keys.PRIVACY][keys.HISTORY]))
+    assert history[0] == [6.0, 1.0, 3] and history[1] == [sigma, 1.0, 1]
     from common import privacy
 
-    assert float(m[keys.EPSILON]) == pytest.approx(privacy.epsilon([(6.0, 1.0, 4)], 1e-5))
+    assert float(m[keys.EPSILON]) == pytest.approx(privacy.epsilon([(6.0, 1.0, 3), (sigma, 1.0, 1)], 1e-5))
 
 
 def test_a_shorter_server_view_never_lowers_a_ledger(tmp_path):
-    from client.ledger import Ledger, adopt_known
+    from client.ledger import Ledger, adopt_view
 
     mine = Ledger(history=[(2.0, 1.0, 5)], noise_multiplier=2.0)
-    assert adopt_known(mine, "[[2.0, 1.0, 2]]", 2.0) is mine
-    assert adopt_known(mine, "not json", 2.0) is mine
-    assert adopt_known(mine, "[[2.0, 1.0, 9]]", 2.0).history == [(2.0, 1.0, 9)]
+    assert adopt_view(mine, "[[2.0, 1.0, 2]]") is mine
+    assert adopt_view(mine, "not json") is mine
+    assert adopt_view(mine, "[[2.0, 1.0, 9]]").history == [(2.0, 1.0, 9)]

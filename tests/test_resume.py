@@ -92,13 +92,15 @@ def test_resume_refuses_finished_and_unstarted_runs(tmp_path):
 
 
 def test_bad_clients_never_stop_the_run(tmp_path):
-    """Crashing, NaN, wrong-shape, lying and hanging clients in every round: each is recorded
-    with its reason, the honest ones are aggregated, the run completes."""
-    run = simulate({"num-partitions": 8, "num-rounds": 2, "fraction-train": 1.0,
+    """Crashing, NaN, wrong-shape, lying and hanging clients: each is recorded with its
+    reason, the honest ones are aggregated, the run completes. The round timeout is far
+    above what the honest clients need even on a busy machine (they take seconds): only
+    the hanging client, which sleeps past it, may time out."""
+    run = simulate({"num-partitions": 8, "num-rounds": 1, "fraction-train": 1.0,
                     "attack": "crash,nan,wrong-shape,inflate-examples,hang", "attackers": 5,
-                    "round-timeout": 10.0}, output_dir=str(tmp_path), progress=None)
+                    "round-timeout": 90.0}, output_dir=str(tmp_path), progress=None)
     rows = read_rounds(run / "rounds.jsonl")
-    assert len(rows) == 2 and read_json(run / "summary.json")["stopped_early"] == ""
+    assert len(rows) == 1 and read_json(run / "summary.json")["stopped_early"] == ""
     for r in rows:
         assert r["partitions_aggregated"] == [5, 6, 7]
         assert (r["clients_failed"], r["clients_invalid"], r["clients_timed_out"]) == (1, 3, 1)

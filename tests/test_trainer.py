@@ -163,9 +163,10 @@ def test_private_client_withholds_its_training_loss():
 
 def test_ledger_dir_carries_epsilon_into_a_new_run(tmp_path):
     ledgers = tmp_path / "ledgers"
-    first = _run_rounds(context(partition_id=9, ledger_dir=str(ledgers)), rounds=1, planned=2)
+    node = {"ledger-dir": str(ledgers)}
+    first = _run_rounds(context(partition_id=9, node_extra=node), rounds=1, planned=2)
     assert (ledgers / "partition-9.json").exists()
     # A new run: empty node state, same ledger folder -> epsilon continues, then the guard stops it
-    again = _run_rounds(context(partition_id=9, ledger_dir=str(ledgers), run_id=2), rounds=2, planned=2)
+    again = _run_rounds(context(partition_id=9, node_extra=node, run_id=2), rounds=2, planned=2)
     eps = [float(r.content[keys.METRICS][keys.EPSILON]) for r in first + again]
     assert eps[1] > eps[0] and int(again[1].content[keys.METRICS][keys.REFUSED]) == 1
