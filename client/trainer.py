@@ -93,7 +93,7 @@ def finite_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     with torch.no_grad():
         out = inner(x)
         loss = nn.functional.cross_entropy(out, y, reduction="none")
-    return torch.isfinite(loss) & torch.isfinite(out.reshape(len(x), -1)).all(1)
+    return torch.isfinite(loss) & torch.isfinite(out.flatten(1)).all(1)
 
 
 def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
