@@ -1,0 +1,111 @@
+"""A hostile ServerApp against dpfl's real ClientApp, through real Flower processes.
+
+The test plays the data holders' harness: it starts a simulation SuperLink whose virtual
+nodes get their policy (budget 3, DP required) and ledger folder from DPFL_NODE_CONFIG.
+The server is tests/hostile_app/hostile_server.py, submitted with `flwr run` like any
+app: first with an ordinary run config, attacking with borrowed histories, too many
+rounds and overflowing weights; then with a run config that turns DP off.
+"""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from client.ledger import Ledger
+from common import privacy
+from common.config import NODE_CONFIG_ENV, default_run_config, project_root
+from simulations import runtime
+from simulations.simulate import format_overrides
+
+pytestmark = pytest.mark.slow
+BUDGET = 3.0
+
+
+def _app(tmp_path: Path) -> Path:
+    """The hostile app: dpfl's own pyproject (every config key, the real ClientApp) with
+    the ServerApp swapped for the hostile one."""
+    app = tmp_path / "hostile-app"
+    app.mkdir()
+    text = (project_root() / "pyproject.toml").read_text()
+    text, n = re.subn(r'serverapp = "server\.app:app"', 'serverapp = "hostile_server:app"', text)
+    assert n == 1
+    (app / "pyproject.toml").write_text(text)
+    shutil.copy(Path(__file__).parent / "hostile_app" / "hostile_server.py", app)
+    return app
+
+
+def _flwr_run(app: Path, connection: str, home: Path, run_config: dict, log: Path) -> None:
+    cmd = [runtime.tool("flwr"), "run", str(app), connection,
+           "--run-config", format_overrides(run_config),
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1", "--stream"]
+    proc = runtime.start(cmd, env=runtime.flower_env(home), log_file=log, cwd=app)
+    try:
+        out = Path(str(run_config["output-dir"])) / "hostile.json"
+        deadline = time.monotonic() + 900  # generous: a busy machine only makes it slower
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        for _ in range(30):  # the file is written last; give the write a moment
+            if out.exists():
+                break
+            time.sleep(1)
+        assert out.exists(), log.read_text()[-3000:]
+    finally:
+        runtime.stop(proc)
+
+
+def test_a_hostile_server_cannot_spend_more_than_the_nodes_budget(tmp_path):
+    app = _app(tmp_path)
+    ledgers = tmp_path / "ledgers"
+    home = Path(tempfile.mkdtemp(prefix="dpfl-hostile-home-"))
+    policy = {"require-dp": True, "max-epsilon": BUDGET, "max-delta": 1e-5,
+              "ledger-dir": str(ledgers)}
+    base = {k: v for k, v in default_run_config().items()}
+    base.update({"model": "logreg", "num-partitions": 2, "target-epsilon": BUDGET})
+    try:
+        with runtime.simulation_superlink(home, tmp_path / "superlink.log",
+                                          extra_env={NODE_CONFIG_ENV: format_overrides(policy)}) as conn:
+            # Run 1: 40 rounds asked, a cheap history offered every round, then weights
+            # that overflow for bright records.
+            attack = tmp_path / "attack"
+            _flwr_run(app, conn, home, {**base, "num-rounds": 40, "output-dir": str(attack)},
+                      tmp_path / "flwr-1.log")
+            seen = json.loads((attack / "hostile.json").read_text())
+            # Run 2: the run config turns DP off.
+            nodp = tmp_path / "nodp"
+            before = {p.name: p.read_text() for p in ledgers.glob("partition-*.json")}
+            _flwr_run(app, conn, home, {**base, "num-rounds": 1, "dp": False,
+                                        "output-dir": str(nodp)}, tmp_path / "flwr-2.log")
+            seen_nodp = json.loads((nodp / "hostile.json").read_text())
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    assert not any("error" in s for s in seen), seen
+    for pid in (0, 1):
+        mine = [s for s in seen if s["partition"] == pid]
+        trained = [s for s in mine[:-1] if not s["refused"]]
+        # An honest run plans 15 full-batch steps for this budget; the borrowed history
+        # did not buy more.
+        assert 1 <= len(trained) <= 15
+        assert all(s["epsilon"] <= BUDGET for s in mine)
+        assert all("would reach epsilon" in s["reason"] for s in mine[len(trained):-1])
+        ledger = Ledger.from_json((ledgers / f"partition-{pid}.json").read_text())
+        own = [e for e in ledger.history if e[0] == ledger.noise_multiplier]
+        assert privacy.total_steps(own) == len(trained)  # the ledger holds every released step
+        assert privacy.epsilon(own, 1e-5) <= ledger.epsilon(1e-5, "rdp") <= BUDGET
+        # The overflowing weights: refused before any data was read.
+        last = mine[-1]
+        assert last["refused"] == 1 and "max-model-norm" in last["reason"]
+    # DP off: every node refuses every request (1 round + the overflow one), nothing spent.
+    assert len(seen_nodp) == 4 and all(s["refused"] == 1 and "require-dp" in s["reason"]
+                                       and s["finite"] is None for s in seen_nodp)
+    assert {p.name: p.read_text() for p in ledgers.glob("partition-*.json")} == before
+    assert not math.isnan(seen[0]["epsilon"])
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
+    assert not leftovers.strip()
