@@ -63,7 +63,8 @@ def _deploy(args: argparse.Namespace) -> int:
         if not written:
             print(f"{args.out}: certificates and {args.nodes} node keys already exist; nothing written")
         return 0
-    text = deploy.compose_yaml(args.nodes, insecure=args.insecure)
+    text = deploy.compose_yaml(args.nodes, insecure=args.insecure, max_epsilon=args.max_epsilon,
+                               max_delta=args.max_delta)
     if args.insecure:
         print("dpfl: WARNING: insecure compose file: no TLS, no node authentication", file=sys.stderr)
     if args.output == "-":
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     comp = dsub.add_parser("compose", help="write docker-compose.yml for N SuperNodes")
     comp.add_argument("--nodes", type=int, default=3)
     comp.add_argument("--output", default="docker-compose.yml", help="'-' for standard output")
+    comp.add_argument("--max-epsilon", type=float, default=8.0,
+                      help="each node's privacy budget: runs asking for more are refused (default 8)")
+    comp.add_argument("--max-delta", type=float, default=1e-5,
+                      help="the largest delta a node accepts (default 1e-5)")
     comp.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (testing only)")
     dep.set_defaults(func=_deploy)

@@ -117,10 +117,15 @@ def superlink_command(*, host: str, port: int, certs: str, database: str,
 
 
 def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, state_dir: str,
-                      port: int, data_dir: str = "", insecure: bool = False) -> list[str]:
+                      port: int, data_dir: str = "", insecure: bool = False,
+                      max_epsilon: float = 8.0, max_delta: float = 1e-5) -> list[str]:
     """SuperNode `i`: its partition of the data (or its own `data_dir`), its privacy ledger
-    in `state_dir` (a file that outlives restarts and runs), its authentication key."""
-    node_config = f"partition-id={i} num-partitions={num_nodes} ledger-path=\"{state_dir}/ledger.json\""
+    in `state_dir` (a file that outlives restarts and runs), its privacy policy (DP
+    required, at most `max_epsilon` at `max_delta`: runs asking for less privacy are
+    refused), its authentication key."""
+    node_config = (f"partition-id={i} num-partitions={num_nodes} "
+                   f"ledger-path=\"{state_dir}/ledger.json\" require-dp=true "
+                   f"max-epsilon={max_epsilon!r} max-delta={max_delta!r}")
     if data_dir:
         node_config += f' data-dir="{data_dir}"'
     cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
@@ -147,7 +152,8 @@ def connection_toml(address: str, certs: str, *, insecure: bool = False) -> str:
 # ---- docker-compose.yml ----------------------------------------------------------------
 
 
-def compose(num_nodes: int = 3, *, insecure: bool = False) -> dict[str, Any]:
+def compose(num_nodes: int = 3, *, insecure: bool = False, max_epsilon: float = 8.0,
+            max_delta: float = 1e-5) -> dict[str, Any]:
     """The compose project: `init` makes certificates and keys (once), `superlink` keeps its
     database on a volume, `register` registers every node's key, `node-<i>` are the
     SuperNodes, each with its own state volume (its privacy ledger)."""
@@ -193,7 +199,8 @@ def compose(num_nodes: int = 3, *, insecure: bool = False) -> dict[str, Any]:
             **image, "environment": {**env, "DPFL_CACHE_DIR": "/state/cache"},
             "command": supernode_command(i, num_nodes=num_nodes, superlink=f"superlink:{PORT}",
                                          certs=certs, state_dir="/state", port=9094,
-                                         insecure=insecure),
+                                         insecure=insecure, max_epsilon=max_epsilon,
+                                         max_delta=max_delta),
             "volumes": ["./deploy/certs:/certs:ro", f"node-{i}-state:/state"],
             "depends_on": {"register": {"condition": "service_completed_successfully"}},
             "restart": "unless-stopped",
@@ -236,5 +243,7 @@ HEADER = """\
 """
 
 
-def compose_yaml(num_nodes: int = 3, *, insecure: bool = False) -> str:
-    return HEADER.format(n=num_nodes) + to_yaml(compose(num_nodes, insecure=insecure)) + "\n"
+def compose_yaml(num_nodes: int = 3, *, insecure: bool = False, max_epsilon: float = 8.0,
+                 max_delta: float = 1e-5) -> str:
+    return HEADER.format(n=num_nodes) + to_yaml(compose(
+        num_nodes, insecure=insecure, max_epsilon=max_epsilon, max_delta=max_delta)) + "\n"
