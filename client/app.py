@@ -108,14 +108,19 @@ def request_key(cfg: ExperimentConfig, context: Context, server_round: int,
     return h.hexdigest()
 
 
-def request_problem(cfg: ExperimentConfig, node: NodeConfig,
-                    weights: dict[str, np.ndarray]) -> str | None:
+MAX_PLANNED_ROUNDS = 1_000_000
+
+
+def request_problem(cfg: ExperimentConfig, node: NodeConfig, weights: dict[str, np.ndarray],
+                    planned_rounds: float) -> str | None:
     """Why this node refuses the request before touching any data, or None. Every reason
     depends only on the run config, the node config and the global weights, all of them
     known to the server: a refusal reveals nothing about the records."""
     problem = node.policy_problem(cfg.privacy)
     if problem:
         return problem
+    if not (planned_rounds.is_integer() and 1 <= planned_rounds <= MAX_PLANNED_ROUNDS):
+        return f"planned-rounds={planned_rounds!r} must be an integer in [1, {MAX_PLANNED_ROUNDS}]"
     if cfg.attack.mode_for(node.partition_id) and not node.simulated_attacks:
         return (f"the run config asks this node to misbehave (attack={cfg.attack.attack!r}); "
                 "only a simulation harness may enable that (node config simulated-attacks)")
@@ -142,7 +147,8 @@ def train(msg: Message, context: Context) -> Message:
     view = server_cfg.get(keys.KNOWN_HISTORY)
     ledger = load_ledger(context, node.ledger_file, str(view) if view is not None else None)
 
-    problem = request_problem(cfg, node, global_weights)
+    planned = keys.number(server_cfg[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS)
+    problem = request_problem(cfg, node, global_weights, planned)
     if problem:
         return _refusal(msg, ledger, cfg, node, f"{problem}; round {server_round} refused, "
                                                 "nothing spent")
@@ -160,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         plan = plan_spend(
             ledger, num_examples=len(data), train=cfg.train, priv=cfg.privacy,
-            planned_rounds=int(keys.number(server_cfg[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS)),
+            planned_rounds=int(planned),
             client=f"client {node.partition_id}", min_noise_multiplier=node.min_noise_multiplier,
         )
     except BudgetExceeded as exc:

@@ -96,6 +96,8 @@ def calibrate_noise(
     `steps` steps at `sample_rate` stays at or below `target_epsilon`."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon={target_epsilon!r} must be finite and > 0 to calibrate")
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} must be >= 1 to calibrate a noise multiplier")
     if epsilon(prior, target_delta, accountant) >= target_epsilon:
         raise ValueError(
             f"the history already spends epsilon >= target_epsilon={target_epsilon}; no noise "

@@ -152,6 +152,13 @@ def test_node_defaults_are_private_and_stricter_run_configs_are_accepted(tmp_pat
         parse_node_config({"partition-id": 0, "num-partitions": 2}, "max-epsilon=0.0")
 
 
+@pytest.mark.parametrize("planned", [0, -3, 2.5, 10**9])
+def test_a_planned_round_count_that_cannot_calibrate_is_refused(tmp_path, planned):
+    reply, m = _ask(_ctx(tmp_path), 1, planned=planned)
+    assert int(m[keys.REFUSED]) == 1 and "planned-rounds" in str(reply.content[keys.PRIVACY][keys.REASON])
+    assert not (tmp_path / "node-3.json").exists()
+
+
 def test_simulated_attacks_need_the_nodes_own_switch(tmp_path):
     reply, m = _ask(_ctx(tmp_path, pid=0, attack="nan", attackers=1), 1)
     assert int(m[keys.REFUSED]) == 1
