@@ -86,16 +86,6 @@ def plan_spend(
     return plan
 
 
-def finite_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Which samples have a finite loss under the current weights (a forward pass without
-    gradients, so Opacus' hooks record nothing)."""
-    inner = getattr(model, "_module", model)
-    with torch.no_grad():
-        out = inner(x)
-        loss = nn.functional.cross_entropy(out, y, reduction="none")
-    return torch.isfinite(loss) & torch.isfinite(out.flatten(1)).all(1)
-
-
 def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
     """Samples whose per-sample gradient (hooks, functorch, ew) or per-sample gradient
     norm (ghost clipping) holds a non-finite value after a backward pass."""
@@ -110,21 +100,24 @@ def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -
 
 def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                 x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward on the batch, with every sample whose loss or gradient is not
-    finite taken out (a zero contribution, as the null record of zero-out adjacency), so
-    that what the DP step releases is finite whatever the data. Otherwise one record could
-    turn the whole update non-finite: a membership test outside the mechanism. Returns
-    (loss, labels used); the caller takes the optimizer step."""
-    keep = finite_rows(model, x, y)
+    """Forward and backward on the batch, with every sample whose gradient is not finite
+    taken out (a zero contribution, as the null record of zero-out adjacency), so that
+    what the DP step releases is finite whatever the data. Otherwise one record could turn
+    the whole update non-finite: a membership test outside the mechanism. Any non-finite
+    per-sample value makes the batch's summed gradient non-finite, so the per-sample check
+    (and a recomputation without those samples) runs only then. Returns (loss, labels
+    used); the caller takes the optimizer step."""
     while True:
-        x, y = x[keep], y[keep]
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
         loss.backward()
+        if len(y) == 0 or all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                              for p in model.parameters()):
+            return loss, y
         bad = nonfinite_samples(model, len(y), x.device)
         if not bool(bad.any()):
-            return loss, y
-        keep = ~bad  # samples are independent (no batch statistics): the rest stay finite
+            bad = torch.ones_like(bad)  # which sample is at fault cannot be told: none counts
+        x, y = x[~bad], y[~bad]  # samples are independent (no batch statistics)
 
 
 def train_round(
