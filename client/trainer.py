@@ -73,7 +73,9 @@ def plan_spend(
                 sample_rate=q, steps=steps * planned_rounds, accountant=priv.accountant,
                 prior=ledger.history,
             )
-        ledger.noise_multiplier = max(sigma, min_noise_multiplier)
+        ledger.noise_multiplier = sigma
+    # The node's floor also holds for a sigma fixed before it was set (more noise only).
+    ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
     plan = privacy.plan_round(
         ledger.history, noise_multiplier=ledger.noise_multiplier, sample_rate=q, steps=steps,
         delta=priv.target_delta, accountant=priv.accountant,

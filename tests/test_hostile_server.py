@@ -330,3 +330,14 @@ def test_server_never_sends_a_noise_multiplier_to_adopt():
                                  sample_rate=1.0)
     cfg = s.node_train_config(10, ConfigRecord({keys.SERVER_ROUND: 4}))
     assert set(cfg.keys()) == {keys.SERVER_ROUND, keys.KNOWN_HISTORY}
+
+
+def test_a_raised_noise_floor_applies_to_a_ledger_whose_sigma_was_fixed_before(tmp_path):
+    _, m = _ask(_ctx(tmp_path), 1, planned=2)
+    low = float(m[keys.NOISE_MULTIPLIER])
+    floor = low * 2
+    _, m = _ask(_ctx(tmp_path, policy={"max-epsilon": BUDGET, "min-noise-multiplier": floor}), 2,
+                planned=2)
+    assert int(m[keys.REFUSED]) == 0 and float(m[keys.NOISE_MULTIPLIER]) == floor
+    history = json.loads((tmp_path / "node-3.json").read_text())["history"]
+    assert history == [[low, 1.0, 1], [floor, 1.0, 1]]
