@@ -2,6 +2,7 @@
 
 import time
 import uuid
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
@@ -9,14 +10,28 @@ from flwr.app.message.message import make_message
 from common import keys
 from common.config import default_run_config, node_policy_for, parse_config
 
+# The tiny real Fashion-MNIST subset (tests/data/README.md): 1,000 training records, so
+# the NUM_PARTITIONS partitions of the fast tests' run config hold PARTITION_SIZE each.
+TINY_DATA = str(Path(__file__).resolve().parent / "data" / "fashion-mnist-tiny")
+NUM_PARTITIONS = 10
+PARTITION_SIZE = 100
+# What the fast tests run unless they say otherwise: the tiny data, a model that needs
+# no feature computation, partitions of PARTITION_SIZE records.
+FAST = {"data-dir": TINY_DATA, "model": "logreg", "num-partitions": NUM_PARTITIONS}
+
 
 def run_config(**overrides):
-    cfg = default_run_config()
+    cfg = {**default_run_config(), **FAST}
     cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return cfg
 
 
-def context(partition_id=0, num_partitions=100, state=None, node_extra=None, run_id=1,
+def fast_config(**overrides):
+    """The validated config of `run_config(**overrides)`."""
+    return parse_config(run_config(**overrides))
+
+
+def context(partition_id=0, num_partitions=NUM_PARTITIONS, state=None, node_extra=None, run_id=1,
             harness_policy=True, **overrides):
     """A node's context. With `harness_policy` its node config holds the policy that
     `dpfl simulate` gives virtual nodes (accepting exactly this run config); without,

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from common.config import ConfigError, parse_overrides, resolve_config
+from tests.helpers import FAST
 
 
 def test_defaults_parse():
@@ -72,14 +73,14 @@ def test_simulate_checks_delta_and_partitions_before_starting(tmp_path):
     from simulations.simulate import prepare
 
     with pytest.raises(ConfigError, match=r"target-delta=0.01 must be < 1/n .* smallest client"):
-        prepare({"target-delta": 0.01}, str(tmp_path))
+        prepare({**FAST, "target-delta": 0.01}, str(tmp_path))
     with pytest.raises(DataError, match="num-partitions=70000 exceeds"):
-        prepare({"num-partitions": 70000}, str(tmp_path))
+        prepare({**FAST, "num-partitions": 70000}, str(tmp_path))
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device='cuda'"):
-            prepare({"device": "cuda"}, str(tmp_path))
+            prepare({**FAST, "device": "cuda"}, str(tmp_path))
 
 
 def test_unwritable_output_dir_and_taken_run_name_are_clear_errors(tmp_path):
@@ -88,13 +89,13 @@ def test_unwritable_output_dir_and_taken_run_name_are_clear_errors(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
     with pytest.raises(ConfigError, match="output-dir=.*a-file/runs.*not writable"):
-        prepare({}, str(blocker / "runs"))
+        prepare(dict(FAST), str(blocker / "runs"))
     assert blocker.read_text() == "keep me"
     run = tmp_path / "runs" / "taken"
     run.mkdir(parents=True)
     (run / "rounds.jsonl").write_text('{"round": 1}\n')
     with pytest.raises(ConfigError, match="run-name='taken'.*already holds a run"):
-        prepare({"run-name": "taken"}, str(tmp_path / "runs"))
+        prepare({**FAST, "run-name": "taken"}, str(tmp_path / "runs"))
     assert (run / "rounds.jsonl").read_text() == '{"round": 1}\n'
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from common import data
 from common.data import FILES, DataError, locate, partition_indices, read_idx
+from tests.helpers import TINY_DATA
 
 SYSTEM = locate(download=False)  # the real files (Debian package or cache)
 
@@ -93,6 +94,7 @@ def test_not_gzip_is_rejected(tmp_path):
         read_idx(bad)
 
 
+@pytest.mark.slow
 def test_real_data_loads_with_expected_shapes():
     train = data.load_split("train")
     test = data.load_split("test")
@@ -139,7 +141,7 @@ def test_system_dir_is_used_when_present():
 def test_scatter_features_are_cached_and_shared(tmp_path):
     from common.features import cached_features
 
-    images = data.load_split("test").images[:40]
+    images = data.load_split("test", TINY_DATA).images[:40]
     first = cached_features("scatter", images, tmp_path)
     assert first.shape == (40, 81, 7, 7) and np.isfinite(first).all()
     files = sorted(p.name for p in tmp_path.glob("scatter-*.npy"))
@@ -149,3 +151,12 @@ def test_scatter_features_are_cached_and_shared(tmp_path):
     assert len(list(tmp_path.glob("scatter-*.npy"))) == 2 and np.allclose(other, first[:20])
     with pytest.raises(ValueError, match="features='nope'"):
         cached_features("nope", images, tmp_path)
+
+
+def test_tiny_real_subset_loads_from_a_data_dir():
+    """The fast suite's data: real Fashion-MNIST rows in the official format."""
+    train = data.load_split("train", TINY_DATA)
+    test = data.load_split("test", TINY_DATA)
+    assert train.images.shape == (1000, 1, 28, 28) and len(test) == 300
+    assert np.bincount(train.labels).tolist() == [100] * 10
+    assert abs(float(train.images.mean())) < 0.2  # normalised with the dataset's mean/std

@@ -18,7 +18,7 @@ from common.config import ConfigError, resolve_config
 from common.models import build_model, get_weights
 from server import checkpoint
 from server.strategy import DPFedAvg, NodeInfo, RoundOutcome, short_error
-from tests.helpers import context, metadata, train_message
+from tests.helpers import PARTITION_SIZE, context, metadata, train_message
 
 GLOBAL = get_weights(build_model("logreg", seed=0))
 
@@ -75,7 +75,7 @@ def test_query_reports_partition_and_size():
     msg = make_message(metadata(message_type="query"), content=RecordDict({"config": ConfigRecord({})}))
     reply = client_query(msg, context(partition_id=4, num_partitions=10))
     m = reply.content[keys.METRICS]
-    assert (int(m[keys.PARTITION_ID]), int(m[keys.NUM_EXAMPLES]), int(m[keys.OWN_DATA])) == (4, 6000, 0)
+    assert (int(m[keys.PARTITION_ID]), int(m[keys.NUM_EXAMPLES]), int(m[keys.OWN_DATA])) == (4, PARTITION_SIZE, 0)
 
 
 def test_partition_id_outside_the_range_is_a_clear_error():

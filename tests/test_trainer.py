@@ -11,7 +11,7 @@ from common import keys, privacy
 from common.config import resolve_config
 from common.data import Split
 from common.models import build_model, get_weights
-from tests.helpers import context, train_message
+from tests.helpers import PARTITION_SIZE, context, train_message
 from tests.test_privacy import dp_accounting_epsilon
 
 MODES = ["hooks", "ghost", "functorch"]
@@ -71,12 +71,12 @@ def _run_rounds(ctx, rounds, planned, start_round=1):
 
 
 def test_ledger_over_k_rounds_equals_one_run_of_equal_steps():
-    ctx = context(partition_id=3, batch_size=64)
+    ctx = context(partition_id=3, batch_size=20)
     replies = _run_rounds(ctx, rounds=3, planned=4)
     eps = [float(r.content[keys.METRICS][keys.EPSILON]) for r in replies]
     assert eps == sorted(eps) and eps[0] > 0  # epsilon only grows
     sigma = float(replies[0].content[keys.METRICS][keys.NOISE_MULTIPLIER])
-    q, steps = privacy.poisson_plan(600, 64, 1)
+    q, steps = privacy.poisson_plan(PARTITION_SIZE, 20, 1)
     one_run = [(sigma, q, 3 * steps)]
     assert eps[-1] == pytest.approx(privacy.epsilon(one_run, 1e-5), rel=1e-9)
     assert eps[-1] == pytest.approx(dp_accounting_epsilon(one_run, 1e-5), rel=0.01)
@@ -89,7 +89,7 @@ def test_ledger_over_k_rounds_equals_one_run_of_equal_steps():
 
 
 def test_client_refuses_once_budget_is_spent_and_keeps_its_ledger():
-    ctx = context(partition_id=5, batch_size=128, target_epsilon=2.0)
+    ctx = context(partition_id=5, batch_size=25, target_epsilon=2.0)
     replies = _run_rounds(ctx, rounds=3, planned=2)
     m = [r.content[keys.METRICS] for r in replies]
     assert [int(x[keys.REFUSED]) for x in m] == [0, 0, 1]
@@ -102,14 +102,14 @@ def test_client_refuses_once_budget_is_spent_and_keeps_its_ledger():
 
 def test_ledger_survives_client_restart(tmp_path):
     path = tmp_path / "ledger.json"
-    first = context(partition_id=7, batch_size=128, node_extra={keys.NODE_LEDGER_PATH: str(path)})
+    first = context(partition_id=7, batch_size=25, node_extra={keys.NODE_LEDGER_PATH: str(path)})
     before = _run_rounds(first, rounds=2, planned=4)
-    restarted = context(partition_id=7, batch_size=128,  # fresh node state, same ledger file
+    restarted = context(partition_id=7, batch_size=25,  # fresh node state, same ledger file
                         node_extra={keys.NODE_LEDGER_PATH: str(path)})
     after = _run_rounds(restarted, rounds=1, planned=4, start_round=3)
     sigma = float(before[0].content[keys.METRICS][keys.NOISE_MULTIPLIER])
     assert float(after[0].content[keys.METRICS][keys.NOISE_MULTIPLIER]) == sigma
-    q, steps = privacy.poisson_plan(600, 128, 1)
+    q, steps = privacy.poisson_plan(PARTITION_SIZE, 25, 1)
     assert float(after[0].content[keys.METRICS][keys.EPSILON]) == pytest.approx(
         privacy.epsilon([(sigma, q, 3 * steps)], 1e-5), rel=1e-9)
 
