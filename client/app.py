@@ -1,7 +1,10 @@
 """The dpfl ClientApp: decode, train under the ledger, encode. Logic lives in trainer.py.
 
 Two handlers: `query` tells the server which partition this node holds and how many
-records (node discovery), `train` runs one round of DP-SGD under the privacy ledger.
+records (node discovery), `train` runs one round of DP-SGD under the privacy ledger, as
+named steps: decode the request, load the ledger, refuse what the node's policy or the
+weights rule out (before touching data), answer a replayed request from the kept
+reply, plan the spend under the budget, train, release, commit the ledger.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import os
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import wire
 from client.attacks import apply_attack, attack_before_training
 from client.ledger import Ledger, load_ledger, load_replay, save_ledger, save_replay
-from client.trainer import BudgetExceeded, plan_spend, train_round
-from common import keys
+from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
+from common import keys, privacy
 from common.aggregation import model_problem
 from common.config import (
     NODE_CONFIG_ENV,
@@ -30,13 +34,19 @@ from common.config import (
 )
 from common.data import Split, cached_partitions, load_partition, load_split
 from common.models import MODEL_FEATURES, build_model, get_weights
+from common.records import run_label
 
 app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _config(items: tuple) -> ExperimentConfig:
+def _parse(items: tuple) -> ExperimentConfig:
     return parse_config(dict(items))
+
+
+def _config(context: Context) -> ExperimentConfig:
+    """The run's config, parsed once per run in this process."""
+    return _parse(tuple(sorted(context.run_config.items())))
 
 
 def _node(context: Context) -> NodeConfig:
@@ -72,36 +82,20 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = _config(tuple(sorted(context.run_config.items())))
-    node = _node(context)
-    return Message(content=RecordDict({keys.METRICS: MetricRecord({
-        keys.PARTITION_ID: node.partition_id, keys.NUM_EXAMPLES: _num_examples(cfg, node),
-        keys.OWN_DATA: int(bool(node.data_dir)),
-    })}), reply_to=msg)
+    cfg, node = _config(context), _node(context)
+    return wire.query_reply(msg, partition_id=node.partition_id,
+                            num_examples=_num_examples(cfg, node), own_data=bool(node.data_dir))
 
 
-def _reply(msg: Message, metrics: dict, history: list, reason: str = "",
-           arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({
-        keys.METRICS: MetricRecord(metrics),
-        keys.PRIVACY: ConfigRecord({keys.HISTORY: json.dumps([list(e) for e in history]),
-                                    keys.REASON: reason}),
-    })
-    if arrays is not None:
-        content[keys.ARRAYS] = arrays
-    return Message(content=content, reply_to=msg)
-
-
-def request_key(cfg: ExperimentConfig, context: Context, server_round: int,
-                weights: dict[str, np.ndarray]) -> str:
+def request_key(cfg: ExperimentConfig, context: Context, request: wire.TrainRequest) -> str:
     """Identifies one training request: the run (its config, but not `resume`), the round
     and the exact global model. A resumed run asks the same again for the round that
     was cut off."""
     h = hashlib.sha256()
     run_config = {k: v for k, v in sorted(context.run_config.items()) if k != "resume"}
-    run = cfg.runtime.run_name or f"run-{context.run_id}"
-    h.update(json.dumps([run, run_config, server_round], default=str).encode())
-    for name, arr in weights.items():
+    run = run_label(cfg.runtime.run_name, context.run_id)
+    h.update(json.dumps([run, run_config, request.server_round], default=str).encode())
+    for name, arr in request.weights.items():
         h.update(name.encode())
         h.update(str(arr.dtype).encode() + str(arr.shape).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
@@ -111,85 +105,87 @@ def request_key(cfg: ExperimentConfig, context: Context, server_round: int,
 MAX_PLANNED_ROUNDS = 1_000_000
 
 
-def request_problem(cfg: ExperimentConfig, node: NodeConfig, weights: dict[str, np.ndarray],
-                    planned_rounds: float) -> str | None:
+def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.TrainRequest) -> str | None:
     """Why this node refuses the request before touching any data, or None. Every reason
     depends only on the run config, the node config and the global weights, all of them
     known to the server: a refusal reveals nothing about the records."""
     problem = node.policy_problem(cfg.privacy)
     if problem:
         return problem
-    if not (planned_rounds.is_integer() and 1 <= planned_rounds <= MAX_PLANNED_ROUNDS):
-        return f"planned-rounds={planned_rounds!r} must be an integer in [1, {MAX_PLANNED_ROUNDS}]"
+    planned = request.planned_rounds
+    if not (planned.is_integer() and 1 <= planned <= MAX_PLANNED_ROUNDS):
+        return f"planned-rounds={planned!r} must be an integer in [1, {MAX_PLANNED_ROUNDS}]"
     if cfg.attack.mode_for(node.partition_id) and not node.simulated_attacks:
         return (f"the run config asks this node to misbehave (attack={cfg.attack.attack!r}); "
                 "only a simulation harness may enable that (node config simulated-attacks)")
-    return model_problem(_template(cfg.train.model), weights, max_norm=node.max_model_norm)
+    return model_problem(_template(cfg.train.model), request.weights, max_norm=node.max_model_norm)
 
 
-def _refusal(msg: Message, ledger: Ledger, cfg: ExperimentConfig, node: NodeConfig,
-             reason: str) -> Message:
+def refusal(msg: Message, ledger: Ledger, cfg: ExperimentConfig, node: NodeConfig,
+            reason: str) -> Message:
+    """A reply that trains nothing and spends nothing: the ledger as it stands."""
     delta = min(cfg.privacy.target_delta, node.max_delta)
     metrics = {keys.NUM_EXAMPLES: 0, keys.TRAIN_LOSS: math.nan, keys.PARTITION_ID: node.partition_id,
                keys.REFUSED: 1, keys.EPSILON: ledger.epsilon(delta, cfg.privacy.accountant),
                keys.NOISE_MULTIPLIER: ledger.noise_multiplier or 0.0, keys.SAMPLE_RATE: 0.0,
                keys.STEPS: 0}
-    return _reply(msg, metrics, ledger.history, reason=reason)
+    return wire.reply(msg, metrics, ledger.history, reason=reason)
+
+
+def released_metrics(node: NodeConfig, plan: privacy.RoundPlan, result: RoundResult) -> dict:
+    """What the client tells the server besides its model. The training loss is a
+    statistic of the records that no DP mechanism covers: a private client withholds it
+    (NaN) rather than leak it unaccounted."""
+    return {
+        keys.NUM_EXAMPLES: result.num_examples, keys.PARTITION_ID: node.partition_id,
+        keys.REFUSED: 0,
+        keys.TRAIN_LOSS: result.train_loss if not plan.noise_multiplier else math.nan,
+        keys.EPSILON: plan.epsilon_after, keys.NOISE_MULTIPLIER: plan.noise_multiplier,
+        keys.SAMPLE_RATE: plan.sample_rate, keys.STEPS: result.steps,
+    }
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _config(tuple(sorted(context.run_config.items())))
-    node = _node(context)
-    server_cfg = msg.content[keys.CONFIG]
-    server_round = int(keys.number(server_cfg[keys.SERVER_ROUND], keys.SERVER_ROUND))
-    global_weights = keys.from_array_record(msg.content.array_records[keys.ARRAYS])
-    view = server_cfg.get(keys.KNOWN_HISTORY)
-    ledger = load_ledger(context, node.ledger_file, str(view) if view is not None else None)
-
-    planned = keys.number(server_cfg[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS)
-    problem = request_problem(cfg, node, global_weights, planned)
+    cfg, node = _config(context), _node(context)
+    request = wire.decode_request(msg)
+    ledger = load_ledger(context, node.ledger_file, request.known_history)
+    problem = request_problem(cfg, node, request)
     if problem:
-        return _refusal(msg, ledger, cfg, node, f"{problem}; round {server_round} refused, "
-                                                "nothing spent")
-    key = request_key(cfg, context, server_round, global_weights)
+        return refusal(msg, ledger, cfg, node,
+                       f"{problem}; round {request.server_round} refused, nothing spent")
+    key = request_key(cfg, context, request)
     replay = load_replay(ledger, node.ledger_file, key)
     if replay is not None:
         # The same request again (a resumed run redoing the round that was cut off):
         # releasing the same output twice costs no privacy; training again would.
         weights, metrics = replay
-        return _reply(msg, metrics, ledger.history, arrays=keys.to_array_record(weights))
+        return wire.reply(msg, metrics, ledger.history, weights=weights)
+    return train_and_reply(msg, context, cfg, node, request, ledger, key)
 
+
+def train_and_reply(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig,
+                    request: wire.TrainRequest, ledger: Ledger, key: str) -> Message:
     attack = cfg.attack.mode_for(node.partition_id)  # only with simulated-attacks
     attack_before_training(attack, cfg)
     data = _data(cfg, node)
     try:
         plan = plan_spend(
-            ledger, num_examples=len(data), train=cfg.train, priv=cfg.privacy,
-            planned_rounds=int(planned),
-            client=f"client {node.partition_id}", min_noise_multiplier=node.min_noise_multiplier,
+            ledger, num_examples=len(data), train=cfg.client_train, priv=cfg.privacy,
+            planned_rounds=int(request.planned_rounds), client=f"client {node.partition_id}",
+            min_noise_multiplier=node.min_noise_multiplier,
         )
     except BudgetExceeded as exc:
         save_ledger(context, ledger, node.ledger_file)  # keeps a freshly calibrated sigma
-        return _refusal(msg, ledger, cfg, node, f"{exc} in round {server_round}")
-
-    result = train_round(
-        global_weights, data, plan, train=cfg.train, priv=cfg.privacy,
-        runtime=cfg.runtime, seed=cfg.data.seed * 100_003 + server_round * 1009 + node.partition_id,
-    )
-    metrics = {
-        keys.NUM_EXAMPLES: result.num_examples, keys.PARTITION_ID: node.partition_id,
-        keys.REFUSED: 0,
-        # The training loss is a statistic of the client's records that no DP mechanism
-        # covers: a private client withholds it (NaN) rather than leak it unaccounted.
-        keys.TRAIN_LOSS: result.train_loss if not plan.noise_multiplier else math.nan,
-        keys.EPSILON: plan.epsilon_after, keys.NOISE_MULTIPLIER: plan.noise_multiplier,
-        keys.SAMPLE_RATE: plan.sample_rate, keys.STEPS: result.steps,
-    }
-    weights, metrics = apply_attack(attack, cfg, global_weights, result.weights, metrics)
+        return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
+    seed = cfg.data.seed * 100_003 + request.server_round * 1009 + node.partition_id
+    result = train_round(request.weights, data, plan, train=cfg.client_train, priv=cfg.privacy,
+                         runtime=cfg.runtime, seed=seed)
+    weights, metrics = apply_attack(attack, cfg, request.weights, result.weights,
+                                    released_metrics(node, plan, result))
     ledger.spend(plan.entry)
     # Only after the round trained; the reply is kept beside the ledger so that the same
     # request, asked again after a restart, gets the same answer at no extra cost.
     save_replay(ledger, node.ledger_file, key, weights, metrics)
     save_ledger(context, ledger, node.ledger_file)
-    return _reply(msg, metrics, ledger.history, arrays=keys.to_array_record(weights))
+    return wire.reply(msg, metrics, ledger.history, weights=weights)

@@ -18,7 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
-from common.results import atomic_write, atomic_write_text, jsonable
+from common.files import atomic_write, atomic_write_text
+from common.records import decode_float, encode
 
 STATE_KEY = "dpfl-ledger"
 
@@ -119,7 +120,7 @@ def save_replay(ledger: Ledger, path: Path | None, key: str, weights: dict[str, 
         return
     arrays = {**weights, "__request__": np.frombuffer(key.encode(), dtype=np.uint8)}
     atomic_write(replay_file(path), lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
-    ledger.replay = {"key": key, "metrics": jsonable(metrics)}
+    ledger.replay = {"key": key, "metrics": encode(metrics)}
 
 
 def load_replay(ledger: Ledger, path: Path | None, key: str
@@ -134,7 +135,7 @@ def load_replay(ledger: Ledger, path: Path | None, key: str
         return None
     if weights.pop("__request__", np.zeros(0, np.uint8)).tobytes().decode(errors="replace") != key:
         return None  # the file holds a newer reply whose ledger was never saved
-    metrics = {k: (float(v) if isinstance(v, str) else v)  # "nan"/"inf" back to floats
+    metrics = {k: decode_float(v) if isinstance(v, str) else v
                for k, v in ledger.replay["metrics"].items()}
     return weights, metrics
 

@@ -113,6 +113,20 @@ def weighted_average(
     return out
 
 
+def multikrum_indices(updates: Sequence[Mapping[str, np.ndarray]], num_malicious: int,
+                num_select: int) -> list[int]:
+    """Krum / Multi-Krum (Blanchard et al. 2017), as Flower's `select_multikrum`: score each
+    update by the summed squared distances to its n - f - 2 nearest others and return the
+    indices of the `num_select` lowest scores (ties: the earlier update)."""
+    flat = np.stack([np.concatenate([np.asarray(a, np.float64).ravel() for a in u.values()])
+                     for u in updates])
+    sq = np.square(flat).sum(axis=1)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
+    nearest = max(1, len(updates) - num_malicious - 2)
+    scores = [float(np.sort(row)[1:nearest + 1].sum()) for row in dist]
+    return [int(i) for i in np.argsort(scores, kind="stable")[:num_select]]
+
+
 def robust_aggregate(
     method: str, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], *,
     trim_fraction: float = 0.2, krum_malicious: int = 0, krum_select: int = 1,
@@ -120,11 +134,9 @@ def robust_aggregate(
     """Aggregate client models with one of Flower's rules; returns (model, indices of the
     updates it used). fedavg: weighted mean; fedmedian: coordinate-wise median (as
     Flower's FedMedian); fedtrimmedavg: coordinate-wise trimmed mean (Flower's
-    `trim_mean`); krum / multikrum: Flower's `select_multikrum` picks the update(s)
-    closest to their neighbours, which are then averaged by weight."""
-    from flwr.app import MetricRecord, RecordDict
-    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-    from flwr.serverapp.strategy.multikrum import select_multikrum
+    `trim_mean`); krum / multikrum: the update(s) closest to their neighbours
+    (`multikrum_indices`, as Flower's `select_multikrum`), averaged by weight."""
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean  # numpy only
 
     everyone = list(range(len(updates)))
     if method == "fedavg":
@@ -138,14 +150,7 @@ def robust_aggregate(
             out[name] = np.asarray(agg, dtype=updates[0][name].dtype)
         return out, everyone
     if method in ("krum", "multikrum"):
-        contents = [
-            RecordDict({"arrays": keys.to_array_record(u), "metrics": MetricRecord({"i": i})})
-            for i, u in enumerate(updates)
-        ]
-        chosen = select_multikrum(
-            contents, num_malicious_nodes=krum_malicious,
-            num_nodes_to_select=1 if method == "krum" else min(krum_select, len(updates)),
-        )
-        idx = sorted(int(c["metrics"]["i"]) for c in chosen)  # type: ignore[arg-type, call-overload]
+        idx = sorted(multikrum_indices(updates, krum_malicious,
+                                 1 if method == "krum" else min(krum_select, len(updates))))
         return weighted_average([updates[i] for i in idx], [weights[i] for i in idx]), idx
     raise ValueError(f"unknown aggregation {method!r}")

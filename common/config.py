@@ -153,9 +153,6 @@ class TrainConfig:
     batch_size: int
     learning_rate: float
     momentum: float
-    baseline_batch_size: int
-    baseline_learning_rate: float
-    baseline_server_momentum: float
 
     def __post_init__(self) -> None:
         from common.models import MODELS  # local import: models pulls in torch
@@ -165,18 +162,29 @@ class TrainConfig:
         )
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
-        _check(
-            self.baseline_batch_size >= 0, "baseline-batch-size", self.baseline_batch_size,
-            "must be >= 0 (0: full batch)",
-        )
-        for key, lr in (("learning-rate", self.learning_rate),
-                        ("baseline-learning-rate", self.baseline_learning_rate)):
-            _check(0 < lr < math.inf, key, lr, "must be > 0 and finite")
-        _check(
-            0 <= self.baseline_server_momentum < 1, "baseline-server-momentum",
-            self.baseline_server_momentum, "must be in [0, 1)",
-        )
+        _check(0 < self.learning_rate < math.inf, "learning-rate", self.learning_rate,
+               "must be > 0 and finite")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineConfig:
+    """The non-private baseline's optimizer (keys `baseline-*`). DP-SGD's settings (one
+    large step on clipped, noisy gradients) diverge without clipping, so a run without DP
+    trains with these instead of batch-size, learning-rate and server-momentum; see
+    `ExperimentConfig.client_train` and `ExperimentConfig.server_momentum`."""
+
+    batch_size: int
+    learning_rate: float
+    server_momentum: float
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 0, "baseline-batch-size", self.batch_size,
+               "must be >= 0 (0: full batch)")
+        _check(0 < self.learning_rate < math.inf, "baseline-learning-rate", self.learning_rate,
+               "must be > 0 and finite")
+        _check(0 <= self.server_momentum < 1, "baseline-server-momentum", self.server_momentum,
+               "must be in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +236,11 @@ class PrivacyConfig:
         if not self.dp:
             return False
         return math.isfinite(self.target_epsilon) or self.noise_multiplier > 0
+
+    @property
+    def budget(self) -> float:
+        """The epsilon this run promises each client: target-epsilon, or inf without DP."""
+        return self.target_epsilon if self.private else math.inf
 
     def check_delta(self, num_examples: int, *, client: str = "client") -> None:
         """delta must be below 1/n for the client's n records, or the guarantee is vacuous."""
@@ -406,6 +419,7 @@ class ExperimentConfig:
     train: TrainConfig
     privacy: PrivacyConfig
     attack: AttackConfig
+    baseline: BaselineConfig
     runtime: RuntimeConfig = field(compare=False)
 
     def __post_init__(self) -> None:
@@ -426,31 +440,49 @@ class ExperimentConfig:
                 fed.krum_select, "must be <= the clients sampled per round",
             )
 
+    @property
+    def client_train(self) -> TrainConfig:
+        """The client optimizer in force: `train` for a private run; for the non-private
+        baseline, `train` with the baseline's batch size and learning rate."""
+        if self.privacy.private:
+            return self.train
+        return replace(self.train, batch_size=self.baseline.batch_size,
+                       learning_rate=self.baseline.learning_rate)
+
+    @property
+    def server_momentum(self) -> float:
+        """The server momentum in force (the baseline's without DP)."""
+        return self.federation.server_momentum if self.privacy.private \
+            else self.baseline.server_momentum
+
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config dict (dashed keys) that parses back to this config."""
         out: dict[str, Any] = {}
-        for section in (self.federation, self.data, self.train, self.privacy, self.attack,
-                        self.runtime):
-            for k, v in asdict(section).items():
-                out[k.replace("_", "-")] = v
+        for name, (_, prefix) in _SECTIONS.items():
+            for k, v in asdict(getattr(self, name)).items():
+                out[prefix + k.replace("_", "-")] = v
         return out
 
 
-_SECTIONS = {
-    "federation": FederationConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "privacy": PrivacyConfig,
-    "attack": AttackConfig,
-    "runtime": RuntimeConfig,
+# section -> (class, prefix of its run-config keys)
+_SECTIONS: dict[str, tuple[type, str]] = {
+    "federation": (FederationConfig, ""),
+    "data": (DataConfig, ""),
+    "train": (TrainConfig, ""),
+    "privacy": (PrivacyConfig, ""),
+    "attack": (AttackConfig, ""),
+    "baseline": (BaselineConfig, "baseline-"),
+    "runtime": (RuntimeConfig, ""),
 }
 
 
-def _field_types() -> dict[str, tuple[str, type]]:
-    out: dict[str, tuple[str, type]] = {}
-    for section, cls in _SECTIONS.items():
+def _field_types() -> dict[str, tuple[str, str, type]]:
+    """run-config key -> (section, field name, type)."""
+    out: dict[str, tuple[str, str, type]] = {}
+    for section, (cls, prefix) in _SECTIONS.items():
         for f in fields(cls):
-            out[f.name.replace("_", "-")] = (section, {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)])
+            out[prefix + f.name.replace("_", "-")] = (
+                section, f.name, {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)])
     return out
 
 
@@ -494,20 +526,10 @@ def parse_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"missing config key(s): {', '.join(missing)}")
     kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in run_config.items():
-        section, typ = FIELD_TYPES[key]
-        kwargs[section][key.replace("-", "_")] = _coerce(key, value, typ)
-    built = {s: cls(**kwargs[s]) for s, cls in _SECTIONS.items()}
-    cfg = ExperimentConfig(**built)
-    if not cfg.privacy.private:
-        # DP-SGD's settings (a large step on clipped, noisy gradients) diverge without
-        # clipping: the non-private baseline runs with its own optimizer settings.
-        t = cfg.train
-        cfg = replace(
-            cfg,
-            train=replace(t, batch_size=t.baseline_batch_size, learning_rate=t.baseline_learning_rate),
-            federation=replace(cfg.federation, server_momentum=t.baseline_server_momentum),
-        )
-    return cfg
+        section, name, typ = FIELD_TYPES[key]
+        kwargs[section][name] = _coerce(key, value, typ)
+    built = {s: cls(**kwargs[s]) for s, (cls, _) in _SECTIONS.items()}
+    return ExperimentConfig(**built)
 
 
 def project_root() -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import atomic_write
+from common.files import atomic_write
 
 FEATURES = ("scatter",)
 SCATTER_SHAPE = (81, 7, 7)

@@ -1,9 +1,6 @@
-"""Every key that crosses the wire between ServerApp and ClientApp, once."""
-
-from collections.abc import Mapping
-
-import numpy as np
-from flwr.app import Array, ArrayRecord
+"""Every key that crosses the wire between ServerApp and ClientApp, once (names only:
+the Flower records themselves are built at the app edges, client/wire.py and
+server/wire.py)."""
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -44,16 +41,6 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_DIR = "data-dir"
 NODE_LEDGER_PATH = "ledger-path"
-
-
-def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
-    return ArrayRecord({name: Array(value) for name, value in weights.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ordered dict of named numpy arrays."""
-    return {name: record[name].numpy() for name in record}
 
 
 def number(value: object, key: str) -> float:

@@ -1,5 +1,5 @@
 """The server's checkpoint: everything needed to continue a run after its last complete
-round, in one file written atomically (`checkpoint.npz` in the run directory).
+round, in one file written atomically (`CHECKPOINT_FILE` in the run directory, common.records).
 
 It holds the global model, the strategy's state (sampler RNG and queue, server optimizer,
 moving average, the clients' privacy view) and the run-level records (every round's row,
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError
-from common.results import atomic_write, jsonable
+from common.config import ConfigError, ExperimentConfig
+from common.files import atomic_write
+from common.records import CHECKPOINT_FILE, encode, run_status
 
-FILE = "checkpoint.npz"
 _META = "__meta__"
 
 
@@ -33,20 +33,20 @@ class Checkpoint:
 def save(run_dir: Path, *, model: dict[str, np.ndarray],
          strategy: tuple[dict[str, Any], dict[str, np.ndarray]], meta: dict[str, Any]) -> None:
     strategy_meta, strategy_arrays = strategy
-    text = json.dumps(jsonable({**meta, "strategy": strategy_meta}), allow_nan=False)
+    text = json.dumps(encode({**meta, "strategy": strategy_meta}), allow_nan=False)
     arrays = {f"model/{k}": v for k, v in model.items()}
     arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
     arrays[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
-    atomic_write(run_dir / FILE, lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
+    atomic_write(run_dir / CHECKPOINT_FILE, lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
 
 
 def load(run_dir: Path) -> Checkpoint:
-    path = run_dir / FILE
-    if (run_dir / "summary.json").exists():
-        raise ConfigError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
+    path = run_dir / CHECKPOINT_FILE
+    if run_status(run_dir) == "finished":
+        raise ConfigError(f"{run_dir} holds a finished run: nothing to resume")
     if not path.exists():
         raise ConfigError(
-            f"{run_dir} has no {FILE}: the run stopped before its first round completed; "
+            f"{run_dir} has no {CHECKPOINT_FILE}: the run stopped before its first round completed; "
             "start it again instead of resuming"
         )
     try:
@@ -60,10 +60,17 @@ def load(run_dir: Path) -> Checkpoint:
     return Checkpoint(model=model, strategy_arrays=strat, meta=meta)
 
 
+def load_matching(run_dir: Path, cfg: ExperimentConfig) -> Checkpoint:
+    """The checkpoint to resume `run_dir` with `cfg`, or a clear error."""
+    ckpt = load(run_dir)
+    check_matches(ckpt, cfg.to_run_config())
+    return ckpt
+
+
 def check_matches(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:
     """A run resumes with the config it started with (only `resume` may differ)."""
     saved = {k: v for k, v in ckpt.meta["run_config"].items() if k != "resume"}
-    now = jsonable({k: v for k, v in run_config.items() if k != "resume"})
+    now = encode({k: v for k, v in run_config.items() if k != "resume"})
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(

@@ -15,7 +15,6 @@ import tempfile
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from common import privacy
 from common.config import resolve_config
 from common.data import load_partition
 from common.models import MODEL_FEATURES, build_model, get_weights
-from common.results import read_rounds
+from common.records import RunDir
 
 
 def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds: float) -> float:
@@ -44,11 +43,11 @@ def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds:
     done, start = 0, time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_round(weights, data, plan, train=cfg.train, priv=cfg.privacy,  # warm-up
+        train_round(weights, data, plan, train=cfg.client_train, priv=cfg.privacy,  # warm-up
                     runtime=cfg.runtime, seed=0)
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            train_round(weights, data, plan, train=cfg.train, priv=cfg.privacy,
+            train_round(weights, data, plan, train=cfg.client_train, priv=cfg.privacy,
                         runtime=cfg.runtime, seed=done)
             done += len(data)
     return done / (time.perf_counter() - start)
@@ -78,15 +77,14 @@ def round_figures(overrides: dict, client_cpus: float) -> dict:
     finally:
         stop.set()
         watcher.join()
-    rows = read_rounds(Path(run_dir) / "rounds.jsonl")
-    round_s = [r["seconds"] for r in rows]
+    rows = RunDir(run_dir).rounds()
     later = rows[1:] or rows  # round 1 includes one-off start-up (actors, data, calibration)
     return {
         "wall_seconds_total": time.time() - t0,
-        "seconds_round_1": round_s[0] if round_s else None,
-        "seconds_per_round_after_1": sum(r["seconds"] for r in later) / len(later),
+        "seconds_round_1": rows[0].seconds if rows else None,
+        "seconds_per_round_after_1": sum(r.seconds for r in later) / len(later),
         "peak_memory_increase_gib": (peak[0] - base) / 2**30,
-        "final_accuracy": rows[-1]["test_accuracy"] if rows else None,
+        "final_accuracy": rows[-1].test_accuracy if rows else None,
         "run_dir": str(run_dir),
     }
 

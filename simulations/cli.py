@@ -11,7 +11,7 @@ from common.data import DataError
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from common.results import read_json
+    from common.records import RunDir
     from simulations.simulate import resume, simulate, summary_text
 
     progress = None if args.quiet else print
@@ -26,7 +26,8 @@ def _simulate(args: argparse.Namespace) -> int:
         run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
                            progress=progress, ledger_dir=args.ledger_dir)
     print(summary_text(run_dir))
-    return 1 if read_json(run_dir / "summary.json").get("stopped_early") else 0
+    summary = RunDir(run_dir).summary()
+    return 1 if summary is None or summary.stopped_early else 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

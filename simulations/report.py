@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import default_run_config
-from common.results import atomic_write, atomic_write_text, read_json, read_rounds
-from simulations.sweep import FAILED_FILE, SPEC_FILE
+from common.config import ExperimentConfig, default_run_config
+from common.files import atomic_write, atomic_write_text
+from common.records import SWEEP_FILE, Failure, RoundRecord, RunDir, RunInfo, RunSummary, read_json
 
 # Published centralized DP-SGD results on Fashion-MNIST at epsilon = 3 (delta = 1e-5):
 # Tramer & Boneh, "Differentially Private Learning Needs Better Features (or Much More
@@ -43,60 +43,49 @@ PRIVACY_MODEL = (
 class Run:
     name: str
     dir: Path
-    run_config: dict[str, Any]
-    summary: dict[str, Any] | None
-    rounds: list[dict[str, Any]]
-    failed: dict[str, Any] | None
+    run_config: dict[str, Any]  # as recorded (shown in the report)
+    cfg: ExperimentConfig  # as this dpfl reads it
+    summary: RunSummary | None
+    rounds: list[RoundRecord]
+    failed: Failure | None
     libraries: dict[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
         if self.summary is not None:
-            return "stopped early" if self.summary.get("stopped_early") else "finished"
+            return "stopped early" if self.summary.stopped_early else "finished"
         return "failed" if self.failed else "incomplete"
 
+    @property
+    def budget(self) -> float:
+        return self.cfg.privacy.budget
 
-def partition_label(cfg: Mapping[str, Any]) -> str:
-    p = cfg.get("partitioner", "iid")
-    if p == "dirichlet":
-        return f"Dirichlet(α={float(cfg.get('dirichlet-alpha', 0.5)):g})"
-    if p == "pathological":
-        return f"{int(cfg.get('labels-per-client', 2))} labels/client"
+
+def partition_label(cfg: ExperimentConfig) -> str:
+    d = cfg.data
+    if d.partitioner == "dirichlet":
+        return f"Dirichlet(α={d.dirichlet_alpha:g})"
+    if d.partitioner == "pathological":
+        return f"{d.labels_per_client} labels/client"
     return "IID"
-
-
-def target_epsilon(cfg: Mapping[str, Any]) -> float:
-    eps = float(cfg.get("target-epsilon", math.inf))
-    if not cfg.get("dp", True) or (math.isinf(eps) and not float(cfg.get("noise-multiplier", 0))):
-        return math.inf
-    return eps
-
-
-def _f(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     order: list[str] = []
-    if (sweep_dir / SPEC_FILE).exists():
-        order = list(read_json(sweep_dir / SPEC_FILE).get("points", []))
+    if (sweep_dir / SWEEP_FILE).exists():
+        order = list(read_json(sweep_dir / SWEEP_FILE).get("points", []))
     dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
                   key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
     runs = []
     for d in dirs:
-        failed = read_json(d / FAILED_FILE) if (d / FAILED_FILE).exists() else None
-        config = read_json(d / "config.json") if (d / "config.json").exists() else {}
-        run_config = dict(config.get("run_config", {}))
-        if not run_config and failed:
-            run_config = {**default_run_config(), **failed.get("overrides", {})}
-        if not run_config:
+        run = RunDir(d)
+        failed, info = run.failure(), run.info()
+        if info is None and failed is not None:
+            info = RunInfo(run_config={**default_run_config(), **failed.overrides})
+        if info is None:
             continue  # not a run directory
-        summary = read_json(d / "summary.json") if (d / "summary.json").exists() else None
-        runs.append(Run(d.name, d, run_config, summary, read_rounds(d / "rounds.jsonl"), failed,
-                        dict(config.get("libraries", {}))))
+        runs.append(Run(d.name, d, dict(info.run_config), info.config(), run.summary(),
+                        run.rounds(), failed, dict(info.libraries)))
     return runs
 
 
@@ -119,21 +108,16 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({str(r.run_config.get(k)) for r in runs}) > 1]
 
 
-# Settings the non-private baseline replaces by its own (baseline-*): not a sweep axis.
-_DERIVED = {"batch-size", "learning-rate", "server-momentum"}
-
-
 def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per (partition, clients, target epsilon, other axes): mean ± std over
     seeds. `axes`: the sweep's grid keys (default: every key that varies)."""
     if axes is None:
-        axes = [k for k in varying_keys(runs) if k not in _DERIVED]
+        axes = varying_keys(runs)
     extra = [k for k in axes if k not in _COLUMNS and k != "partition"]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         setting = " ".join(f"{k}={r.run_config.get(k)}" for k in extra)
-        key = (partition_label(r.run_config), int(r.run_config.get("num-partitions", 0)),
-               target_epsilon(r.run_config), setting)
+        key = (partition_label(r.cfg), r.cfg.federation.num_partitions, r.budget, setting)
         groups.setdefault(key, []).append(r)
     rows = []
     def order(key: tuple) -> tuple:
@@ -141,20 +125,20 @@ def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[d
         return (part != "IID", part, clients, setting, eps)  # IID first, then by label
 
     for (part, clients, eps, setting), members in sorted(groups.items(), key=lambda kv: order(kv[0])):
-        done = [m for m in members if m.summary is not None]
-        final = _mean_std([_f(m.summary["final_accuracy"]) for m in done if m.summary])
-        best = _mean_std([_f(m.summary["best_accuracy"]) for m in done if m.summary])
-        eps_max = max((_f(m.summary["epsilon_max"]) for m in done if m.summary), default=math.nan)
-        eps_mean = _mean_std([_f(m.summary["epsilon_mean"]) for m in done if m.summary])[0]
+        summaries = [m.summary for m in members if m.summary is not None]
+        final = _mean_std([s.final_accuracy for s in summaries])
+        best = _mean_std([s.best_accuracy for s in summaries])
+        eps_max = max((s.epsilon_max for s in summaries), default=math.nan)
+        eps_mean = _mean_std([s.epsilon_mean for s in summaries])[0]
         rows.append({
             "partition": part, "clients": clients, "target_epsilon": eps, "setting": setting,
             "epsilon_max": eps_max, "epsilon_mean": eps_mean,
             "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
             "best_accuracy_mean": best[0], "best_accuracy_std": best[1],
-            "seeds": len(done), "points": len(members),
+            "seeds": len(summaries), "points": len(members),
             "rounds": max((len(m.rounds) for m in members), default=0),
-            "wall_seconds": statistics.fmean([_f(m.summary["wall_seconds"]) for m in done if m.summary])
-            if done else math.nan,
+            "wall_seconds": statistics.fmean([s.wall_seconds for s in summaries])
+            if summaries else math.nan,
             "status": ", ".join(sorted({m.status for m in members})),
             "runs": " ".join(m.name for m in members),
         })
@@ -260,21 +244,21 @@ def plot_accuracy_per_round(runs: Sequence[Run], path: Path, extra: Sequence[str
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
-    parts = sorted({partition_label(r.run_config) for r in runs})
+    parts = sorted({partition_label(r.cfg) for r in runs})
     styles = ["-", "--", ":", "-."]
-    epsilons = sorted({target_epsilon(r.run_config) for r in runs})
+    epsilons = sorted({r.budget for r in runs})
     seeds = len({r.run_config.get("seed") for r in runs}) > 1
     cmap = plt.get_cmap("viridis")
     for r in runs:
         if not r.rounds:
             continue
-        eps = target_epsilon(r.run_config)
+        eps = r.budget
         color = cmap(0.9 * epsilons.index(eps) / max(len(epsilons) - 1, 1))
-        label = f"{partition_label(r.run_config)}, ε={_fmt_eps(eps)}"
+        label = f"{partition_label(r.cfg)}, ε={_fmt_eps(eps)}"
         label += "".join(f", {k}={r.run_config.get(k)}" for k in extra)
         label += f", seed {r.run_config.get('seed')}" if seeds else ""
-        ax.plot([row["round"] for row in r.rounds], [100 * _f(row["test_accuracy"]) for row in r.rounds],
-                linestyle=styles[parts.index(partition_label(r.run_config)) % len(styles)],
+        ax.plot([row.round for row in r.rounds], [100 * row.test_accuracy for row in r.rounds],
+                linestyle=styles[parts.index(partition_label(r.cfg)) % len(styles)],
                 color=color, linewidth=1.2, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
@@ -295,13 +279,13 @@ def report(sweep_dir: Path) -> Path:
     runs = load_runs(sweep_dir)
     if not runs:
         raise ValueError(f"{sweep_dir} holds no run directories to report")
-    spec = read_json(sweep_dir / SPEC_FILE) if (sweep_dir / SPEC_FILE).exists() else {}
+    spec = read_json(sweep_dir / SWEEP_FILE) if (sweep_dir / SWEEP_FILE).exists() else {}
     rows = group_rows(runs, list(spec["grid"]) if spec.get("grid") else None)
     write_csv(sweep_dir / "results.csv", rows)
     table = results_markdown(rows)
     atomic_write_text(sweep_dir / "results.md", table)
     plot_accuracy_vs_epsilon(rows, sweep_dir / "accuracy_vs_epsilon.png")
-    axes = list(spec["grid"]) if spec.get("grid") else [k for k in varying_keys(runs) if k not in _DERIVED]
+    axes = list(spec["grid"]) if spec.get("grid") else varying_keys(runs)
     plot_accuracy_per_round(runs, sweep_dir / "accuracy_per_round.png",
                             [k for k in axes if k not in _COLUMNS and k != "partition"])
 
@@ -309,11 +293,11 @@ def report(sweep_dir: Path) -> Path:
     base = runs[0].run_config
     varying = [k for k in varying_keys(runs) if k not in ("run-name", "ledger-dir")]
     if spec.get("grid"):
-        varying = sorted({*spec["grid"], *(k for k in varying if k in _DERIVED)})
+        varying = sorted(spec["grid"])
     shared = {k: v for k, v in sorted(base.items())
               if k not in varying and k not in ("run-name", "ledger-dir", "output-dir")}
     failed = [r for r in runs if r.status == "failed"]
-    over_budget = [r for r in runs if r.summary and _f(r.summary["epsilon_max"]) > target_epsilon(r.run_config)]
+    over_budget = [r for r in runs if r.summary and r.summary.epsilon_max > r.budget]
     lines = [
         f"# Sweep report: {sweep_dir.name}", "",
         f"Command: `{spec.get('command', 'dpfl sweep')}`" if spec else "",
@@ -337,7 +321,7 @@ def report(sweep_dir: Path) -> Path:
     ]
     if failed:
         lines += ["", "## Failed points", ""]
-        lines += [f"- {r.name}: {str(r.failed.get('error', '')).splitlines()[0] if r.failed else ''}"
+        lines += [f"- {r.name}: {r.failed.error.splitlines()[0] if r.failed and r.failed.error else ''}"
                   for r in failed]
     path = sweep_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -15,25 +15,22 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.config import (
-    FIELD_TYPES,
     NODE_CONFIG_ENV,
     ConfigError,
     ExperimentConfig,
-    default_run_config,
     node_policy_for,
     project_root,
     resolve_config,
 )
 from common.data import cached_partitions as partition_cache
 from common.data import locate
-from common.results import prepare_run_dir, read_json, read_rounds, write_json
+from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
-
-LEDGERS = "ledgers"
 
 
 class SimulationError(RuntimeError):
@@ -60,21 +57,20 @@ def new_run_name() -> str:
     return time.strftime("sim-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def prepare(overrides: Mapping[str, Any], output_dir: str | None = None
-            ) -> tuple[ExperimentConfig, dict[str, Any]]:
-    """Validate everything that can be checked before starting processes."""
-    over = dict(overrides)
-    if output_dir is not None:
-        over["output-dir"] = output_dir
-    over.setdefault("run-name", "")
-    if not over["run-name"]:
-        over["run-name"] = new_run_name()
-    out = Path(str(over.get("output-dir") or default_run_config()["output-dir"])).expanduser()
-    over["output-dir"] = str(out.resolve())
-    cfg = resolve_config(over)
-    run_dir = out.resolve() / cfg.runtime.run_name
-    if (run_dir / "rounds.jsonl").exists() or (run_dir / "summary.json").exists():
-        raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run_dir} already holds a run")
+def named(cfg: ExperimentConfig, output_dir: str | None = None) -> ExperimentConfig:
+    """`cfg` with its run directory fixed: `output_dir` (if given) made absolute, and a
+    fresh run-name if it has none."""
+    rt = cfg.runtime
+    out = str(Path(output_dir if output_dir is not None else rt.output_dir).expanduser().resolve())
+    return replace(cfg, runtime=replace(rt, output_dir=out, run_name=rt.run_name or new_run_name()))
+
+
+def check(cfg: ExperimentConfig) -> RunDir:
+    """Everything that can be checked before starting processes; creates the (empty) run
+    directory, refusing one that already holds a run."""
+    run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
+    if run.holds_run():
+        raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run.path} already holds a run")
     locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
     check_partitions(cfg)
     if cfg.runtime.device == "cuda":
@@ -83,10 +79,16 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but torch sees no CUDA device on this machine")
     try:
-        prepare_run_dir(run_dir)
+        return run.create()
     except OSError as exc:  # FileExistsError included: the check above can race
-        raise ConfigError(f"output-dir={str(out)!r}: {exc}") from exc
-    return cfg, over
+        raise ConfigError(f"output-dir={cfg.runtime.output_dir!r}: {exc}") from exc
+
+
+def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> ExperimentConfig:
+    """Defaults + `overrides`, validated, named and checked (see `check`)."""
+    cfg = named(resolve_config(overrides), output_dir)
+    check(cfg)
+    return cfg
 
 
 def check_partitions(cfg: ExperimentConfig) -> None:
@@ -113,28 +115,22 @@ def simulate(
     """Run one experiment; returns its run directory (with summary.json). Every virtual
     client keeps its ledger in `ledger_dir` (default: the run's `ledgers/`), so a resumed
     run, or a later run given the same folder, continues its epsilon."""
-    cfg, over = prepare(overrides, output_dir)
-    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout,
-                   ledger_dir=ledger_dir)
+    return launch(prepare(overrides, output_dir), client_cpus=client_cpus, progress=progress,
+                  timeout=timeout, ledger_dir=ledger_dir)
 
 
-def resume_overrides(run_dir: Path) -> dict[str, Any]:
-    """The run config a killed run started with, set to resume it."""
+def resume_config(path: Path) -> ExperimentConfig:
+    """The config a killed run started with, set to resume it."""
     from server import checkpoint
 
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} is not a dpfl run directory (no config.json)")
-    checkpoint.load(run_dir)  # a clear error if finished, unstarted or unreadable
-    saved = read_json(run_dir / "config.json")["run_config"]
-    over: dict[str, Any] = {}
-    for key, value in saved.items():
-        if key not in FIELD_TYPES:
-            continue  # a key of an older dpfl (e.g. ledger-dir, now the harness's)
-        typ = FIELD_TYPES.get(key, (None, str))[1]
-        over[key] = float(value) if typ is float and isinstance(value, str) else value
-    over.update({"resume": True, "output-dir": str(run_dir.parent), "run-name": run_dir.name})
-    return over
+    run = RunDir(Path(path).expanduser().resolve())
+    info = run.info()
+    if info is None:
+        raise ConfigError(f"{run.path} is not a dpfl run directory (no run config)")
+    checkpoint.load(run.path)  # a clear error if finished, unstarted or unreadable
+    cfg = info.config()
+    return replace(cfg, runtime=replace(cfg.runtime, resume=True, output_dir=str(run.path.parent),
+                                        run_name=run.path.name))
 
 
 def resume(run_dir: Path, *, client_cpus: float = 1.0,
@@ -142,10 +138,8 @@ def resume(run_dir: Path, *, client_cpus: float = 1.0,
            ledger_dir: str | Path | None = None) -> Path:
     """Continue a killed `dpfl simulate` run from its last complete round (with the ledger
     folder it ran with: the run's `ledgers/` unless `ledger_dir` is given)."""
-    over = resume_overrides(run_dir)
-    cfg = resolve_config(over)
-    return _launch(cfg, over, client_cpus=client_cpus, progress=progress, timeout=timeout,
-                   ledger_dir=ledger_dir)
+    return launch(resume_config(run_dir), client_cpus=client_cpus, progress=progress,
+                  timeout=timeout, ledger_dir=ledger_dir)
 
 
 def node_env(cfg: ExperimentConfig, ledger_dir: Path) -> dict[str, str]:
@@ -156,44 +150,42 @@ def node_env(cfg: ExperimentConfig, ledger_dir: Path) -> dict[str, str]:
     return {NODE_CONFIG_ENV: format_overrides(policy)}
 
 
-def reconcile_privacy(run_dir: Path, ledger_dir: Path, cfg: ExperimentConfig) -> None:
+def reconcile_privacy(run: RunDir, ledger_dir: Path, cfg: ExperimentConfig) -> None:
     """Every client's epsilon from its own ledger file, the truth in simulation: it also
     counts rounds whose reply the server never used (timed out, failed after training).
-    Rewrites privacy.json's clients and summary.json's epsilon max and mean."""
+    Rewrites the privacy record's clients and the summary's epsilon max and mean."""
     from client.ledger import Ledger
 
     ledgers = sorted(ledger_dir.glob("partition-*.json"))
-    if not ledgers or not (run_dir / "privacy.json").exists():
+    record = run.privacy()
+    if not ledgers or record is None:
         return
     priv = cfg.privacy
-    record = read_json(run_dir / "privacy.json")
-    clients = record.setdefault("clients", {})
+    clients = dict(record.clients)
     for path in ledgers:
         pid = path.stem.removeprefix("partition-")
         if not pid.isdigit() or int(pid) >= cfg.federation.num_partitions:
             continue
         ledger = Ledger.from_json(path.read_text(), source=str(path))
-        eps = ledger.epsilon(priv.target_delta, priv.accountant)
-        entry = clients.setdefault(pid, {"sample_rate": 0.0})
-        entry.update({"history": [list(e) for e in ledger.history], "epsilon": eps,
-                      "noise_multiplier": ledger.noise_multiplier or 0.0,
-                      "unconfirmed_rounds": [], "ledger": str(path)})
-    record["source"] = "ledger files"
-    write_json(run_dir / "privacy.json", record)
-    if (run_dir / "summary.json").exists():
-        values = [float(c["epsilon"]) for c in clients.values()] or [0.0]
-        summary = read_json(run_dir / "summary.json")
-        summary.update({"epsilon_max": max(values), "epsilon_mean": sum(values) / len(values),
-                        "clients_unconfirmed": 0})
-        write_json(run_dir / "summary.json", summary)
+        clients[pid] = replace(
+            clients.get(pid, ClientRecord()), history=[list(e) for e in ledger.history],
+            epsilon=ledger.epsilon(priv.target_delta, priv.accountant),
+            noise_multiplier=ledger.noise_multiplier or 0.0, unconfirmed_rounds=[],
+            ledger=str(path))
+    record = replace(record, clients=clients, source="ledger files")
+    run.write_privacy(record)
+    summary = run.summary()
+    if summary is not None:
+        eps_max, eps_mean = record.epsilon_stats()
+        run.write_summary(replace(summary, epsilon_max=eps_max, epsilon_mean=eps_mean,
+                                  clients_unconfirmed=0))
 
 
-def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
-            progress: Callable[[str], None] | None, timeout: float,
-            ledger_dir: str | Path | None = None) -> Path:
-    run_dir = Path(over["output-dir"]) / cfg.runtime.run_name
-    logs = run_dir / "logs"
-    ledgers = Path(ledger_dir).expanduser().resolve() if ledger_dir else run_dir / LEDGERS
+def launch(cfg: ExperimentConfig, *, client_cpus: float, progress: Callable[[str], None] | None,
+           timeout: float, ledger_dir: str | Path | None = None) -> Path:
+    """Start a private SuperLink, submit the run, follow it; returns its run directory."""
+    run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
+    ledgers = Path(ledger_dir).expanduser().resolve() if ledger_dir else run.ledgers
     flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
     say = progress or (lambda _msg: None)
     n = cfg.federation.num_partitions
@@ -201,47 +193,50 @@ def _launch(cfg: ExperimentConfig, over: dict[str, Any], *, client_cpus: float,
         f"{cfg.federation.num_rounds} rounds, "
         + (f"target epsilon {cfg.privacy.target_epsilon}, delta {cfg.privacy.target_delta}"
            if cfg.privacy.private else "non-private baseline")
-        + f" -> {run_dir}")
+        + f" -> {run.path}")
+    cpus = int(client_cpus) if float(client_cpus).is_integer() else float(client_cpus)
     t0 = time.time()
     try:
-        with runtime.simulation_superlink(flwr_home, logs / "superlink.log",
+        with runtime.simulation_superlink(flwr_home, run.logs / "superlink.log",
                                           extra_env=node_env(cfg, ledgers)) as connection:
             cmd = [
                 runtime.tool("flwr"), "run", str(project_root()), connection,
-                "--run-config", format_overrides(over),
+                "--run-config", format_overrides(cfg.to_run_config()),
                 "--federation-config",
-                f"num-supernodes={n} client-resources-num-cpus={toml_value(int(client_cpus) if float(client_cpus).is_integer() else float(client_cpus))}",
+                f"num-supernodes={n} client-resources-num-cpus={toml_value(cpus)}",
                 "--stream",
             ]
-            proc = runtime.start(cmd, env=runtime.flower_env(flwr_home), log_file=logs / "flwr.log",
-                                 cwd=project_root())
+            proc = runtime.start(cmd, env=runtime.flower_env(flwr_home),
+                                 log_file=run.logs / "flwr.log", cwd=project_root())
             try:
-                _follow(proc, run_dir, cfg, say, t0, timeout)
+                _follow(proc, run, cfg, say, t0, timeout)
             finally:
                 runtime.stop(proc)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
-    reconcile_privacy(run_dir, ledgers, cfg)
-    if not (run_dir / "summary.json").exists():
-        tail = (logs / "flwr.log").read_text(errors="replace")[-4000:] if (logs / "flwr.log").exists() else ""
-        raise SimulationError(f"the run ended without a summary; logs in {logs}\n{tail}")
-    if ledgers == run_dir / LEDGERS:
+    reconcile_privacy(run, ledgers, cfg)
+    if run.summary() is None:
+        log = run.logs / "flwr.log"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        raise SimulationError(f"the run ended without a summary; logs in {run.logs}\n{tail}")
+    if ledgers == run.ledgers:
         for spare in ledgers.glob("*.reply.npz"):  # only needed to resume
             spare.unlink(missing_ok=True)
-    return run_dir
+    return run.path
 
 
-def _follow(proc: subprocess.Popen, run_dir: Path, cfg: ExperimentConfig,
+def _follow(proc: subprocess.Popen, run: RunDir, cfg: ExperimentConfig,
             say: Callable[[str], None], t0: float, timeout: float) -> None:
-    shown = len(read_rounds(run_dir / "rounds.jsonl")) if cfg.runtime.resume else 0
+    shown = len(run.rounds()) if cfg.runtime.resume else 0
     while True:
-        done = proc.poll() is not None or (run_dir / "summary.json").exists()
-        rows = read_rounds(run_dir / "rounds.jsonl")
+        finished = run.status() == "finished"
+        done = proc.poll() is not None or finished
+        rows = run.rounds()
         for row in rows[shown:]:
             say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
         shown = len(rows)
         if done:
-            if (run_dir / "summary.json").exists():
+            if finished:
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
@@ -252,28 +247,16 @@ def _follow(proc: subprocess.Popen, run_dir: Path, cfg: ExperimentConfig,
         time.sleep(1.0)
 
 
-def progress_line(row: Mapping[str, Any], num_rounds: int, elapsed: float) -> str:
-    eps = row.get("epsilon_max")
-    eps_txt = f"{float(eps):.3f}" if eps is not None else "-"
+def progress_line(row: RoundRecord, num_rounds: int, elapsed: float) -> str:
     return (
-        f"round {row['round']:>3}/{num_rounds}  accuracy {float(row['test_accuracy']):.4f}  "
-        f"epsilon max {eps_txt}  trained {row['clients_trained']}/{row['clients_sampled']}"
-        f"  refused {row['clients_refused']}  failed {row['clients_failed']}  "
-        f"[{elapsed:.0f}s]"
+        f"round {row.round:>3}/{num_rounds}  accuracy {row.test_accuracy:.4f}  "
+        f"epsilon max {row.epsilon_max:.3f}  trained {row.clients_trained}/{row.clients_sampled}"
+        f"  refused {row.clients_refused}  failed {row.clients_failed}  [{elapsed:.0f}s]"
     )
 
 
-def summary_text(run_dir: Path) -> str:
-    s = read_json(run_dir / "summary.json")
-    lines = [
-        f"run directory   {run_dir}",
-        f"final accuracy  {float(s['final_accuracy']):.4f} (best {float(s['best_accuracy']):.4f})",
-        f"epsilon         max {s['epsilon_max']}  mean {s['epsilon_mean']}  "
-        f"(target {s['target_epsilon']}, delta {s['delta']})",
-        f"rounds          {s['rounds']} with {s['num_clients']} clients, "
-        f"{float(s['wall_seconds']):.0f}s in the ServerApp",
-    ]
-    if s.get("stopped_early"):
-        lines.append(f"STOPPED EARLY   {s['stopped_early']}")
-    return "\n".join(lines)
-
+def summary_text(path: Path) -> str:
+    summary = RunDir(path).summary()
+    if summary is None:
+        raise SimulationError(f"{path} holds no finished run")
+    return summary.text(path)

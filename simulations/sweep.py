@@ -28,24 +28,37 @@ import time
 import tomllib
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, parse_overrides, resolve_config
+from common.config import ConfigError, ExperimentConfig, parse_overrides, resolve_config
 from common.data import DataError
-from common.results import read_json, read_rounds, write_json
+from common.records import (
+    SWEEP_FILE,
+    Failure,
+    RoundRecord,
+    RunDir,
+    decode_float,
+    encode,
+    read_json,
+    write_json,
+)
 from simulations import simulate as sim
 
 GRIDS = Path(__file__).resolve().parent / "grids"
-SPEC_FILE = "sweep.json"
-FAILED_FILE = "failed.json"
 
 
 @dataclass(frozen=True)
 class Point:
     name: str
     overrides: dict[str, Any]  # the point's config overrides (fixed + axes)
+    cfg: ExperimentConfig  # parsed once, here; the run directory is set when it runs
+
+    def config_in(self, sweep_dir: Path) -> ExperimentConfig:
+        """The point's config, running as `sweep_dir`/name."""
+        rt = replace(self.cfg.runtime, output_dir=str(sweep_dir), run_name=self.name)
+        return replace(self.cfg, runtime=rt)
 
 
 def parse_partition(value: str) -> dict[str, Any]:
@@ -108,11 +121,17 @@ def load_grid(path: Path | None, axes_text: str = "", fixed_text: str = "") -> d
     for key, values in spec["grid"].items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid axis {key!r} must be a non-empty list of values")
-        spec["grid"][key] = [float(v) if isinstance(v, str) and v in ("inf", "+inf") else v
-                             for v in values]
+        spec["grid"][key] = [_number_or_text(v) for v in values]
     if not spec["grid"]:
         raise ConfigError("the grid has no axes: give a grid file or --grid 'key=v1,v2 ...'")
     return spec
+
+
+def _number_or_text(value: Any) -> Any:
+    """A grid value; an encoded number ("inf", e.g. from sweep.json) is decoded."""
+    if isinstance(value, str) and not math.isnan(decode_float(value)):
+        return decode_float(value)
+    return value
 
 
 def expand(spec: Mapping[str, Any]) -> list[Point]:
@@ -130,22 +149,12 @@ def expand(spec: Mapping[str, Any]) -> list[Point]:
         for reserved in ("run-name", "output-dir", "resume"):
             if reserved in over:
                 raise ConfigError(f"{reserved} is set by the sweep; it cannot be in the grid")
-        resolve_config(over)  # unknown keys and bad values are named before anything runs
-        points.append(Point(point_name(axes), over))
+        cfg = resolve_config(over)  # unknown keys and bad values are named before anything runs
+        points.append(Point(point_name(axes), over, cfg))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ConfigError("two points of the grid get the same name; make the axis values distinct")
     return points
-
-
-def point_status(run_dir: Path) -> str:
-    if (run_dir / "summary.json").exists():
-        return "finished"
-    if (run_dir / FAILED_FILE).exists():
-        return "failed"
-    if (run_dir / "checkpoint.npz").exists():
-        return "interrupted"
-    return "new" if not run_dir.exists() else "unstarted"
 
 
 class Progress:
@@ -172,17 +181,17 @@ class Progress:
     def skip(self, rounds: int) -> None:
         self.total_rounds -= rounds
 
-    def round(self, row: Mapping[str, Any], num_rounds: int) -> None:
+    def round(self, row: RoundRecord, num_rounds: int) -> None:
         self.rounds_done += 1
         per_round = (time.time() - self.started) / self.rounds_done
         left = max(self.total_rounds - self.rounds_done, 0) * per_round
         eta = f"  ~{left / 60:.0f} min left"
-        line = (f"[{self.k}/{self.total_points}] round {row['round']}/{num_rounds}  accuracy "
-                f"{float(row['test_accuracy']):.4f}  epsilon max {float(row['epsilon_max']):.3f}{eta}")
+        line = (f"[{self.k}/{self.total_points}] round {row.round}/{num_rounds}  accuracy "
+                f"{row.test_accuracy:.4f}  epsilon max {row.epsilon_max:.3f}{eta}")
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()
-        elif row["round"] % self.every == 0 or row["round"] == num_rounds:
+        elif row.round % self.every == 0 or row.round == num_rounds:
             self.say(line)
 
 
@@ -196,22 +205,23 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
     sweep_dir = Path(output_dir).expanduser().resolve() / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     saved = {"name": name, "fixed": dict(spec["fixed"]), "grid": dict(spec["grid"])}
-    if (sweep_dir / SPEC_FILE).exists():
-        old = read_json(sweep_dir / SPEC_FILE)
+    if (sweep_dir / SWEEP_FILE).exists():
+        old = read_json(sweep_dir / SWEEP_FILE)
         old_cmp = {k: old.get(k) for k in ("fixed", "grid")}
         if old_cmp != _json_roundtrip({k: saved[k] for k in ("fixed", "grid")}):
             raise ConfigError(
                 f"{sweep_dir} holds a sweep with another grid or fixed config; "
                 "give the sweep another name (--name) or output directory"
             )
-    write_json(sweep_dir / SPEC_FILE, {**saved, "points": [p.name for p in points],
+    write_json(sweep_dir / SWEEP_FILE, {**saved, "points": [p.name for p in points],
                                        "command": " ".join(["dpfl", *sys.argv[1:]])})
-    per_point = {p.name: int(resolve_config(p.overrides).federation.num_rounds) for p in points}
+    per_point = {p.name: p.cfg.federation.num_rounds for p in points}
     progress = Progress(len(points), sum(per_point.values()), stream=stream)
     failures = 0
     for point in points:
-        run_dir = sweep_dir / point.name
-        status = point_status(run_dir)
+        run = RunDir(sweep_dir / point.name)
+        run_dir = run.path
+        status = run.status()
         progress.start_point(point, {"new": "new"}.get(status, status))
         if status == "finished":
             progress.skip(per_point[point.name])
@@ -222,11 +232,11 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
             shutil.move(str(run_dir), str(attic / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
         elif status == "unstarted":
             shutil.rmtree(run_dir)  # killed before its first round: nothing to keep
-        shown = [len(read_rounds(run_dir / "rounds.jsonl"))] if status == "interrupted" else [0]
+        shown = [len(run.rounds())] if status == "interrupted" else [0]
         progress.skip(shown[0])
 
-        def on_line(_text: str, _dir=run_dir, _shown=shown, _n=per_point[point.name]) -> None:
-            rows = read_rounds(_dir / "rounds.jsonl")
+        def on_line(_text: str, _run=run, _shown=shown, _n=per_point[point.name]) -> None:
+            rows = _run.rounds()
             for row in rows[_shown[0]:]:
                 progress.round(row, _n)
             _shown[0] = len(rows)
@@ -235,29 +245,28 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
             if status == "interrupted":
                 sim.resume(run_dir, client_cpus=client_cpus, progress=on_line)
             else:
-                sim.simulate({**point.overrides, "run-name": point.name}, output_dir=str(sweep_dir),
-                             client_cpus=client_cpus, progress=on_line)
+                cfg = point.config_in(sweep_dir)
+                sim.check(cfg)
+                sim.launch(cfg, client_cpus=client_cpus, progress=on_line, timeout=6 * 3600)
             on_line("")
-            s = read_json(run_dir / "summary.json")
-            progress.say(f"  -> final accuracy {float(s['final_accuracy']):.4f}, epsilon max "
-                         f"{s['epsilon_max']} (target {s['target_epsilon']}), "
+            s = run.summary()
+            assert s is not None  # launch raises when the run did not finish
+            progress.say(f"  -> final accuracy {s.final_accuracy:.4f}, epsilon max "
+                         f"{s.epsilon_max:.4g} (target {s.target_epsilon:g}), "
                          f"{time.time() - progress.t_point:.0f}s")
         except (ConfigError, DataError, sim.SimulationError, OSError, ValueError) as exc:
             failures += 1
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / FAILED_FILE, {
-                "error": str(exc), "type": type(exc).__name__, "overrides": point.overrides,
-                "traceback": traceback.format_exc(limit=5),
-            })
+            run.write_failure(Failure(error=str(exc), type=type(exc).__name__,
+                                      overrides=point.overrides,
+                                      traceback=traceback.format_exc(limit=5)))
             progress.say(f"  -> FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     progress.say(f"sweep {sweep_dir}: {len(points) - failures} of {len(points)} points finished"
-                 + (f", {failures} failed (see {FAILED_FILE} in their folders)" if failures else ""))
+                 + (f", {failures} failed (see `dpfl report {sweep_dir}`)" if failures else ""))
     return sweep_dir
 
 
 def _json_roundtrip(data: Any) -> Any:
     import json
 
-    from common.results import jsonable
-
-    return json.loads(json.dumps(jsonable(data)))
+    return json.loads(json.dumps(encode(data)))

@@ -1,14 +1,16 @@
-"""Builders for real Flower messages and contexts used by several tests."""
+"""Shared test builders: run configs on the tiny data, node contexts, real Flower
+messages (requests and replies), a server strategy, and process helpers."""
 
 import time
 import uuid
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from common import keys
 from common.config import default_run_config, node_policy_for, parse_config
+from server.wire import from_array_record, to_array_record
 
 # The tiny real Fashion-MNIST subset (tests/data/README.md): 1,000 training records, so
 # the NUM_PARTITIONS partitions of the fast tests' run config hold PARTITION_SIZE each.
@@ -51,13 +53,69 @@ def metadata(src=0, dst=1, reply_to="", message_type="train"):
                     ttl=3600.0, message_type=message_type)
 
 
-def train_message(weights, server_round=1, planned_rounds=3, dst=1):
-    content = RecordDict({
-        keys.ARRAYS: keys.to_array_record(weights),
-        keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round,
-                                   keys.PLANNED_ROUNDS: planned_rounds}),
-    })
+def train_message(weights, server_round=1, planned_rounds=3, dst=1, known_history=None):
+    """A training request as the server sends it."""
+    config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.PLANNED_ROUNDS: planned_rounds})
+    if known_history is not None:
+        config[keys.KNOWN_HISTORY] = known_history
+    content = RecordDict({keys.ARRAYS: to_array_record(weights), keys.CONFIG: config})
     return make_message(metadata(src=0, dst=dst), content=content)
+
+
+def weights_of(reply):
+    """The model a train reply carries."""
+    return from_array_record(reply.content[keys.ARRAYS])
+
+
+def reply_metrics(partition_id=0, **over):
+    """A complete, valid metrics record of a train reply (keys given as metric names or
+    with underscores)."""
+    m = {keys.NUM_EXAMPLES: PARTITION_SIZE, keys.TRAIN_LOSS: 1.0, keys.EPSILON: 1.0,
+         keys.NOISE_MULTIPLIER: 1.0, keys.SAMPLE_RATE: 1.0, keys.STEPS: 1,
+         keys.PARTITION_ID: partition_id, keys.REFUSED: 0}
+    m.update({k.replace("_", "-"): v for k, v in over.items()})
+    return m
+
+
+def train_reply(src, weights=None, *, metrics=None, history="[[1.0, 1.0, 1]]", reason="",
+                error=None):
+    """A train reply as the server receives it from node `src`: `metrics` (default: a
+    valid record for partition `src`), the privacy record, the model if given; or, with
+    `error`, a failed reply."""
+    meta = metadata(src=src, dst=0, reply_to="x")
+    if error is not None:
+        return make_message(meta, error=Error(code=0, reason=error))
+    content = RecordDict({
+        keys.METRICS: MetricRecord(metrics if metrics is not None else reply_metrics(src)),
+        keys.PRIVACY: ConfigRecord({keys.HISTORY: history, keys.REASON: reason}),
+    })
+    if weights is not None:
+        content[keys.ARRAYS] = to_array_record(weights)
+    return make_message(meta, content=content)
+
+
+def new_strategy(partition_sizes=None, nodes=None, **overrides):
+    """The server's strategy for a fast run config (min-train-clients 1 unless given);
+    `nodes`: {node id: NodeInfo} as if discovered."""
+    from server.strategy import CohortFedAvg
+
+    s = CohortFedAvg(fast_config(**{"min_train_clients": 1, **overrides}),
+                     partition_sizes=partition_sizes)
+    s.cohorts.nodes.update(nodes or {})
+    return s
+
+
+def aggregate(strategy, replies, sent, *, server_round=1, sampled=None, partitions=None):
+    """One round's aggregation of `replies` to the model `sent`, as if the round had
+    sampled `sampled` clients (default: one per reply) holding `partitions`; returns
+    (the round's outcome, the new global model or None)."""
+    from server.strategy import RoundOutcome
+
+    strategy.outcomes[server_round] = RoundOutcome(
+        sampled=len(replies) if sampled is None else sampled,
+        partitions_sampled=list(partitions or []))
+    model = strategy.aggregate(server_round, list(replies), sent)
+    return strategy.outcomes[server_round], model
 
 
 def as_reply(reply: Message, src: int) -> Message:
@@ -81,3 +139,12 @@ def sigkill_tree(pid):
             pass
     psutil.wait_procs(procs, timeout=30)
     return procs
+
+
+def read_rounds(path):
+    """The rows of a run's rounds file (`path`), as dicts of decoded values."""
+    from dataclasses import asdict
+
+    from common.records import RunDir
+
+    return [asdict(r) for r in RunDir(Path(path).parent).rounds()]

@@ -148,7 +148,7 @@ def test_scatter_features_are_cached_and_shared(tmp_path):
     again = cached_features("scatter", images, tmp_path)
     assert np.array_equal(first, again) and sorted(p.name for p in tmp_path.glob("scatter-*.npy")) == files
     other = cached_features("scatter", images[:20], tmp_path)  # other data: its own file
-    assert len(list(tmp_path.glob("scatter-*.npy"))) == 2 and np.allclose(other, first[:20])
+    assert len(list(tmp_path.glob("scatter-*.npy"))) == 2 and np.allclose(other, first[:20], rtol=2e-3, atol=2e-3)  # float16
     with pytest.raises(ValueError, match="features='nope'"):
         cached_features("nope", images, tmp_path)
 

@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 from common.config import project_root
-from common.results import read_json, read_rounds
+from common.records import read_json
 from simulations import deploy, runtime
-from tests.helpers import sigkill_tree
+from tests.helpers import read_rounds, sigkill_tree
 from tests.test_privacy import dp_accounting_epsilon
 
 ROOT = project_root()

@@ -21,8 +21,7 @@ from common import keys, privacy
 from common.config import ConfigError, parse_node_config, resolve_config
 from common.data import Split
 from common.models import build_model, get_weights
-from server.strategy import ClientPrivacy, DPFedAvg, NodeInfo, RoundOutcome
-from tests.helpers import context, train_message
+from tests.helpers import context, new_strategy, train_message, weights_of
 
 GLOBAL = get_weights(build_model("logreg", seed=0))
 BUDGET = 3.0
@@ -166,7 +165,7 @@ def test_simulated_attacks_need_the_nodes_own_switch(tmp_path):
     policy = {"max-epsilon": BUDGET, "simulated-attacks": True}
     reply, m = _ask(_ctx(tmp_path, pid=0, policy=policy, attack="nan", attackers=1), 1)
     assert int(m[keys.REFUSED]) == 0  # the harness's switch: it attacks as configured
-    assert np.isnan(next(iter(keys.from_array_record(reply.content[keys.ARRAYS]).values()))).all()
+    assert np.isnan(next(iter(weights_of(reply).values()))).all()
 
 
 # ---- 3. no data-dependent decision outside the mechanism ----------------------------
@@ -228,7 +227,7 @@ def test_the_real_client_releases_a_finite_update_from_overflowing_weights(tmp_p
     policy = {"max-epsilon": BUDGET, "max-model-norm": math.inf}
     reply, m = _ask(_ctx(tmp_path, policy=policy), 1, weights=_overflow_weights(150.0))
     assert int(m[keys.REFUSED]) == 0
-    update = keys.from_array_record(reply.content[keys.ARRAYS])
+    update = weights_of(reply)
     assert all(np.isfinite(v).all() for v in update.values())
 
 
@@ -241,29 +240,8 @@ def test_a_reply_carries_no_timing_and_states_only_public_metadata(tmp_path):
     assert "train-seconds" not in m and math.isnan(float(m[keys.TRAIN_LOSS]))
 
 
-def test_epsilon_is_recorded_from_replies_that_fail_validation_and_silence_is_marked():
-    """A client that trained but sent an unusable update still spent: the server records
-    its history before validating; a sampled client that never answered is marked."""
-    s = DPFedAvg(min_train_nodes=1, delta=1e-5)
-    s._global = GLOBAL
-    s.nodes = {10: NodeInfo(0, 600, False), 11: NodeInfo(1, 600, False)}
-    s.outcomes[1] = RoundOutcome(sampled=3, partitions_sampled=[0, 1, 2])
-    from tests.test_reliability import _reply
-
-    bad = {k: np.full_like(v, np.nan) for k, v in GLOBAL.items()}
-    reply = _reply(10, 0, 600, weights=bad)
-    reply.content[keys.PRIVACY] = ConfigRecord({keys.HISTORY: "[[1.0, 1.0, 30]]", keys.REASON: ""})
-    s.aggregate_train(1, [reply, _reply(11, 1, 600)])
-    assert s.outcomes[1].invalid == 1
-    # recomputed from the history, above the claimed 1.0
-    assert s.clients[0].epsilon == pytest.approx(privacy.epsilon([(1.0, 1.0, 30)], 1e-5))
-    assert s.clients[0].epsilon > 1.0
-    assert s.clients[2].unconfirmed_rounds == [1] and s.clients[1].unconfirmed_rounds == []
-    assert s.epsilon_stats()[0] == s.clients[0].epsilon
-
-
 def test_reconcile_takes_every_clients_epsilon_from_its_ledger_file(tmp_path):
-    from common.results import read_json, write_json
+    from common.records import ClientRecord, PrivacyRecord, RunDir, RunSummary
     from simulations.simulate import reconcile_privacy
 
     cfg = resolve_config({"num-partitions": 3})
@@ -272,16 +250,20 @@ def test_reconcile_takes_every_clients_epsilon_from_its_ledger_file(tmp_path):
     for pid, steps in ((0, 2), (1, 9)):
         (ledgers / f"partition-{pid}.json").write_text(
             Ledger(history=[(2.0, 1.0, steps)], noise_multiplier=2.0).to_json())
-    write_json(tmp_path / "privacy.json", {"clients": {"1": {
-        "history": [[2.0, 1.0, 3]], "epsilon": 0.5, "noise_multiplier": 2.0,
-        "sample_rate": 1.0, "unconfirmed_rounds": [4]}}})
-    write_json(tmp_path / "summary.json", {"epsilon_max": 0.5, "epsilon_mean": 0.5})
-    reconcile_privacy(tmp_path, ledgers, cfg)
+    run = RunDir(tmp_path)
+    heard = PrivacyRecord(accountant="rdp", delta=1e-5, target_epsilon=3.0, private=True, clients={
+        "1": ClientRecord(history=[[2.0, 1.0, 3]], epsilon=0.5, noise_multiplier=2.0,
+                          sample_rate=1.0, unconfirmed_rounds=[4])})
+    run.write_privacy(heard)
+    run.write_summary(RunSummary.of([], heard, num_clients=3, wall_seconds=1.0))
+    reconcile_privacy(run, ledgers, cfg)
     truth = privacy.epsilon([(2.0, 1.0, 9)], 1e-5)
-    rec = read_json(tmp_path / "privacy.json")
-    assert rec["source"] == "ledger files" and rec["clients"]["1"]["epsilon"] == pytest.approx(truth)
-    assert rec["clients"]["1"]["unconfirmed_rounds"] == [] and "0" in rec["clients"]
-    assert read_json(tmp_path / "summary.json")["epsilon_max"] == pytest.approx(truth)
+    rec = run.privacy()
+    assert rec is not None and rec.source == "ledger files"
+    assert rec.clients["1"].epsilon == pytest.approx(truth)
+    assert rec.clients["1"].unconfirmed_rounds == [] and "0" in rec.clients
+    summary = run.summary()
+    assert summary is not None and summary.epsilon_max == pytest.approx(truth)
 
 
 # ---- the plan counts the steps Opacus takes ---------------------------------------------
@@ -324,12 +306,15 @@ def test_a_client_of_93_records_with_batch_1_trains_and_accounts_its_steps():
 
 
 def test_server_never_sends_a_noise_multiplier_to_adopt():
-    s = DPFedAvg()
-    s.nodes = {10: NodeInfo(3, 600, False)}
-    s.clients[3] = ClientPrivacy(history=[[6.0, 1.0, 3]], epsilon=1.0, noise_multiplier=6.0,
-                                 sample_rate=1.0)
-    cfg = s.node_train_config(10, ConfigRecord({keys.SERVER_ROUND: 4}))
-    assert set(cfg.keys()) == {keys.SERVER_ROUND, keys.KNOWN_HISTORY}
+    from common.records import ClientRecord
+    from server.wire import train_config
+
+    s = new_strategy()
+    s.privacy.clients[3] = ClientRecord(history=[[6.0, 1.0, 3]], epsilon=1.0, noise_multiplier=6.0,
+                                        sample_rate=1.0)
+    config = train_config(server_round=4, planned_rounds=2, known_history=s.privacy.history(3))
+    assert set(config.keys()) == {keys.SERVER_ROUND, keys.PLANNED_ROUNDS, keys.KNOWN_HISTORY}
+    assert json.loads(str(config[keys.KNOWN_HISTORY])) == [[6.0, 1.0, 3]]
 
 
 def test_a_raised_noise_floor_applies_to_a_ledger_whose_sigma_was_fixed_before(tmp_path):

@@ -2,11 +2,10 @@
 num-examples checks, robust aggregation, config validation of the reliability keys."""
 
 import json
-import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from client.app import query as client_query
@@ -14,11 +13,11 @@ from client.app import train as client_train
 from client.ledger import load_ledger, replay_file
 from common import keys
 from common.aggregation import robust_aggregate
-from common.config import ConfigError, resolve_config
+from common.config import ConfigError
 from common.models import build_model, get_weights
 from server import checkpoint
-from server.strategy import DPFedAvg, NodeInfo, RoundOutcome, short_error
-from tests.helpers import PARTITION_SIZE, context, metadata, train_message
+from server.replies import short_error
+from tests.helpers import PARTITION_SIZE, context, metadata, new_strategy, train_message, weights_of
 
 GLOBAL = get_weights(build_model("logreg", seed=0))
 
@@ -39,7 +38,7 @@ def test_same_request_after_restart_is_answered_again_without_spending(tmp_path)
     # the round that was cut off.
     again = client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
     assert json.loads(path.read_text())["history"] == history  # nothing more spent
-    a, b = (keys.from_array_record(r.content[keys.ARRAYS]) for r in (first, again))
+    a, b = (weights_of(r) for r in (first, again))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert float(again.content[keys.METRICS][keys.EPSILON]) == float(first.content[keys.METRICS][keys.EPSILON])
     # Another round (or another model) is a new request: it trains and spends.
@@ -84,43 +83,6 @@ def test_partition_id_outside_the_range_is_a_clear_error():
         client_query(msg, context(partition_id=10, num_partitions=10))
 
 
-def _reply(src, pid, n, weights=GLOBAL):
-    metrics = {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: math.nan, keys.EPSILON: 1.0,
-               keys.NOISE_MULTIPLIER: 1.0, keys.SAMPLE_RATE: 1.0, keys.STEPS: 1,
-               keys.PARTITION_ID: pid, keys.REFUSED: 0}
-    content = RecordDict({keys.METRICS: MetricRecord(metrics),
-                          keys.PRIVACY: ConfigRecord({keys.HISTORY: "[[1.0, 1.0, 1]]", keys.REASON: ""}),
-                          keys.ARRAYS: keys.to_array_record(weights)})
-    return make_message(metadata(src=src, dst=0, reply_to="x"), content=content)
-
-
-def _strategy(**kw):
-    s = DPFedAvg(min_train_nodes=1, **kw)
-    s._global = GLOBAL
-    s.outcomes[1] = RoundOutcome(sampled=3)
-    return s
-
-
-def test_a_client_cannot_buy_weight_or_speak_for_another_partition():
-    s = _strategy(partition_sizes={0: 600, 1: 600, 2: 600})
-    s.nodes = {10: NodeInfo(0, 600, False), 11: NodeInfo(1, 600, False), 12: NodeInfo(2, 600, False)}
-    s.aggregate_train(1, [_reply(10, 0, 600), _reply(11, 1, 600_000), _reply(12, 0, 600)])
-    out = s.outcomes[1]
-    assert out.trained == 1 and out.invalid == 2 and out.partitions_trained == [0]
-    assert any("exceeds the 600 records partition 1 holds" in r for r in out.reasons)
-    assert any("claims partition 0 but the node holds partition 2" in r for r in out.reasons)
-
-
-def test_own_data_nodes_are_bounded_by_what_they_declared():
-    s = _strategy(partition_sizes={0: 600})
-    s.nodes = {10: NodeInfo(0, 900, True)}
-    s.aggregate_train(1, [_reply(10, 0, 900)])
-    assert s.outcomes[1].trained == 1
-    s.outcomes[1] = RoundOutcome(sampled=1)
-    s.aggregate_train(1, [_reply(10, 0, 901)])
-    assert s.outcomes[1].invalid == 1
-
-
 def test_client_errors_are_shortened_to_their_message():
     reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::X\x1b[39m\n"
               '  File "a.py", line 1\nRuntimeError: disk full\'>')
@@ -146,59 +108,45 @@ def test_robust_rules_ignore_one_outlier_where_fedavg_does_not(method):
     assert robust["w"].dtype == np.float32
 
 
-def test_robust_config_is_validated():
-    with pytest.raises(ConfigError, match="aggregation='mean' must be one of"):
-        resolve_config({"aggregation": "mean"})
-    with pytest.raises(ConfigError, match="trim-fraction=0.5 must be in"):
-        resolve_config({"trim-fraction": 0.5})
-    with pytest.raises(ConfigError, match=r"krum-malicious=4 must satisfy clients per round \(10\)"):
-        resolve_config({"aggregation": "krum", "krum-malicious": 4})
-    with pytest.raises(ConfigError, match="attack='flip' must be empty"):
-        resolve_config({"attack": "flip"})
-    with pytest.raises(ConfigError, match="attackers=101 must be <= num-partitions=100"):
-        resolve_config({"attack": "nan", "attackers": 101})
-    with pytest.raises(ConfigError, match="round-timeout=0.0 must be > 0"):
-        resolve_config({"round-timeout": 0.0})
-    with pytest.raises(ConfigError, match="node-wait-timeout=inf must be > 0"):
-        resolve_config({"node-wait-timeout": math.inf})
-
-
 # ---- checkpoints -------------------------------------------------------------------
 
 
 def test_strategy_state_round_trips_and_continues_the_same_schedule(tmp_path):
+    from server import optimizer
+    from server.cohorts import next_cohort
+
     def fresh():
-        s = DPFedAvg(min_train_nodes=1, fraction_train=0.3, server_momentum=0.9, server_ema=0.9, seed=7)
-        s._global = GLOBAL
-        return s
+        return new_strategy(fraction_train=0.3, server_momentum=0.9, server_ema=0.9, seed=7)
 
     a = fresh()
     parts = list(range(10))
     for _ in range(2):
-        _, a._queue = __import__("server.strategy", fromlist=["next_cohort"]).next_cohort(
-            a._queue, parts, 3, a._rng)
-    a._server_step(1, {k: v + 0.1 for k, v in GLOBAL.items()})
-    meta, arrays = a.state_dict()
-    checkpoint.save(tmp_path, model=GLOBAL, strategy=(meta, arrays),
+        _, a.cohorts._queue = next_cohort(a.cohorts._queue, parts, 3, a.cohorts._rng)
+    a.opt_state, _ = optimizer.step(a.optimizer, a.opt_state, 1, GLOBAL,
+                                    {k: v + 0.1 for k, v in GLOBAL.items()})
+    a.privacy.unconfirmed([4], 2)
+    checkpoint.save(tmp_path, model=GLOBAL, strategy=a.state_dict(),
                     meta={"round": 2, "run_config": {"seed": 7}, "history": []})
     ck = checkpoint.load(tmp_path)
     b = fresh()
     b.load_state_dict(ck.meta["strategy"], ck.strategy_arrays)
-    from server.strategy import next_cohort
-
+    assert b.privacy.clients == a.privacy.clients
     for _ in range(5):
-        ca, a._queue = next_cohort(a._queue, parts, 3, a._rng)
-        cb, b._queue = next_cohort(b._queue, parts, 3, b._rng)
+        ca, a.cohorts._queue = next_cohort(a.cohorts._queue, parts, 3, a.cohorts._rng)
+        cb, b.cohorts._queue = next_cohort(b.cohorts._queue, parts, 3, b.cohorts._rng)
         assert ca == cb
     step = {k: v + 0.2 for k, v in GLOBAL.items()}
-    ra, rb = a._server_step(2, step), b._server_step(2, step)
+    (sa, ra), (sb, rb) = (optimizer.step(s.optimizer, s.opt_state, 2, GLOBAL, step) for s in (a, b))
     assert all(np.array_equal(ra[k], rb[k]) for k in ra)
-    assert all(np.array_equal(a.ema[k], b.ema[k]) for k in a.ema)
+    assert sa.ema is not None and sb.ema is not None
+    assert all(np.array_equal(sa.ema[k], sb.ema[k]) for k in sa.ema)
     assert all(np.array_equal(ck.model[k], GLOBAL[k]) for k in GLOBAL)
 
 
 def test_checkpoint_refuses_other_config_finished_and_unreadable_runs(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint.npz"):
+    from common.records import CHECKPOINT_FILE
+
+    with pytest.raises(ConfigError, match=f"no {CHECKPOINT_FILE}"):
         checkpoint.load(tmp_path)
     checkpoint.save(tmp_path, model=GLOBAL, strategy=({}, {}),
                     meta={"round": 1, "run_config": {"seed": 7, "resume": False}})
@@ -206,7 +154,7 @@ def test_checkpoint_refuses_other_config_finished_and_unreadable_runs(tmp_path):
     checkpoint.check_matches(ck, {"seed": 7, "resume": True})
     with pytest.raises(ConfigError, match=r"seed \(7 then, 8 now\)"):
         checkpoint.check_matches(ck, {"seed": 8, "resume": True})
-    (tmp_path / checkpoint.FILE).write_bytes(b"torn")
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"torn")
     with pytest.raises(ConfigError, match="unreadable"):
         checkpoint.load(tmp_path)
     (tmp_path / "summary.json").write_text("{}")
@@ -214,28 +162,27 @@ def test_checkpoint_refuses_other_config_finished_and_unreadable_runs(tmp_path):
         checkpoint.load(tmp_path)
 
 
-def test_rng_state_is_json_safe():
-    s = DPFedAvg(seed=3)
+def test_sampler_state_is_json_safe():
+    s = new_strategy(seed=3)
     meta, _ = s.state_dict()
-    json.dumps(meta)
-    restored = DPFedAvg(seed=99)
+    restored = new_strategy(seed=99)
     restored.load_state_dict(json.loads(json.dumps(meta)), {})
-    assert restored._rng.random() == s._rng.random()  # the sampler continues where it was
+    assert restored.cohorts._rng.random() == s.cohorts._rng.random()  # continues where it was
 
 
 # ---- the server's view as a floor for a client's ledger ------------------------------
 
 
 def test_client_with_a_lost_ledger_adopts_the_history_the_server_saw():
-    from server.strategy import ClientPrivacy
+    from common.records import ClientRecord
+    from server.wire import train_config
 
-    s = DPFedAvg()
-    s.nodes = {10: NodeInfo(3, 600, False)}
-    s.clients[3] = ClientPrivacy(history=[[6.0, 1.0, 3]], epsilon=1.0, noise_multiplier=6.0,
-                                 sample_rate=1.0)
-    cfg = s.node_train_config(10, ConfigRecord({keys.SERVER_ROUND: 4, keys.PLANNED_ROUNDS: 6}))
+    s = new_strategy()
+    s.privacy.clients[3] = ClientRecord(history=[[6.0, 1.0, 3]], epsilon=1.0, noise_multiplier=6.0,
+                                        sample_rate=1.0)
     msg = train_message(GLOBAL, server_round=4, planned_rounds=6)
-    msg.content[keys.CONFIG] = cfg
+    msg.content[keys.CONFIG] = train_config(server_round=4, planned_rounds=6,
+                                            known_history=s.privacy.history(3))
     reply = client_train(msg, _ctx())  # fresh node state: no ledger of its own
     m = reply.content[keys.METRICS]
     sigma = float(m[keys.NOISE_MULTIPLIER])  # its own calibration, never the server's sigma

@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from common.results import read_json, read_rounds
+from common.records import read_json
 from simulations.simulate import resume, simulate
-from tests.helpers import sigkill_tree
+from tests.helpers import read_rounds, sigkill_tree
 from tests.test_privacy import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError
-from common.results import read_json, read_rounds
+from common.records import read_json
 from simulations.report import group_rows, load_runs, partition_label, report
 from simulations.sweep import GRIDS, expand, load_grid, point_name, run_sweep
-from tests.helpers import sigkill_tree
+from tests.helpers import read_rounds, sigkill_tree
 
 
 def test_shipped_grids_expand_to_valid_points():
@@ -73,9 +73,13 @@ def test_a_sweep_dir_is_not_reused_for_another_grid(tmp_path):
 
 
 def test_partition_labels():
-    assert partition_label({"partitioner": "iid"}) == "IID"
-    assert partition_label({"partitioner": "dirichlet", "dirichlet-alpha": 0.5}) == "Dirichlet(α=0.5)"
-    assert partition_label({"partitioner": "pathological", "labels-per-client": 2}) == "2 labels/client"
+    from common.config import resolve_config
+
+    assert partition_label(resolve_config({"partitioner": "iid"})) == "IID"
+    assert partition_label(resolve_config({"partitioner": "dirichlet", "dirichlet-alpha": 0.5})) \
+        == "Dirichlet(α=0.5)"
+    assert partition_label(resolve_config({"partitioner": "pathological", "labels-per-client": 2})) \
+        == "2 labels/client"
 
 
 # ---- a real sweep -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from common import keys, privacy
 from common.config import resolve_config
 from common.data import Split
 from common.models import build_model, get_weights
-from tests.helpers import PARTITION_SIZE, context, train_message
+from tests.helpers import PARTITION_SIZE, context, train_message, weights_of
 from tests.test_privacy import dp_accounting_epsilon
 
 MODES = ["hooks", "ghost", "functorch"]
@@ -66,7 +66,7 @@ def _run_rounds(ctx, rounds, planned, start_round=1):
         reply = client_train(train_message(weights, server_round=r, planned_rounds=planned), ctx)
         replies.append(reply)
         if keys.ARRAYS in reply.content.array_records:
-            weights = keys.from_array_record(reply.content[keys.ARRAYS])
+            weights = weights_of(reply)
     return replies
 
 

@@ -17,13 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.models import build_model, get_weights
+from server.wire import from_array_record, to_array_record
 
 app = ServerApp()
 
 
 def _send(grid: Grid, nodes: list[int], weights: dict, server_round: int, view: list) -> list[dict]:
     msgs = [Message(RecordDict({
-        keys.ARRAYS: keys.to_array_record(weights),
+        keys.ARRAYS: to_array_record(weights),
         keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round, keys.PLANNED_ROUNDS: 15,
                                    keys.KNOWN_HISTORY: json.dumps(view)}),
     }), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
@@ -39,7 +40,7 @@ def _send(grid: Grid, nodes: list[int], weights: dict, server_round: int, view: 
             "refused": int(m[keys.REFUSED]), "epsilon": float(m[keys.EPSILON]),
             "reason": str(reply.content[keys.PRIVACY][keys.REASON]),
             "finite": None if arrays is None else bool(all(
-                np.isfinite(a).all() for a in keys.from_array_record(arrays).values())),
+                np.isfinite(a).all() for a in from_array_record(arrays).values())),
         })
     return seen
 

@@ -1,0 +1,169 @@
+"""The round loop: start or resume a run, train round after round, evaluate, record,
+checkpoint, stop early when nothing can be aggregated, and finish the run directory.
+
+The loop owns time and files; the strategy owns one round's algorithm (as FedJAX keeps
+the training loop apart from the algorithm). After every round the checkpoint is written
+first and the round's line second, so a kill between the two loses no round (resume
+rewrites rounds.jsonl from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from common import keys, privacy
+from common.config import ExperimentConfig, project_root
+from common.records import (
+    PrivacyRecord,
+    RoundRecord,
+    RunDir,
+    RunInfo,
+    RunSummary,
+    git_revision,
+    library_versions,
+)
+from server import checkpoint
+from server.strategy import CohortFedAvg
+from server.wire import from_array_record, to_array_record
+
+log = logging.getLogger("dpfl.server")
+Weights = dict[str, np.ndarray]
+Evaluate = Callable[[Weights], tuple[float, float]]  # model -> (loss, accuracy)
+
+
+@dataclass
+class RunState:
+    """Where a run stands between rounds (what the checkpoint holds besides the strategy)."""
+
+    model: Weights
+    planned: int  # participations each client's noise is calibrated for
+    num_clients: int
+    next_round: int = 1
+    idle: int = 0
+    history: list[RoundRecord] = field(default_factory=list)
+    elapsed_before: float = 0.0  # seconds spent by earlier attempts (resume)
+    resumed: bool = False
+
+    def meta(self, cfg: ExperimentConfig, elapsed: float) -> dict[str, Any]:
+        return {"round": self.next_round - 1, "idle": self.idle,
+                "history": [r.to_json() for r in self.history],
+                "run_config": cfg.to_run_config(), "planned_rounds_per_client": self.planned,
+                "num_clients": self.num_clients, "elapsed_seconds": self.elapsed_before + elapsed}
+
+
+def start(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, *,
+          model: Weights, run_id: int, model_parameters: int) -> RunState:
+    """A new run: discover the nodes, plan each client's participations (from the clients
+    known at start), write config.json."""
+    fed, priv = cfg.federation, cfg.privacy
+    num_clients = len(strategy.cohorts.discover(grid)) or fed.num_partitions
+    planned = privacy.planned_participations(
+        num_rounds=fed.num_rounds, clients_per_round=strategy.cohorts.size(num_clients),
+        num_clients=num_clients, calibrate_for=priv.calibrate_for, margin=priv.participation_margin)
+    run.write_info(RunInfo(
+        run_config=cfg.to_run_config(), run_id=run_id, run_dir=str(run.path),
+        private=priv.private, planned_rounds_per_client=planned, num_nodes_at_start=num_clients,
+        model_parameters=model_parameters, libraries=library_versions(),
+        git_revision=git_revision(project_root())))
+    return RunState(model=model, planned=planned, num_clients=num_clients)
+
+
+def restore(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir,
+            ckpt: checkpoint.Checkpoint) -> RunState:
+    """A resumed run: the strategy and run state exactly as after the last complete
+    round; rounds.jsonl rewritten to exactly the checkpointed rounds (none torn or lost)."""
+    meta = ckpt.meta
+    strategy.load_state_dict(meta["strategy"], ckpt.strategy_arrays)
+    state = RunState(
+        model=ckpt.model, planned=int(meta["planned_rounds_per_client"]),
+        num_clients=int(meta["num_clients"]), next_round=int(meta["round"]) + 1,
+        idle=int(meta["idle"]), history=[RoundRecord.from_json(r) for r in meta["history"]],
+        elapsed_before=float(meta["elapsed_seconds"]), resumed=True)
+    run.rewrite_rounds(state.history)
+    log.info("resuming %s after round %d of %d", run.path, state.next_round - 1,
+             cfg.federation.num_rounds)
+    strategy.cohorts.discover(grid)
+    return state
+
+
+def privacy_record(cfg: ExperimentConfig, strategy: CohortFedAvg) -> PrivacyRecord:
+    return strategy.privacy.as_record(cfg)
+
+
+def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: float,
+                 seconds: float) -> RoundRecord:
+    out = strategy.outcomes[server_round]
+    eps_max, eps_mean = strategy.privacy.epsilon_stats()
+    return RoundRecord(
+        round=server_round, test_accuracy=acc, test_loss=loss, clients_sampled=out.sampled,
+        clients_trained=out.trained, clients_failed=out.failed, clients_refused=out.refused,
+        clients_invalid=out.invalid, clients_timed_out=out.timed_out, aggregated=out.aggregated,
+        train_loss=out.train_loss, epsilon_max=eps_max, epsilon_mean=eps_mean, seconds=seconds,
+        partitions_sampled=out.partitions_sampled, partitions_trained=out.partitions_trained,
+        partitions_aggregated=out.partitions_aggregated, reasons=out.reasons[:20])
+
+
+def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir,
+               state: RunState, evaluate: Evaluate, started: float) -> str:
+    """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or ""."""
+    fed = cfg.federation
+    if state.next_round == 1:
+        log.info("round 0: test accuracy %.4f (initial model)",
+                 evaluate(strategy.reported_model(state.model))[1])
+    for server_round in range(state.next_round, fed.num_rounds + 1):
+        t0 = time.time()
+        arrays = to_array_record(state.model)
+        messages = strategy.configure_train(
+            server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
+        replies = grid.send_and_receive(messages=messages, timeout=fed.round_timeout) if messages else []
+        new, _ = strategy.aggregate_train(server_round, replies)
+        if new is not None:
+            state.model, state.idle = from_array_record(new), 0
+        else:
+            state.idle += 1
+        loss, acc = evaluate(strategy.reported_model(state.model))
+        row = round_record(server_round, strategy, loss, acc, time.time() - t0)
+        state.history.append(row)
+        state.next_round = server_round + 1
+        checkpoint.save(run.path, model=state.model, strategy=strategy.state_dict(),
+                        meta=state.meta(cfg, time.time() - started))
+        run.append_round(row)
+        run.write_privacy(privacy_record(cfg, strategy))  # kept current: a killed run has it
+        log.info(
+            "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
+            "trained %d/%d, refused %d, failed %d, invalid %d, timed out %d, %.1fs",
+            server_round, fed.num_rounds, acc, loss, row.epsilon_max, row.epsilon_mean,
+            row.clients_trained, row.clients_sampled, row.clients_refused, row.clients_failed,
+            row.clients_invalid, row.clients_timed_out, row.seconds)
+        if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
+            reasons = row.reasons
+            return (f"{state.idle} consecutive round(s) without a valid update (max-idle-rounds="
+                    f"{fed.max_idle_rounds}); last: {reasons[-1] if reasons else 'no replies'}")
+    return ""
+
+
+def finish(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: RunState,
+           stopped: str, started: float) -> RunSummary:
+    """The final model, privacy record and summary (written last: it marks the run done)."""
+    if stopped:
+        log.warning("run stopped early: %s", stopped)
+    run.write_model(strategy.reported_model(state.model))
+    record = privacy_record(cfg, strategy)
+    run.write_privacy(record)
+    summary = RunSummary.of(
+        state.history, record, num_clients=state.num_clients,
+        wall_seconds=state.elapsed_before + time.time() - started, resumed=state.resumed,
+        aggregation=cfg.federation.aggregation, stopped_early=stopped)
+    run.write_summary(summary)
+    log.info("done: final accuracy %.4f, epsilon max %.3f (target %s), %d rounds in %.0fs -> %s",
+             summary.final_accuracy, summary.epsilon_max, summary.target_epsilon, summary.rounds,
+             summary.wall_seconds, run.path)
+    return summary

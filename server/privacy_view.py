@@ -1,0 +1,65 @@
+"""The clients' privacy as the server heard it: each one's history and epsilon.
+
+The server never trusts a client's claimed epsilon alone: it recomputes epsilon from the
+reported history (keeping the claim if it is larger). A client that was asked to train
+and whose reply carried no history (failed, timed out) may have spent more than its
+history shows: those rounds are marked unconfirmed. Its own ledger is the truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from common import privacy
+from common.config import ExperimentConfig
+from common.records import ClientRecord, PrivacyRecord
+from server.replies import ReportedPrivacy
+
+
+class PrivacyView:
+    def __init__(self, *, delta: float, accountant: str) -> None:
+        self.delta = delta
+        self.accountant = accountant
+        self.clients: dict[int, ClientRecord] = {}
+
+    def record(self, reported: ReportedPrivacy) -> None:
+        eps = privacy.epsilon(reported.history, self.delta, self.accountant)
+        if not math.isnan(reported.claimed_epsilon):
+            eps = max(eps, reported.claimed_epsilon)
+        self.clients[reported.partition_id] = ClientRecord(
+            history=reported.history, epsilon=eps, noise_multiplier=reported.noise_multiplier,
+            sample_rate=reported.sample_rate)
+
+    def unconfirmed(self, partitions: Iterable[int], server_round: int) -> None:
+        """These partitions were asked to train in `server_round` and reported nothing."""
+        for pid in partitions:
+            c = self.clients.get(pid, ClientRecord())
+            self.clients[pid] = replace(c, unconfirmed_rounds=[*c.unconfirmed_rounds, server_round])
+
+    def history(self, partition_id: int) -> list:
+        c = self.clients.get(partition_id)
+        return c.history if c is not None else []
+
+    def epsilon_stats(self) -> tuple[float, float]:
+        """(max, mean) epsilon over every client that has reported so far."""
+        return self.as_record(None).epsilon_stats()
+
+    def as_record(self, cfg: ExperimentConfig | None) -> PrivacyRecord:
+        priv = cfg.privacy if cfg is not None else None
+        return PrivacyRecord(
+            accountant=self.accountant, delta=self.delta,
+            target_epsilon=priv.budget if priv else math.inf,
+            private=priv.private if priv else True,
+            max_grad_norm=priv.max_grad_norm if priv else math.nan,
+            adjacency=privacy.ADJACENCY, source="replies",
+            clients={str(p): c for p, c in sorted(self.clients.items())},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(p): c.to_json() for p, c in self.clients.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clients = {int(p): ClientRecord.from_json(c) for p, c in state.items()}

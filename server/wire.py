@@ -1,0 +1,43 @@
+"""The server's side of the wire: named numpy weights <-> Flower records and messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common import keys
+
+
+def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
+    return ArrayRecord({name: Array(value) for name, value in weights.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> ordered dict of named numpy arrays."""
+    return {name: record[name].numpy() for name in record}
+
+
+def query_message(node: int) -> Message:
+    """Discovery: which partition a node holds and how many records."""
+    return Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=node,
+                   message_type=MessageType.QUERY)
+
+
+def train_config(*, server_round: int, planned_rounds: int, known_history: list | None
+                 ) -> ConfigRecord:
+    """What a training request says besides the model: the round, the participations the
+    client's noise is planned for, and its history as the server last saw it (never a
+    noise multiplier: the client calibrates its own)."""
+    config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.PLANNED_ROUNDS: planned_rounds})
+    if known_history:
+        config[keys.KNOWN_HISTORY] = json.dumps([list(e) for e in known_history])
+    return config
+
+
+def train_message(node: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
+    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
+                   dst_node_id=node, message_type=MessageType.TRAIN)
