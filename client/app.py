@@ -32,7 +32,7 @@ from common.config import (
     parse_config,
     parse_node_config,
 )
-from common.data import Split, cached_partitions, load_partition, load_split
+from common.data import Split, load_split, partition_of, partitions_of
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
 
@@ -65,19 +65,13 @@ def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
     if node.data_dir:
         split = load_split("train", node.data_dir, features)
         return Split(np.asarray(split.images, dtype=np.float32), split.labels)
-    return load_partition(
-        node.partition_id, node.num_partitions, partitioner=cfg.data.partitioner,
-        seed=cfg.data.seed, alpha=cfg.data.dirichlet_alpha,
-        labels_per_client=cfg.data.labels_per_client, data_dir=cfg.data.data_dir, features=features,
-    )
+    return partition_of(cfg.data, node.partition_id, node.num_partitions, features)
 
 
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
     if node.data_dir:
         return len(load_split("train", node.data_dir).labels)
-    d = cfg.data
-    return len(cached_partitions(d.data_dir, d.partitioner, node.num_partitions, d.seed,
-                                 float(d.dirichlet_alpha), d.labels_per_client)[node.partition_id])
+    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id])
 
 
 @app.query()

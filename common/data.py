@@ -21,8 +21,12 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from common.config import DataConfig
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -250,3 +254,17 @@ def load_partition(
     )[partition_id]
     train = load_split("train", data_dir, features)
     return Split(np.asarray(train.images[idx], dtype=np.float32), train.labels[idx])
+
+
+def partitions_of(cfg: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    """Row indices of every partition of the shared training set under the run's data
+    config (cached per process)."""
+    return cached_partitions(cfg.data_dir, cfg.partitioner, num_partitions, cfg.seed,
+                             float(cfg.dirichlet_alpha), cfg.labels_per_client)
+
+
+def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
+    """One client's share of the shared training set under the run's data config."""
+    return load_partition(partition_id, num_partitions, partitioner=cfg.partitioner, seed=cfg.seed,
+                          alpha=cfg.dirichlet_alpha, labels_per_client=cfg.labels_per_client,
+                          data_dir=cfg.data_dir, features=features)

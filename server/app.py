@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ExperimentConfig, parse_config
-from common.data import DataError, Split, cached_partitions, load_split
+from common.data import DataError, Split, load_split, partitions_of
 from common.models import (
     MODEL_FEATURES,
     build_model,
@@ -45,10 +45,8 @@ def _setup_logging() -> None:
 def partition_sizes(cfg: ExperimentConfig) -> dict[int, int]:
     """Records per partition of the shared training set (bounds each client's
     num-examples); empty if the server cannot compute them."""
-    d = cfg.data
     try:
-        parts = cached_partitions(d.data_dir, d.partitioner, cfg.federation.num_partitions,
-                                  d.seed, float(d.dirichlet_alpha), d.labels_per_client)
+        parts = partitions_of(cfg.data, cfg.federation.num_partitions)
     except (DataError, OSError) as exc:
         log.warning("cannot compute partition sizes (%s): num-examples is bounded by what "
                     "each node declared", exc)

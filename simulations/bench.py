@@ -15,13 +15,14 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
 from client.trainer import train_round
 from common import privacy
 from common.config import resolve_config
-from common.data import load_partition
+from common.data import partition_of
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import RunDir
 
@@ -34,8 +35,8 @@ def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds:
         "model": model, "batch-size": batch_size, "num-threads": threads,
         "grad-sample-mode": mode if mode != "off" else "hooks",
     })
-    data = load_partition(0, cfg.federation.num_partitions, partitioner="iid", seed=0,
-                          features=MODEL_FEATURES.get(model, ""))
+    data = partition_of(replace(cfg.data, partitioner="iid", seed=0), 0,
+                        cfg.federation.num_partitions, MODEL_FEATURES.get(model, ""))
     weights = get_weights(build_model(cfg.train.model, seed=0))
     q, steps = privacy.poisson_plan(len(data), batch_size, 1)
     plan = privacy.RoundPlan(noise_multiplier=0.0 if mode == "off" else 1.0, sample_rate=q,

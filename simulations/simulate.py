@@ -27,8 +27,7 @@ from common.config import (
     project_root,
     resolve_config,
 )
-from common.data import cached_partitions as partition_cache
-from common.data import locate
+from common.data import locate, partitions_of
 from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
 
@@ -94,10 +93,7 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> Expe
 def check_partitions(cfg: ExperimentConfig) -> None:
     """Every virtual client must hold data, and delta must be below 1/n for the smallest."""
     d = cfg.data
-    sizes = [len(p) for p in partition_cache(
-        d.data_dir, d.partitioner, cfg.federation.num_partitions, d.seed,
-        float(d.dirichlet_alpha), d.labels_per_client,
-    )]
+    sizes = [len(p) for p in partitions_of(d, cfg.federation.num_partitions)]
     smallest = min(sizes)
     if smallest == 0:
         raise ConfigError(

@@ -142,9 +142,8 @@ def sigkill_tree(pid):
 
 
 def read_rounds(path):
-    """The rows of a run's rounds file (`path`), as dicts of decoded values."""
-    from dataclasses import asdict
-
+    """The rows of a run's rounds file (`path`) as JSON dicts (NaN as "nan", so that rows
+    compare equal), read through common.records."""
     from common.records import RunDir
 
-    return [asdict(r) for r in RunDir(Path(path).parent).rounds()]
+    return [r.to_json() for r in RunDir(Path(path).parent).rounds()]

@@ -10,7 +10,7 @@ from common.models import MODELS, build_model, get_weights, set_weights
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_passes_opacus_strict_validation(name):
     model = build_model(name, seed=0)
-    ModuleValidator.validate(model, strict=True)  # raises on BatchNorm and the like
+    assert ModuleValidator.validate(model, strict=False) == []  # no BatchNorm and the like
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
