@@ -2,6 +2,7 @@
 
 import functools
 import gzip
+import hashlib
 import http.server
 import shutil
 import threading
@@ -14,7 +15,18 @@ from common import data
 from common.data import FILES, DataError, locate, partition_indices, read_idx
 from tests.helpers import TINY_DATA
 
-SYSTEM = locate(download=False)  # the real files (Debian package or cache)
+
+def _official(monkeypatch):
+    """The folder whose files the download tests serve. The fast suite serves the tiny
+    subset and makes its checksums the official ones for the test (the mechanism is the
+    same); `test_real_files_match_the_official_checksums` checks the real table."""
+    table = {}
+    for name in FILES:
+        raw = gzip.decompress((Path(TINY_DATA) / name).read_bytes())
+        shape = read_idx(Path(TINY_DATA) / name, verify=False).shape
+        table[name] = (hashlib.sha256(raw).hexdigest(), len(raw), shape)
+    monkeypatch.setattr(data, "FILES", table)
+    return Path(TINY_DATA)
 
 
 @pytest.fixture
@@ -40,22 +52,24 @@ def _isolate(monkeypatch, tmp_path, url):
     monkeypatch.setenv(data.URL_ENV, url)
 
 
-def test_download_verifies_and_caches_real_files(http_server, tmp_path, monkeypatch):
+def test_download_verifies_and_caches(http_server, tmp_path, monkeypatch):
     root, url = http_server
+    source = _official(monkeypatch)
     for name in FILES:
-        shutil.copy(SYSTEM / name, root / name)
+        shutil.copy(source / name, root / name)
     _isolate(monkeypatch, tmp_path, url)
     folder = locate()
     assert folder == tmp_path / "cache"
-    assert read_idx(folder / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    assert read_idx(folder / "t10k-labels-idx1-ubyte.gz").shape == (300,)
     (root / "t10k-labels-idx1-ubyte.gz").unlink()  # cached now: no second download needed
     assert locate() == folder
 
 
 def test_truncated_download_is_rejected_naming_the_file(http_server, tmp_path, monkeypatch):
     root, url = http_server
+    source = _official(monkeypatch)
     for name in FILES:
-        shutil.copy(SYSTEM / name, root / name)
+        shutil.copy(source / name, root / name)
     blob = (root / "train-labels-idx1-ubyte.gz").read_bytes()
     (root / "train-labels-idx1-ubyte.gz").write_bytes(blob[: len(blob) // 2])
     _isolate(monkeypatch, tmp_path, url)
@@ -66,8 +80,9 @@ def test_truncated_download_is_rejected_naming_the_file(http_server, tmp_path, m
 
 def test_wrong_content_fails_the_checksum(http_server, tmp_path, monkeypatch):
     root, url = http_server
+    source = _official(monkeypatch)
     for name in FILES:
-        shutil.copy(SYSTEM / name, root / name)
+        shutil.copy(source / name, root / name)
     raw = bytearray(gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     raw[100] = (raw[100] + 1) % 10  # one label changed: still a valid IDX file
     (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
@@ -134,8 +149,12 @@ def test_partition_id_out_of_range():
         data.load_partition(10, 10, partitioner="iid", seed=0)
 
 
-def test_system_dir_is_used_when_present():
-    assert SYSTEM.is_dir() and isinstance(SYSTEM, Path)
+@pytest.mark.slow
+def test_real_files_match_the_official_checksums():
+    """The installed (or cached) Fashion-MNIST passes the checksum table dpfl ships."""
+    folder = locate(download=False)
+    for name, (_, _, shape) in FILES.items():
+        assert read_idx(folder / name).shape == shape
 
 
 def test_scatter_features_are_cached_and_shared(tmp_path):
