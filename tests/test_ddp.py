@@ -1,0 +1,98 @@
+"""Distributed discrete noise (common/ddp.py), checked against independent computations:
+the Skellam RDP bound against the exact Rényi divergence of the Skellam PMF, the
+composed epsilon against the Gaussian mechanism it approaches (dp-accounting), the
+sampler's closure under summation, the rounding's norm bound, modular wrap."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import ive, logsumexp
+
+from common import ddp
+
+
+def exact_skellam_renyi(alpha: int, mu: float, shift: int) -> float:
+    """D_alpha(Sk + shift || Sk) for Sk of variance mu, summed over the PMF
+    P(k) = exp(-mu) I_|k|(mu) (scipy's exponentially scaled Bessel function)."""
+    half = shift + int(20 * math.sqrt(mu)) + 20
+    k = np.arange(-half, half + 1)
+    log_p = np.log(ive(np.abs(k), mu))
+    log_q = np.log(ive(np.abs(k - shift), mu))
+    return float(logsumexp(alpha * log_q + (1 - alpha) * log_p) / (alpha - 1))
+
+
+@pytest.mark.parametrize("mu", [4.0, 40.0, 400.0])
+@pytest.mark.parametrize("shift", [1, 3])
+@pytest.mark.parametrize("alpha", [2, 8, 32])
+def test_skellam_rdp_bound_holds_against_the_exact_divergence(mu, shift, alpha):
+    exact = exact_skellam_renyi(alpha, mu, shift)
+    bound = ddp.skellam_rdp(alpha, mu, l1=shift, l2=shift)
+    assert exact <= bound * (1 + 1e-9)
+    if mu >= 400:  # and it is tight where the noise is large: close to the Gaussian's
+        gaussian = alpha * shift * shift / (2 * mu)
+        assert exact == pytest.approx(gaussian, rel=0.05) and bound == pytest.approx(gaussian, rel=0.05)
+
+
+def test_composed_epsilon_approaches_the_gaussian_mechanism_from_above():
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    l2, steps, delta = 20.0, 15, 1e-5
+    for mu in (2e3, 2e4, 2e5):
+        eps = ddp.epsilon([(mu, l2 * l2, l2, steps)], delta)
+        acc = RdpAccountant(orders=list(ddp.RDP_ORDERS))
+        acc.compose(dp_accounting.GaussianDpEvent(math.sqrt(mu) / l2), steps)
+        gauss = acc.get_epsilon(delta)
+        assert gauss <= eps <= gauss * 1.10 + 0.01, (mu, eps, gauss)
+
+
+def test_skellam_shares_sum_to_the_central_noise():
+    rng = np.random.default_rng(0)
+    mu, k, n = 36.0, 10, 200_000
+    total = sum(ddp.skellam(mu / k, n, rng) for _ in range(k))
+    assert total.dtype == np.int64
+    assert abs(float(total.mean())) < 4 * math.sqrt(mu / n)
+    assert float(total.var()) == pytest.approx(mu, rel=0.02)
+    assert not ddp.skellam(0.0, 5, rng).any()
+    with pytest.raises(ValueError, match="variance"):
+        ddp.skellam(-1.0, 5, rng)
+
+
+def test_conditional_rounding_respects_the_bound_and_is_unbiased():
+    rng = np.random.default_rng(1)
+    enc = ddp.Encoding(clip=0.1, scale=300.0, dim=50)
+    x = rng.normal(size=(200, enc.dim))
+    x *= (enc.clip * enc.scale) / np.linalg.norm(x, axis=1, keepdims=True)  # norm = scaled clip
+    bound = enc.rounded_l2_bound
+    rounded = ddp.conditional_round(x, bound, rng)
+    assert rounded.dtype == np.int64
+    assert (np.linalg.norm(rounded, axis=1) <= bound + 1e-9).all()
+    assert (np.abs(rounded).sum(axis=1) <= enc.rounded_l1_bound + 1e-9).all()
+    mean = np.mean([ddp.conditional_round(x[:1], bound, rng)[0] for _ in range(2000)], axis=0)
+    assert np.abs(mean - x[0]).max() < 0.06  # unbiased up to the (rare) conditioning
+    with pytest.raises(ValueError, match="could not be rounded"):
+        ddp.conditional_round(np.full((1, 4), 10.3), 5.0, rng)
+
+
+def test_wrapped_sums_decode_to_the_true_sum():
+    rng = np.random.default_rng(2)
+    bits = 16
+    parts = [rng.integers(-3000, 3000, size=100) for _ in range(10)]
+    wrapped = sum(ddp.wrap(p, bits) for p in parts)
+    assert np.array_equal(ddp.wrap(wrapped, bits), sum(parts))  # |sum| < 2^15
+    w = ddp.wrap(np.array([2**15, -(2**15) - 1, 5]), bits)
+    assert (w >= -(2**15)).all() and (w < 2**15).all() and list(w) == [-(2**15), 2**15 - 1, 5]
+
+
+def test_calibration_meets_the_target_and_no_less_noise_would():
+    enc = ddp.Encoding(clip=0.1, scale=200.0, dim=3970)
+    l1, l2 = enc.rounded_l1_bound, enc.rounded_l2_bound
+    mu = ddp.calibrate_mu(3.0, 1e-5, l1, l2, steps=15)
+    assert ddp.epsilon([(mu, l1, l2, 15)], 1e-5) <= 3.0
+    assert ddp.epsilon([(mu / 1.01, l1, l2, 15)], 1e-5) > 3.0
+    prior = [(mu, l1, l2, 5)]
+    more = ddp.calibrate_mu(3.0, 1e-5, l1, l2, steps=10, prior=prior)
+    assert ddp.epsilon([*prior, (more, l1, l2, 10)], 1e-5) <= 3.0
+    with pytest.raises(ValueError, match="already spend"):
+        ddp.calibrate_mu(0.1, 1e-5, l1, l2, steps=1, prior=prior)
