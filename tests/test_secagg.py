@@ -1,0 +1,98 @@
+"""SecAgg+ math (common/secagg.py) in one process, with Flower's real crypto: the server
+gets the survivors' sum and nothing else, dropouts are recovered from shares, and every
+request that would unmask one client is refused."""
+
+import numpy as np
+import pytest
+
+from common import ddp
+from common.secagg import Participant, ProtocolError, prg, unmask
+
+BITS = 20
+
+
+def _round(n=6, threshold=4, server_round=1):
+    clients = {i: Participant(cid=i, server_round=server_round, bits=BITS) for i in range(n)}
+    public = {i: c.advertise() for i, c in clients.items()}
+    boxes = {i: c.share(public, threshold) for i, c in clients.items()}
+    for j, c in clients.items():
+        c.receive({i: boxes[i][j] for i in clients})
+    return clients, public
+
+
+def _values(n, size=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {i: rng.integers(-1000, 1000, size=size) for i in range(n)}
+
+
+def test_the_server_recovers_exactly_the_sum():
+    clients, public = _round()
+    values = _values(6)
+    masked = {i: c.masked(values[i]) for i, c in clients.items()}
+    revealed = [c.reveal(sorted(clients), []) for c in clients.values()]
+    total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
+    assert np.array_equal(total, sum(values.values()))
+
+
+def test_clients_that_drop_before_masking_are_recovered_from_shares():
+    clients, public = _round(n=7, threshold=4)
+    values = _values(7)
+    alive, gone = [0, 2, 3, 5, 6], [1, 4]
+    masked = {i: clients[i].masked(values[i]) for i in alive}
+    revealed = [clients[i].reveal(alive, gone) for i in alive[:4]]  # 4 of 5 answer: enough
+    total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
+    assert np.array_equal(total, sum(values[i] for i in alive))
+
+
+def test_one_masked_vector_looks_uniform_and_unrelated_to_its_input():
+    clients, _ = _round()
+    value = np.arange(20_000) % 7
+    y = clients[0].masked(value)
+    assert 0 <= y.min() and y.max() < 2**BITS
+    assert abs(float(y.mean()) / 2**BITS - 0.5) < 0.01
+    assert abs(np.corrcoef(y, value)[0, 1]) < 0.03
+    assert not np.array_equal(y, clients[0].masked(np.zeros_like(value)))
+
+
+def test_requests_that_would_unmask_one_client_are_refused():
+    clients, public = _round(n=6, threshold=4)
+    with pytest.raises(ProtocolError, match="split the cohort"):
+        clients[0].reveal([0, 1, 2, 3, 4], [4, 5])  # 4 both alive and dropped
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        clients[0].reveal([0, 1, 2], [3, 4, 5])
+    with pytest.raises(ProtocolError, match="listed as dropped"):
+        clients[0].reveal([1, 2, 3, 4], [0, 5])
+    clients[1].reveal(list(range(6)), [])
+    with pytest.raises(ProtocolError, match="already revealed"):
+        clients[1].reveal(list(range(5)), [5])
+    with pytest.raises(ProtocolError, match="threshold 3 must be"):  # 2t <= n lets a server split
+        _round(n=6, threshold=3)
+
+
+def test_fewer_shares_than_the_threshold_unmask_nothing():
+    clients, public = _round(n=6, threshold=4)
+    values = _values(6)
+    masked = {i: c.masked(values[i]) for i, c in clients.items()}
+    revealed = [c.reveal(sorted(clients), []) for c in list(clients.values())[:3]]
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
+
+
+def test_masks_depend_on_the_round_and_the_key():
+    key = bytes(range(32))
+    a, b = prg(key, 1, 1000, BITS), prg(key, 2, 1000, BITS)
+    assert not np.array_equal(a, b) and np.array_equal(a, prg(key, 1, 1000, BITS))
+    assert a.max() < 2**BITS and a.min() >= 0
+
+
+def test_distributed_noise_through_secure_aggregation_sums_to_the_central_noise():
+    """Each of 8 clients adds a Skellam share of mu/8 to its integer vector; the server's
+    unmasked sum minus the true sum is one Skellam of variance mu."""
+    n, mu, size = 8, 400.0, 20_000
+    clients, public = _round(n=n, threshold=5)
+    rng = np.random.default_rng(3)
+    values = {i: rng.integers(-50, 50, size=size) for i in range(n)}
+    masked = {i: c.masked(values[i] + ddp.skellam(mu / n, size, rng)) for i, c in clients.items()}
+    revealed = [c.reveal(sorted(clients), []) for c in clients.values()]
+    noise = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=5) - sum(values.values())
+    assert float(noise.var()) == pytest.approx(mu, rel=0.05) and abs(float(noise.mean())) < 1.0
