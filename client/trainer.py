@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.ledger import Ledger
-from common import privacy
+from common import ddp, privacy
 from common.config import PrivacyConfig, RuntimeConfig, TrainConfig
 from common.data import Split
 from common.models import build_model, get_weights, set_weights
@@ -204,3 +204,45 @@ def train_round(
         weights=weights_out, num_examples=len(data),
         train_loss=total_loss / max(seen, 1), steps=plan.steps,
     )
+
+
+def integer_gradient_sum(
+    weights: dict[str, np.ndarray], data: Split, *, model_name: str, encoding: ddp.Encoding,
+    mu_share: float, chunk: int = 256, device: str = "cpu",
+) -> np.ndarray:
+    """One full-batch DP-SGD step's release for secure aggregation with distributed
+    noise: the sum over records of each record's gradient, clipped to `encoding.clip`,
+    scaled and conditionally rounded to integers (so that one record moves the sum by at
+    most `encoding.rounded_l2_bound`), plus this client's Skellam share of variance
+    `mu_share` per coordinate. A record whose gradient is not finite contributes zero (the
+    null record of zero-out adjacency). Per-sample gradients come from Opacus'
+    GradSampleModule; the rounding and the noise draw from OS entropy. Returns the flat
+    int64 vector in the model's parameter order."""
+    from opacus import GradSampleModule
+
+    model = build_model(model_name)
+    set_weights(model, weights)
+    gsm = GradSampleModule(model.to(torch.device(device)), batch_first=True, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    if sum(p.numel() for p in params) != encoding.dim:
+        raise ValueError(f"encoding.dim={encoding.dim} but the model has "
+                         f"{sum(p.numel() for p in params)} parameters")
+    rng = np.random.default_rng(secrets.randbits(128))
+    total = np.zeros(encoding.dim, dtype=np.int64)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for start in range(0, len(data), chunk):
+        x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float32)).to(device)
+        y = torch.from_numpy(data.labels[start:start + chunk]).to(device)
+        gsm.zero_grad(set_to_none=True)
+        criterion(gsm(x), y).backward()
+        rows = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+        rows = rows.detach().double().cpu().numpy()
+        finite = np.isfinite(rows).all(axis=1)
+        rows[~finite] = 0.0
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        rows *= np.minimum(1.0, encoding.clip / np.maximum(norms, 1e-300)) * encoding.scale
+        total += ddp.conditional_round(rows, encoding.rounded_l2_bound, rng).sum(axis=0)
+        for p in params:
+            p.grad_sample = None  # type: ignore[attr-defined]
+    gsm.remove_hooks()
+    return total + ddp.skellam(mu_share, encoding.dim, rng)

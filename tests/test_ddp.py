@@ -96,3 +96,66 @@ def test_calibration_meets_the_target_and_no_less_noise_would():
     assert ddp.epsilon([*prior, (more, l1, l2, 10)], 1e-5) <= 3.0
     with pytest.raises(ValueError, match="already spend"):
         ddp.calibrate_mu(0.1, 1e-5, l1, l2, steps=1, prior=prior)
+
+
+# ---- the client's integer release (client/trainer.py) ----------------------------------
+
+
+def _clipped_sum(weights, images, labels, clip):
+    """The sum of per-record clipped gradients, computed independently with torch.func."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    from common.models import build_model
+
+    model = build_model("logreg")
+    params = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+
+    def loss(p, x, y):
+        out = functional_call(model, p, (x[None],))
+        return torch.nn.functional.cross_entropy(out, y[None], reduction="sum")
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, torch.from_numpy(images), torch.from_numpy(labels))
+    rows = torch.cat([g[k].reshape(len(labels), -1) for k in weights], dim=1).double().numpy()
+    rows *= np.minimum(1.0, clip / np.linalg.norm(rows, axis=1, keepdims=True))
+    return rows.sum(axis=0)
+
+
+def test_integer_release_decodes_to_the_clipped_gradient_sum():
+    from client.trainer import integer_gradient_sum
+    from common.data import load_split
+    from common.models import build_model, get_weights
+    from tests.helpers import TINY_DATA
+
+    data = load_split("train", TINY_DATA)
+    part = type(data)(np.asarray(data.images[:120]), data.labels[:120])
+    weights = get_weights(build_model("logreg", seed=0))
+    enc = ddp.Encoding(clip=0.1, scale=1e4, dim=sum(v.size for v in weights.values()))
+    out = integer_gradient_sum(weights, part, model_name="logreg", encoding=enc, mu_share=0.0, chunk=50)
+    expected = _clipped_sum(weights, part.images, part.labels, 0.1)
+    assert out.dtype == np.int64 and out.shape == (enc.dim,)
+    assert np.abs(out / enc.scale - expected).max() <= len(part) / enc.scale  # < 1 unit a record
+    one = integer_gradient_sum(weights, type(part)(part.images[:1] * 50, part.labels[:1]),
+                               model_name="logreg", encoding=enc, mu_share=0.0)
+    assert np.linalg.norm(one) <= enc.rounded_l2_bound  # a record's whole effect is bounded
+
+
+def test_integer_release_adds_the_share_and_ignores_a_non_finite_record():
+    from client.trainer import integer_gradient_sum
+    from common.data import load_split
+    from common.models import build_model, get_weights
+    from tests.helpers import TINY_DATA
+
+    data = load_split("train", TINY_DATA)
+    images = np.asarray(data.images[:20]).copy()
+    weights = get_weights(build_model("logreg", seed=0))
+    enc = ddp.Encoding(clip=0.1, scale=1e3, dim=sum(v.size for v in weights.values()))
+    clean = integer_gradient_sum(weights, type(data)(images[1:], data.labels[1:20]),
+                                 model_name="logreg", encoding=enc, mu_share=0.0)
+    images[0, 0, 0, 0] = np.inf
+    dirty = integer_gradient_sum(weights, type(data)(images, data.labels[:20]),
+                                 model_name="logreg", encoding=enc, mu_share=0.0)
+    assert np.abs(dirty - clean).max() <= 19  # only rounding differs: the bad record is zero
+    noisy = integer_gradient_sum(weights, type(data)(images[1:], data.labels[1:20]),
+                                 model_name="logreg", encoding=enc, mu_share=900.0)
+    assert float(np.var(noisy - clean)) == pytest.approx(900.0, rel=0.1)

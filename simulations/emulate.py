@@ -1,0 +1,111 @@
+"""A fast in-process emulation of dpfl's default federated DP-SGD round, to choose
+schedules before running them for real (`python -m simulations.emulate --help`).
+
+It computes exactly what the default run computes (scattering features, GroupNorm,
+linear model; each cohort client takes one full-batch DP-SGD step with per-sample
+clipping; FedAvg weighted by records; server momentum, cosine schedule, moving average)
+in closed form with numpy, with either noise placement:
+- local: each client adds N(0, sigma^2 C^2) to its own clipped sum (today's dpfl);
+- distributed: the cohort's sum carries one N(0, sigma^2 C^2 * K / t) (Skellam shares
+  under secure aggregation are calibrated so that t of the K clients suffice; the
+  Gaussian stands in for the Skellam of equal variance that the integer protocol adds).
+sigma is calibrated per client as dpfl does (its participations, sample rate 1). The
+figures it prints are estimates for choosing a schedule, not results: a result comes
+from `dpfl simulate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+
+import numpy as np
+
+from common import privacy
+from common.data import load_split
+from common.models import build_model, get_weights
+
+
+def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    s = load_split(split, "", "scatter")
+    x = np.asarray(s.images, dtype=np.float32).reshape(len(s), 27, -1)  # GroupNorm(27, 81)
+    x = (x - x.mean(axis=2, keepdims=True)) / np.sqrt(x.var(axis=2, keepdims=True) + 1e-5)
+    return x.reshape(len(s), -1), s.labels
+
+
+def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: float = 4.0,
+        clip: float = 0.1, server_momentum: float = 0.9, ema: float = 0.95, epsilon: float = 3.0,
+        delta: float = 1e-5, threshold_fraction: float = 1.0, seed: int = 42) -> dict:
+    xtr, ytr = _features("train")
+    xte, yte = _features("test")
+    rng = np.random.default_rng(seed)
+    parts = np.array_split(rng.permutation(len(ytr)), clients)
+    w0 = get_weights(build_model("scatter-linear", seed=seed))
+    w, b = w0["2.weight"].astype(np.float64), w0["2.bias"].astype(np.float64)
+    participations = math.ceil(rounds * cohort / clients)
+    sigma = privacy.calibrate_noise(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0,
+                                    steps=participations) if math.isfinite(epsilon) else 0.0
+    vel_w, vel_b = np.zeros_like(w), np.zeros_like(b)
+    ema_w, ema_b = None, None
+    order: list[int] = []
+    t0 = time.time()
+    for r in range(1, rounds + 1):
+        if len(order) < cohort:
+            order += list(rng.permutation(clients))
+        chosen, order = order[:cohort], order[cohort:]
+        idx = np.concatenate([parts[c] for c in chosen])
+        x, y = xtr[idx].astype(np.float64), ytr[idx]
+        z = x @ w.T + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        err = p
+        err[np.arange(len(y)), y] -= 1.0
+        norms = np.linalg.norm(err, axis=1) * np.sqrt((x * x).sum(axis=1) + 1.0)
+        f = np.minimum(1.0, clip / np.maximum(norms, 1e-12))[:, None]
+        gw, gb = (err * f).T @ x, (err * f).sum(axis=0)
+        if noise == "local":
+            std = sigma * clip * math.sqrt(cohort)  # K independent shares in the sum
+        else:
+            std = sigma * clip * math.sqrt(1.0 / threshold_fraction)
+        gw += rng.normal(0, std, gw.shape)
+        gb += rng.normal(0, std, gb.shape)
+        dw, db = -lr * gw / len(y), -lr * gb / len(y)
+        slr = 0.5 * (1 + math.cos(math.pi * (r - 1) / rounds))
+        vel_w, vel_b = server_momentum * vel_w + dw, server_momentum * vel_b + db
+        w, b = w + slr * vel_w, b + slr * vel_b
+        ema_w = w.copy() if ema_w is None else ema * ema_w + (1 - ema) * w
+        ema_b = b.copy() if ema_b is None else ema * ema_b + (1 - ema) * b
+    assert ema_w is not None and ema_b is not None  # rounds >= 1
+    acc = float(((xte @ ema_w.T + ema_b).argmax(axis=1) == yte).mean())
+    return {"noise": noise, "rounds": rounds, "cohort": cohort, "lr": lr, "clip": clip,
+            "sigma": sigma, "participations": participations, "accuracy": acc,
+            "seconds": time.time() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--noise", choices=("local", "distributed"), default="distributed")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[150])
+    ap.add_argument("--lr", type=float, nargs="+", default=[4.0])
+    ap.add_argument("--clip", type=float, nargs="+", default=[0.1])
+    ap.add_argument("--cohort", type=int, default=10)
+    ap.add_argument("--epsilon", type=float, default=3.0)
+    ap.add_argument("--threshold-fraction", type=float, default=1.0)
+    ap.add_argument("--server-momentum", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--ema", type=float, nargs="+", default=[0.95])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    args = ap.parse_args()
+    for rounds, lr, clip, mom, ema in itertools.product(
+            args.rounds, args.lr, args.clip, args.server_momentum, args.ema):
+        accs = [run(noise=args.noise, rounds=rounds, lr=lr, clip=clip, cohort=args.cohort,
+                    epsilon=args.epsilon, threshold_fraction=args.threshold_fraction,
+                    server_momentum=mom, ema=ema, seed=s)["accuracy"] for s in args.seeds]
+        print(f"{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
+              f"ema {ema:g} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
+              f"{100 * np.mean(accs):.2f}% (seeds {args.seeds})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
