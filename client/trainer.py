@@ -235,8 +235,8 @@ def integer_gradient_sum(
         y = torch.from_numpy(data.labels[start:start + chunk]).to(device)
         gsm.zero_grad(set_to_none=True)
         criterion(gsm(x), y).backward()
-        rows = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
-        rows = rows.detach().double().cpu().numpy()
+        per_sample = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+        rows = per_sample.detach().double().cpu().numpy()
         finite = np.isfinite(rows).all(axis=1)
         rows[~finite] = 0.0
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
