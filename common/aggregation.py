@@ -117,7 +117,9 @@ def multikrum_indices(updates: Sequence[Mapping[str, np.ndarray]], num_malicious
                 num_select: int) -> list[int]:
     """Krum / Multi-Krum (Blanchard et al. 2017), as Flower's `select_multikrum`: score each
     update by the summed squared distances to its n - f - 2 nearest others and return the
-    indices of the `num_select` lowest scores (ties: the earlier update)."""
+    indices of the `num_select` lowest scores (ties: the earlier update). Distances are
+    computed in float64 (Flower's in the arrays' dtype, where float32 cancels badly for
+    nearly identical large-norm updates); otherwise the choice is the same."""
     flat = np.stack([np.concatenate([np.asarray(a, np.float64).ravel() for a in u.values()])
                      for u in updates])
     sq = np.square(flat).sum(axis=1)

@@ -144,7 +144,7 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
             row.clients_trained, row.clients_sampled, row.clients_refused, row.clients_failed,
             row.clients_invalid, row.clients_timed_out, row.seconds)
         if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
-            reasons = row.reasons
+            reasons = strategy.outcomes[server_round].reasons  # all of them, not the row's 20
             return (f"{state.idle} consecutive round(s) without a valid update (max-idle-rounds="
                     f"{fed.max_idle_rounds}); last: {reasons[-1] if reasons else 'no replies'}")
     return ""

@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentConfig, default_run_config
+from common.config import ConfigError, ExperimentConfig, default_run_config
 from common.files import atomic_write, atomic_write_text
 from common.records import SWEEP_FILE, Failure, RoundRecord, RunDir, RunInfo, RunSummary, read_json
 
@@ -84,8 +85,13 @@ def load_runs(sweep_dir: Path) -> list[Run]:
             info = RunInfo(run_config={**default_run_config(), **failed.overrides})
         if info is None:
             continue  # not a run directory
-        runs.append(Run(d.name, d, dict(info.run_config), info.config(), run.summary(),
-                        run.rounds(), failed, dict(info.libraries)))
+        try:
+            cfg = info.config()
+        except ConfigError as exc:  # a config this dpfl no longer accepts: say so, go on
+            print(f"dpfl report: {d.name} skipped: its config does not parse ({exc})", file=sys.stderr)
+            continue
+        runs.append(Run(d.name, d, dict(info.run_config), cfg, run.summary(), run.rounds(),
+                        failed, dict(info.libraries)))
     return runs
 
 

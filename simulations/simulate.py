@@ -23,7 +23,9 @@ from common.config import (
     NODE_CONFIG_ENV,
     ConfigError,
     ExperimentConfig,
+    default_run_config,
     node_policy_for,
+    parse_config,
     project_root,
     resolve_config,
 )
@@ -45,7 +47,13 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
-    return json.dumps(str(value))
+    text = str(value)
+    if '"' not in text:
+        return json.dumps(text, ensure_ascii=False)
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"  # a TOML literal string
+    raise ConfigError(f"the value {text!r} holds both quote characters: it cannot be passed "
+                      "to flwr run's --run-config")
 
 
 def format_overrides(overrides: Mapping[str, Any]) -> str:
@@ -60,13 +68,20 @@ def named(cfg: ExperimentConfig, output_dir: str | None = None) -> ExperimentCon
     """`cfg` with its run directory fixed: `output_dir` (if given) made absolute, and a
     fresh run-name if it has none."""
     rt = cfg.runtime
-    out = str(Path(output_dir if output_dir is not None else rt.output_dir).expanduser().resolve())
+    chosen = output_dir or rt.output_dir or str(default_run_config()["output-dir"])
+    out = str(Path(chosen).expanduser().resolve())
     return replace(cfg, runtime=replace(rt, output_dir=out, run_name=rt.run_name or new_run_name()))
 
 
 def check(cfg: ExperimentConfig) -> RunDir:
     """Everything that can be checked before starting processes; creates the (empty) run
     directory, refusing one that already holds a run."""
+    from flwr.common.config import parse_config_args
+
+    text = format_overrides(cfg.to_run_config())
+    if parse_config({**default_run_config(), **parse_config_args([text])}).to_run_config() \
+            != cfg.to_run_config():  # what flwr run will read back
+        raise ConfigError(f"the run config does not survive flwr run's --run-config syntax: {text}")
     run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
     if run.holds_run():
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run.path} already holds a run")

@@ -118,3 +118,16 @@ def test_unwritable_output_dir_and_taken_run_name_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="run-name='taken'.*already holds a run"):
         prepare({**FAST, "run-name": "taken"}, str(tmp_path / "runs"))
     assert (run / "rounds.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_every_value_survives_flwr_runs_config_syntax(tmp_path):
+    """The harness passes the whole config to `flwr run --run-config`: odd strings must
+    arrive as they are, or stop with a clear error before any process starts."""
+    from simulations.simulate import named, prepare
+
+    odd = tmp_path / "dir with spaces, é and 'quote'"
+    cfg = prepare({**FAST, "run-name": "odd"}, str(odd))
+    assert cfg.runtime.output_dir == str(odd.resolve())
+    with pytest.raises(ConfigError, match="both quote characters"):
+        prepare({**FAST, "run-name": "odd2"}, str(tmp_path / "a'b\"c"))
+    assert named(resolve_config({}), "").runtime.output_dir.endswith("runs")  # "" is the default
