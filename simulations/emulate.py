@@ -37,7 +37,8 @@ def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: float = 4.0,
         clip: float = 0.1, server_momentum: float = 0.9, ema: float = 0.95, epsilon: float = 3.0,
-        delta: float = 1e-5, threshold_fraction: float = 1.0, seed: int = 42) -> dict:
+        delta: float = 1e-5, threshold_fraction: float = 1.0, schedule: str = "cosine",
+        seed: int = 42) -> dict:
     xtr, ytr = _features("train")
     xte, yte = _features("test")
     rng = np.random.default_rng(seed)
@@ -72,7 +73,7 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
         gw += rng.normal(0, std, gw.shape)
         gb += rng.normal(0, std, gb.shape)
         dw, db = -lr * gw / len(y), -lr * gb / len(y)
-        slr = 0.5 * (1 + math.cos(math.pi * (r - 1) / rounds))
+        slr = 0.5 * (1 + math.cos(math.pi * (r - 1) / rounds)) if schedule == "cosine" else 1.0
         vel_w, vel_b = server_momentum * vel_w + dw, server_momentum * vel_b + db
         w, b = w + slr * vel_w, b + slr * vel_b
         ema_w = w.copy() if ema_w is None else ema * ema_w + (1 - ema) * w
@@ -95,15 +96,17 @@ def main() -> None:
     ap.add_argument("--threshold-fraction", type=float, default=1.0)
     ap.add_argument("--server-momentum", type=float, nargs="+", default=[0.9])
     ap.add_argument("--ema", type=float, nargs="+", default=[0.95])
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     args = ap.parse_args()
     for rounds, lr, clip, mom, ema in itertools.product(
             args.rounds, args.lr, args.clip, args.server_momentum, args.ema):
         accs = [run(noise=args.noise, rounds=rounds, lr=lr, clip=clip, cohort=args.cohort,
                     epsilon=args.epsilon, threshold_fraction=args.threshold_fraction,
-                    server_momentum=mom, ema=ema, seed=s)["accuracy"] for s in args.seeds]
+                    server_momentum=mom, ema=ema, schedule=args.schedule, seed=s)["accuracy"]
+                for s in args.seeds]
         print(f"{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
-              f"ema {ema:g} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
+              f"ema {ema:g} {args.schedule} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
               f"{100 * np.mean(accs):.2f}% (seeds {args.seeds})", flush=True)
 
 
