@@ -217,7 +217,9 @@ def integer_gradient_sum(
     `mu_share` per coordinate. A record whose gradient is not finite contributes zero (the
     null record of zero-out adjacency). Per-sample gradients come from Opacus'
     GradSampleModule; the rounding and the noise draw from OS entropy. Returns the flat
-    int64 vector in the model's parameter order."""
+    int64 vector in the model's parameter order. No handler calls it yet (issue 11): the
+    one that does must plan and record the release in the ledger before sending it, as
+    `train_round`'s caller does."""
     from opacus import GradSampleModule
 
     model = build_model(model_name)
