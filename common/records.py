@@ -48,7 +48,6 @@ LEDGERS_DIR = "ledgers"
 SWEEP_FILE = "sweep.json"
 
 LIBRARIES = ("torch", "flwr", "opacus", "flwr-datasets", "numpy", "dp-accounting")
-STATUSES = ("new", "unstarted", "interrupted", "failed", "finished")
 
 
 # ---------------------------------------------------------------- the ∞ / NaN encoding
@@ -309,11 +308,6 @@ def run_status(path: Path) -> str:
     return "unstarted" if path.exists() else "new"
 
 
-def holds_run(path: Path) -> bool:
-    """True when `path` already holds a run's records (finished or not)."""
-    return (path / SUMMARY_FILE).exists() or (path / ROUNDS_FILE).exists()
-
-
 class RunDir:
     """One run directory: every read and write of its files goes through here."""
 
@@ -340,7 +334,8 @@ class RunDir:
         return run_status(self.path)
 
     def holds_run(self) -> bool:
-        return holds_run(self.path)
+        """True when the folder already holds a run's records (finished or not)."""
+        return (self.path / SUMMARY_FILE).exists() or (self.path / ROUNDS_FILE).exists()
 
     def create(self, *, resume: bool = False) -> RunDir:
         """Create the folder, or refuse one that is not writable or (unless resuming)
@@ -407,10 +402,6 @@ class RunDir:
 
     def write_model(self, weights: Mapping[str, np.ndarray]) -> None:
         atomic_write(self.path / MODEL_FILE, lambda tmp: np.savez(tmp, **dict(weights)))  # type: ignore[arg-type]
-
-    def model(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / MODEL_FILE) as z:
-            return {k: z[k] for k in z.files}
 
     def write_failure(self, failure: Failure) -> None:
         write_json(self.path / FAILED_FILE, failure.to_json())

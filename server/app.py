@@ -87,12 +87,13 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
     model = build_model(cfg.train.model, seed=cfg.data.seed)
+    parameters = count_parameters(model)
     strategy = CohortFedAvg(cfg, partition_sizes=partition_sizes(cfg))
     if ckpt is not None:
         state = loop.restore(grid, cfg, strategy, run, ckpt)
     else:
         state = loop.start(grid, cfg, strategy, run, model=get_weights(model),
-                           run_id=context.run_id, model_parameters=count_parameters(model))
-    describe(cfg, state, run, count_parameters(model))
+                           run_id=context.run_id, model_parameters=parameters)
+    describe(cfg, state, run, parameters)
     stopped = loop.run_rounds(grid, cfg, strategy, run, state, evaluator(cfg, model), started)
     loop.finish(cfg, strategy, run, state, stopped, started)

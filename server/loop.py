@@ -22,7 +22,6 @@ from flwr.serverapp import Grid
 from common import keys, privacy
 from common.config import ExperimentConfig, project_root
 from common.records import (
-    PrivacyRecord,
     RoundRecord,
     RunDir,
     RunInfo,
@@ -94,10 +93,6 @@ def restore(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunD
     return state
 
 
-def privacy_record(cfg: ExperimentConfig, strategy: CohortFedAvg) -> PrivacyRecord:
-    return strategy.privacy.as_record(cfg)
-
-
 def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: float,
                  seconds: float) -> RoundRecord:
     out = strategy.outcomes[server_round]
@@ -136,7 +131,7 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
         checkpoint.save(run.path, model=state.model, strategy=strategy.state_dict(),
                         meta=state.meta(cfg, time.time() - started))
         run.append_round(row)
-        run.write_privacy(privacy_record(cfg, strategy))  # kept current: a killed run has it
+        run.write_privacy(strategy.privacy.as_record(cfg))  # kept current: a killed run has it
         log.info(
             "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
             "trained %d/%d, refused %d, failed %d, invalid %d, timed out %d, %.1fs",
@@ -156,7 +151,7 @@ def finish(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: Ru
     if stopped:
         log.warning("run stopped early: %s", stopped)
     run.write_model(strategy.reported_model(state.model))
-    record = privacy_record(cfg, strategy)
+    record = strategy.privacy.as_record(cfg)
     run.write_privacy(record)
     summary = RunSummary.of(
         state.history, record, num_clients=state.num_clients,

@@ -45,15 +45,14 @@ class PrivacyView:
 
     def epsilon_stats(self) -> tuple[float, float]:
         """(max, mean) epsilon over every client that has reported so far."""
-        return self.as_record(None).epsilon_stats()
+        eps = [c.epsilon for c in self.clients.values()]
+        return (max(eps), sum(eps) / len(eps)) if eps else (0.0, 0.0)
 
-    def as_record(self, cfg: ExperimentConfig | None) -> PrivacyRecord:
-        priv = cfg.privacy if cfg is not None else None
+    def as_record(self, cfg: ExperimentConfig) -> PrivacyRecord:
+        priv = cfg.privacy
         return PrivacyRecord(
-            accountant=self.accountant, delta=self.delta,
-            target_epsilon=priv.budget if priv else math.inf,
-            private=priv.private if priv else True,
-            max_grad_norm=priv.max_grad_norm if priv else math.nan,
+            accountant=self.accountant, delta=self.delta, target_epsilon=priv.budget,
+            private=priv.private, max_grad_norm=priv.max_grad_norm,
             adjacency=privacy.ADJACENCY, source="replies",
             clients={str(p): c for p, c in sorted(self.clients.items())},
         )

@@ -8,7 +8,6 @@ that must not be averaged is `Rejected` with a kind and a reason; the round coun
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -170,7 +169,6 @@ def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
     problem = update_problem(reference, update, max_update_norm=max_update_norm)
     if problem:
         return Rejected("invalid", f"node {node}: {problem}")
-    loss = keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS)
     return Accepted(partition_id=int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID)),
                     update=update, num_examples=keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES),
-                    train_loss=loss if not math.isnan(loss) else math.nan)
+                    train_loss=keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS))

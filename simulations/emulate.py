@@ -1,10 +1,11 @@
 """A fast in-process emulation of dpfl's default federated DP-SGD round, to choose
 schedules before running them for real (`python -m simulations.emulate --help`).
 
-It computes exactly what the default run computes (scattering features, GroupNorm,
-linear model; each cohort client takes one full-batch DP-SGD step with per-sample
-clipping; FedAvg weighted by records; server momentum, cosine schedule, moving average)
-in closed form with numpy, with either noise placement:
+It computes what the default run computes (scattering features, GroupNorm, linear model;
+each cohort client takes one full-batch DP-SGD step with per-sample clipping; FedAvg
+weighted by records; server momentum, cosine schedule, moving average) in closed form
+with numpy; IID partitions are its own seeded split, not flwr-datasets'. Either noise
+placement:
 - local: each client adds N(0, sigma^2 C^2) to its own clipped sum (today's dpfl);
 - distributed: the cohort's sum carries one N(0, sigma^2 C^2 * K / t) (Skellam shares
   under secure aggregation are calibrated so that t of the K clients suffice; the
