@@ -1,10 +1,11 @@
 """The dpfl ClientApp: decode, train under the ledger, encode. Logic lives in trainer.py.
 
-Two handlers: `query` tells the server which partition this node holds and how many
+Handlers: `query` tells the server which partition this node holds and how many
 records (node discovery), `train` runs one round of DP-SGD under the privacy ledger, as
 named steps: decode the request, load the ledger, refuse what the node's policy or the
 weights rule out (before touching data), answer a replayed request from the kept
-reply, plan the spend under the budget, train, release, commit the ledger.
+reply, plan the spend under the budget, train, release, commit the ledger. With
+secure-aggregation=secagg+ a round is four `train.secagg_*` messages (client/secure.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import wire
+from client import secure, wire
 from client.attacks import apply_attack, attack_before_training
 from client.ledger import Ledger, load_ledger, load_replay, save_ledger, save_replay
 from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
@@ -145,6 +146,9 @@ def train(msg: Message, context: Context) -> Message:
     request = wire.decode_request(msg)
     ledger = load_ledger(context, node.ledger_file, request.known_history)
     problem = request_problem(cfg, node, request)
+    if not problem and cfg.secure.enabled:
+        problem = ("the run config has secure-aggregation=secagg+: this node releases "
+                   "updates only through it")
     if problem:
         return refusal(msg, ledger, cfg, node,
                        f"{problem}; round {request.server_round} refused, nothing spent")
@@ -183,3 +187,25 @@ def train_and_reply(msg: Message, context: Context, cfg: ExperimentConfig, node:
     save_replay(ledger, node.ledger_file, key, weights, metrics)
     save_ledger(context, ledger, node.ledger_file)
     return wire.reply(msg, metrics, ledger.history, weights=weights)
+
+
+# Secure aggregation (client/secure.py): four messages of a round, each its own action.
+@app.train(keys.SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return secure.keys_stage(msg, context, _config(context), _node(context))
+
+
+@app.train(keys.SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return secure.shares_stage(msg, context, _config(context), _node(context))
+
+
+@app.train(keys.SECAGG_MASKED)
+def secagg_masked(msg: Message, context: Context) -> Message:
+    return secure.masked_stage(msg, context, _config(context), _node(context),
+                               problem_of=request_problem, refusal=refusal, data_of=_data)
+
+
+@app.train(keys.SECAGG_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure.unmask_stage(msg, context, _config(context), _node(context))

@@ -88,6 +88,50 @@ def plan_spend(
     return plan
 
 
+def plan_release(
+    ledger: Ledger, *, encoding: ddp.Encoding, priv: PrivacyConfig, planned_rounds: int,
+    threshold: int, distributed: bool, client: str, num_examples: int,
+    min_noise_multiplier: float = 0.0,
+) -> privacy.ReleasePlan:
+    """This round's integer release under secure aggregation, within the budget.
+
+    The Skellam noise multiplier z (noise std over the rounded L2 sensitivity) is fixed
+    once per client like sigma, calibrated for `planned_rounds` releases (or taken from
+    noise-multiplier; never below the node's floor). The sum must carry mu = (z l2)^2:
+    with distributed noise each client adds mu / threshold, so that any `threshold`
+    survivors together add mu; with local noise each adds mu itself. The ledger records
+    mu (the least the sum carries when the round completes). Raises BudgetExceeded."""
+    priv.check_delta(num_examples, client=client)
+    l1, l2 = encoding.rounded_l1_bound, encoding.rounded_l2_bound
+    if ledger.noise_multiplier is None:
+        ledger.noise_multiplier = priv.noise_multiplier if priv.noise_multiplier > 0 else \
+            privacy.calibrate_skellam(target_epsilon=priv.target_epsilon,
+                                      target_delta=priv.target_delta, l1=l1, l2=l2,
+                                      steps=planned_rounds, prior=ledger.history)
+    ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
+    mu = (ledger.noise_multiplier * l2) ** 2
+    entry = (privacy.SKELLAM, mu, l1, l2, 1)
+    before = privacy.epsilon(ledger.history, priv.target_delta)
+    after = privacy.epsilon([*ledger.history, entry], priv.target_delta)
+    if after > priv.target_epsilon:
+        raise BudgetExceeded(f"{client} would reach epsilon={after:.3f} > budget "
+                             f"{priv.target_epsilon} (spent {before:.3f}); it does not train")
+    return privacy.ReleasePlan(
+        noise_multiplier=ledger.noise_multiplier, mu=mu,
+        mu_share=mu / threshold if distributed else mu, l1=l1, l2=l2, threshold=threshold,
+        epsilon_before=before, epsilon_after=after)
+
+
+def parameter_names(model_name: str) -> list[str]:
+    """The order of an integer release's coordinates: the model's parameters, each
+    flattened. Every named weight must be a parameter (no buffers) to be released."""
+    model = build_model(model_name)
+    names = [n for n, _ in model.named_parameters()]
+    if names != list(model.state_dict()):
+        raise ValueError(f"model {model_name} has buffers; its weights cannot all be released")
+    return names
+
+
 def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
     """Samples whose per-sample gradient (hooks, functorch, ew) or per-sample gradient
     norm (ghost clipping) holds a non-finite value after a backward pass."""
@@ -217,9 +261,8 @@ def integer_gradient_sum(
     `mu_share` per coordinate. A record whose gradient is not finite contributes zero (the
     null record of zero-out adjacency). Per-sample gradients come from Opacus'
     GradSampleModule; the rounding and the noise draw from OS entropy. Returns the flat
-    int64 vector in the model's parameter order. No handler calls it yet (issue 11): the
-    one that does must plan and record the release in the ledger before sending it, as
-    `train_round`'s caller does."""
+    int64 vector in the model's parameter order (`parameter_names`). Its caller plans and
+    records the release in the ledger before sending it (`plan_release`)."""
     from opacus import GradSampleModule
 
     model = build_model(model_name)
@@ -236,14 +279,17 @@ def integer_gradient_sum(
         x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float32)).to(device)
         y = torch.from_numpy(data.labels[start:start + chunk]).to(device)
         gsm.zero_grad(set_to_none=True)
-        criterion(gsm(x), y).backward()
+        with warnings.catch_warnings():  # inputs need no gradient: Opacus hooks say so
+            warnings.simplefilter("ignore")
+            criterion(gsm(x), y).backward()
         per_sample = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
-        rows = per_sample.detach().double().cpu().numpy()
-        finite = np.isfinite(rows).all(axis=1)
-        rows[~finite] = 0.0
-        norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        rows *= np.minimum(1.0, encoding.clip / np.maximum(norms, 1e-300)) * encoding.scale
-        total += ddp.conditional_round(rows, encoding.rounded_l2_bound, rng).sum(axis=0)
+        rows = per_sample.detach().to(torch.float64 if encoding.scale * encoding.clip >= 2**20
+                                      else torch.float32)
+        rows[~torch.isfinite(rows).all(dim=1)] = 0.0
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64, keepdim=True)
+        factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0) * encoding.scale
+        rows.mul_(factor.to(rows.dtype))
+        total += ddp.conditional_round_sum(rows.cpu().numpy(), encoding.rounded_l2_bound, rng)
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
     gsm.remove_hooks()

@@ -24,6 +24,8 @@ DEVICES = ("cpu", "cuda", "auto")
 CLIENT_SAMPLING = ("cohorts", "random")
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+SECURE_AGGREGATION = ("none", "secagg+")
+NOISE_PLACEMENTS = ("local", "distributed")
 ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wrong-shape")
 
 
@@ -251,6 +253,45 @@ class PrivacyConfig:
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class SecureAggregationConfig:
+    """SecAgg+ with an integer release (docs/secure-aggregation.md). `noise`: each client
+    adds the whole noise of its guarantee (local) or its share of it, so that the sum of
+    any `secagg-threshold` fraction of the cohort carries it (distributed). `secagg-bits`:
+    the field's width on the wire; `secagg-headroom`: the fraction of the worst case (every
+    record's clipped gradient in one coordinate) the field holds before it wraps."""
+
+    secure_aggregation: str
+    noise: str
+    secagg_bits: int
+    secagg_threshold: float
+    secagg_headroom: float
+
+    def __post_init__(self) -> None:
+        _check(self.secure_aggregation in SECURE_AGGREGATION, "secure-aggregation",
+               self.secure_aggregation, f"must be one of {', '.join(SECURE_AGGREGATION)}")
+        _check(self.noise in NOISE_PLACEMENTS, "noise", self.noise,
+               f"must be one of {', '.join(NOISE_PLACEMENTS)}")
+        _check(self.noise == "local" or self.enabled, "noise", self.noise,
+               "needs secure-aggregation=secagg+ (without it the server sees each share, "
+               "which carries too little noise alone)")
+        _check(8 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "must be in [8, 62]")
+        _check(0.5 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold,
+               "must be in (0.5, 1] (a fraction of the cohort; above half, so that no server "
+               "can collect both secrets of one client)")
+        _check(0 < self.secagg_headroom <= 1, "secagg-headroom", self.secagg_headroom,
+               "must be in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.secure_aggregation != "none"
+
+    def threshold(self, cohort: int) -> int:
+        """t: the survivors a round needs (more than half the cohort, at least the
+        configured fraction)."""
+        return min(cohort, max(cohort // 2 + 1, math.ceil(self.secagg_threshold * cohort - 1e-9)))
+
+
 # The data holder's side: node config. In deployment it is Flower's node config
 # (`flower-supernode --node-config`); Flower's simulation sets only partition-id and
 # num-partitions per virtual node, so the harness that starts the simulation passes the
@@ -420,10 +461,13 @@ class ExperimentConfig:
     privacy: PrivacyConfig
     attack: AttackConfig
     baseline: BaselineConfig
+    secure: SecureAggregationConfig
     runtime: RuntimeConfig = field(compare=False)
 
     def __post_init__(self) -> None:
         fed = self.federation
+        if self.secure.enabled:
+            self._check_secure()
         _check(
             self.attack.attackers <= fed.num_partitions, "attackers", self.attack.attackers,
             f"must be <= num-partitions={fed.num_partitions}",
@@ -439,6 +483,25 @@ class ExperimentConfig:
                 fed.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
                 fed.krum_select, "must be <= the clients sampled per round",
             )
+
+    def _check_secure(self) -> None:
+        """What secure aggregation's integer release needs: one accounted full-batch
+        DP-SGD step per participation, and a server that never looks at one update."""
+        key = "secure-aggregation=secagg+"
+        priv, fed, train = self.privacy, self.federation, self.train
+        _check(priv.private, "dp", priv.dp, f"must be true with a finite target-epsilon for {key}")
+        _check(priv.accountant == "rdp", "accountant", priv.accountant,
+               f"must be rdp for {key} (Skellam releases are composed in RDP)")
+        _check(train.batch_size == 0, "batch-size", train.batch_size,
+               f"must be 0 (full batch: one DP-SGD step per released update) for {key}")
+        _check(train.local_epochs == 1, "local-epochs", train.local_epochs, f"must be 1 for {key}")
+        _check(train.momentum == 0, "momentum", train.momentum, f"must be 0 for {key}")
+        _check(fed.aggregation == "fedavg", "aggregation", fed.aggregation,
+               f"must be fedavg for {key} (the server sees only the sum)")
+        _check(fed.max_update_norm == 0, "max-update-norm", fed.max_update_norm,
+               f"must be 0 for {key} (no single update is visible to bound)")
+        _check(not self.attack.modes, "attack", self.attack.attack,
+               f"must be empty for {key} (simulated attacks alter single updates)")
 
     @property
     def client_train(self) -> TrainConfig:
@@ -472,6 +535,7 @@ _SECTIONS: dict[str, tuple[type, str]] = {
     "privacy": (PrivacyConfig, ""),
     "attack": (AttackConfig, ""),
     "baseline": (BaselineConfig, "baseline-"),
+    "secure": (SecureAggregationConfig, ""),
     "runtime": (RuntimeConfig, ""),
 }
 

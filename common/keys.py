@@ -48,3 +48,18 @@ def number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key}={value!r} is not a number")
     return float(value)
+
+# Secure aggregation (SecAgg+): one round is four messages of category train, each with
+# its action (message type "train.<action>"), in this order.
+SECAGG_KEYS = "secagg_keys"  # -> the client's two public keys
+SECAGG_SHARES = "secagg_shares"  # all public keys -> encrypted shares, one per peer
+SECAGG_MASKED = "secagg_masked"  # model + shares for it -> the masked integer release
+SECAGG_UNMASK = "secagg_unmask"  # survivors and dropped -> the shares that unmask the sum
+SECAGG_STAGES = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASKED, SECAGG_UNMASK)
+PUBLIC_KEYS = "public-keys"  # {partition: [c hex, s hex]} (JSON), or one client's [c, s]
+SHARES = "shares"  # {partition: Fernet token} (JSON)
+SCALE = "scale"  # integer units per unit of clipped gradient
+SURVIVORS = "survivors"  # JSON list of partitions
+DROPPED = "dropped"
+REVEALED = "revealed"  # {partition: [kind, share hex]} (JSON)
+MASKED = "masked"  # the ArrayRecord key of the masked vector

@@ -1,9 +1,14 @@
 """Privacy accounting as pure functions of a DP-SGD history.
 
-A history is a list of `(noise_multiplier, sample_rate, steps)` entries: the Poisson-
-subsampled Gaussian mechanism run `steps` times. The ledger only stores it; epsilon is
-always recomputed from the whole history, so it composes over every step a client ever
-took. The math is Opacus' own accountants (RDP by default, PRV selectable).
+A history is a list of entries, each a mechanism run `steps` times:
+- `(noise_multiplier, sample_rate, steps)`: the Poisson-subsampled Gaussian (local DP-SGD);
+- `("skellam", mu, l1, l2, steps)`: a full-batch integer release whose noise in the
+  securely aggregated sum is Skellam of variance `mu`, with L1/L2 sensitivities `l1`,
+  `l2` (integer units; common/ddp.py).
+The ledger only stores it; epsilon is always recomputed from the whole history, so it
+composes over every step a client ever took. The math is Opacus' own accountants (RDP by
+default, PRV selectable) for Gaussian-only histories; a history with Skellam releases is
+composed in RDP over integer orders (Opacus' Gaussian RDP plus the Skellam bound).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-Entry = tuple[float, float, int]
+Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, steps)
+SKELLAM = "skellam"
 
 # Neighbouring datasets of one client: one record replaced by a null record that
 # contributes nothing (a zero gradient); the client's record count n stays the same and
@@ -23,40 +29,53 @@ Entry = tuple[float, float, int]
 ADJACENCY = "zero-out"
 
 
-def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
-    """Normalise entries and merge neighbours with equal (noise_multiplier, sample_rate)."""
+def _entry(raw: Sequence) -> Entry:
+    """One history entry, normalised and checked (steps may be 0)."""
+    if len(raw) == 5 and raw[0] == SKELLAM:
+        mu, l1, l2, steps = float(raw[1]), float(raw[2]), float(raw[3]), int(raw[4])
+        if not (mu >= 0 and 0 < l1 < math.inf and 0 < l2 < math.inf and steps >= 0) \
+                or steps != raw[4] or not math.isfinite(mu):
+            raise ValueError(f"history entry {list(raw)!r} is out of range")
+        return (SKELLAM, mu, l1, l2, steps)
+    if len(raw) != 3:
+        raise ValueError(f"history entry {raw!r} must be [noise_multiplier, sample_rate, steps] "
+                         "or [\"skellam\", mu, l1, l2, steps]")
+    sigma, q, steps = float(raw[0]), float(raw[1]), int(raw[2])
+    if not (sigma >= 0 and 0 < q <= 1 and steps >= 0) or steps != raw[2]:
+        raise ValueError(f"history entry {raw!r} is out of range")
+    return (sigma, q, steps)
+
+
+def merge_history(history: Iterable[Sequence]) -> list[Entry]:
+    """Normalise entries and merge neighbours of the same mechanism and parameters."""
     out: list[Entry] = []
     for raw in history:
-        if len(raw) != 3:
-            raise ValueError(f"history entry {raw!r} must be [noise_multiplier, sample_rate, steps]")
-        sigma, q, steps = float(raw[0]), float(raw[1]), int(raw[2])
-        if not (sigma >= 0 and 0 < q <= 1 and steps >= 0) or steps != raw[2]:
-            raise ValueError(f"history entry {raw!r} is out of range")
-        if steps == 0:
+        e = _entry(raw)
+        if e[-1] == 0:
             continue
-        if out and out[-1][0] == sigma and out[-1][1] == q:
-            out[-1] = (sigma, q, out[-1][2] + steps)
+        if out and out[-1][:-1] == e[:-1]:
+            out[-1] = (*e[:-1], out[-1][-1] + e[-1])
         else:
-            out.append((sigma, q, steps))
+            out.append(e)
     return out
 
 
 def extends(history: Sequence[Entry], longer: Sequence[Entry]) -> bool:
     """True when `longer` is `history` followed by more steps: every entry of `history`
     appears unchanged and in order at the start of `longer` (its last one may have
-    continued with more steps of the same noise multiplier and sample rate)."""
+    continued with more steps of the same mechanism and parameters)."""
     a, b = merge_history(history), merge_history(longer)
     if len(a) > len(b):
         return False
-    for i, (sigma, q, steps) in enumerate(a):
-        s2, q2, n2 = b[i]
-        if (sigma, q) != (s2, q2) or steps > n2 or (steps < n2 and i < len(a) - 1):
+    for i, e in enumerate(a):
+        f = b[i]
+        if e[:-1] != f[:-1] or e[-1] > f[-1] or (e[-1] < f[-1] and i < len(a) - 1):
             return False
     return True
 
 
-def total_steps(history: Iterable[Sequence[float]]) -> int:
-    return sum(int(e[2]) for e in history)
+def total_steps(history: Iterable[Sequence]) -> int:
+    return sum(int(e[-1]) for e in history)
 
 
 def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
@@ -64,8 +83,12 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
     hist = merge_history(history)
     if not hist:
         return 0.0
-    if any(sigma == 0 for sigma, _, _ in hist):
+    if any(e[0] == 0 or (e[0] == SKELLAM and e[1] == 0) for e in hist):
         return math.inf
+    if any(e[0] == SKELLAM for e in hist):
+        if accountant != "rdp":
+            raise ValueError(f"accountant={accountant!r} cannot compose Skellam releases; use rdp")
+        return _mixed_rdp_epsilon(hist, delta)
     if accountant == "rdp":
         from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
         from opacus.accountants.rdp import RDPAccountant
@@ -86,6 +109,27 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
             warnings.simplefilter("ignore")
             return float(acc.get_epsilon(delta=delta))
     raise ValueError(f"accountant={accountant!r} must be rdp or prv")
+
+
+def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
+    """A history with Skellam releases: RDP over integer orders (the Skellam bound needs
+    them), Gaussian entries by Opacus' compute_rdp at the same orders, converted as
+    Opacus converts RDP."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from common import ddp
+
+    orders = ddp.RDP_ORDERS
+    total = [0.0] * len(orders)
+    for e in hist:
+        if e[0] == SKELLAM:
+            _, mu, l1, l2, steps = e
+            rdp = [steps * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
+        else:
+            sigma, q, steps = e
+            rdp = list(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)))
+        total = [x + y for x, y in zip(total, rdp, strict=True)]
+    return ddp.rdp_to_epsilon(total, orders, delta)
 
 
 def calibrate_noise(
@@ -167,3 +211,49 @@ def planned_participations(
         return num_rounds
     expected = num_rounds * clients_per_round / num_clients
     return max(1, min(num_rounds, math.ceil(expected * margin)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleasePlan:
+    """One integer release under secure aggregation, decided before the client trains:
+    `mu` is the Skellam variance the sum carries once `threshold` shares are in it (what
+    the ledger records), `mu_share` the variance this client adds."""
+
+    noise_multiplier: float  # sqrt(mu) / l2: noise std over the L2 sensitivity
+    mu: float
+    mu_share: float
+    l1: float
+    l2: float
+    threshold: int
+    epsilon_before: float
+    epsilon_after: float
+
+    @property
+    def entry(self) -> Entry:
+        return (SKELLAM, self.mu, self.l1, self.l2, 1)
+
+
+def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, l2: float,
+                      steps: int, prior: Sequence[Entry] = (), tolerance: float = 0.005) -> float:
+    """Smallest Skellam noise multiplier z (noise std sqrt(mu) = z * l2, within `tolerance`
+    relative) such that `prior` followed by `steps` releases stays within target_epsilon."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon={target_epsilon!r} must be finite and > 0 to calibrate")
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} must be >= 1 to calibrate a noise multiplier")
+    if epsilon(prior, target_delta) >= target_epsilon:
+        raise ValueError(f"the history already spends epsilon >= target_epsilon={target_epsilon}; "
+                         "no noise level allows more steps")
+
+    def eps_at(z: float) -> float:
+        return epsilon([*prior, (SKELLAM, (z * l2) ** 2, l1, l2, steps)], target_delta)
+
+    lo, hi = 0.0, 1.0
+    while eps_at(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError("no noise multiplier below 1e6 reaches the target epsilon")
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps_at(mid) > target_epsilon else (lo, mid)
+    return hi

@@ -138,6 +138,9 @@ class RoundRecord(Record):
     partitions_trained: list[int] = field(default_factory=list)
     partitions_aggregated: list[int] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # payload bytes clients sent the server this round
+    bytes_down: int = 0  # payload bytes the server sent them (secure aggregation only)
+    noise_shares: int = 0  # secure aggregation: clients' noise shares in the unmasked sum
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Stages of a round over a cohort of clients with ids `cid`:
 3. `Participant.masked`: its integer vector + PRG(b) + sum over peers j of
    +-PRG(s_ij), modulo 2^bits. Pairwise masks cancel in the sum; the self mask hides a
    client whose pairwise masks were recovered because it was thought dropped.
+   The peers are those whose shares reached it: clients lost while shares were sent are
+   left out of the masks (at least t must remain).
 4. `Participant.reveal`: for the survivors (who sent a masked vector) their b shares, for
    the dropped their s_sk shares, never both for one peer, and only when at least t
    clients survive.
@@ -93,6 +95,29 @@ class Participant:
     _held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)  # peer -> (b share, s_sk share)
     threshold: int = 0
     _revealed: bool = False
+    _masked_with: tuple[int, ...] = ()  # the peers whose masks its vector carries
+
+    def to_state(self) -> str:
+        """Everything this participant holds (its secrets included), as JSON for the
+        node's own state between the round's messages; never sent."""
+        return json.dumps({
+            "cid": self.cid, "round": self.server_round, "bits": self.bits,
+            "c": [k.hex() for k in self._c], "s": [k.hex() for k in self._s], "b": self._b.hex(),
+            "peers": {str(i): [k.c.hex(), k.s.hex()] for i, k in self._peers.items()},
+            "held": {str(i): [b.hex(), s.hex()] for i, (b, s) in self._held.items()},
+            "threshold": self.threshold, "revealed": self._revealed,
+            "masked_with": list(self._masked_with)})
+
+    @classmethod
+    def from_state(cls, text: str) -> Participant:
+        d = json.loads(text)
+        pair = lambda v: (bytes.fromhex(v[0]), bytes.fromhex(v[1]))  # noqa: E731
+        return cls(cid=int(d["cid"]), server_round=int(d["round"]), bits=int(d["bits"]),
+                   _c=pair(d["c"]), _s=pair(d["s"]), _b=bytes.fromhex(d["b"]),
+                   _peers={int(i): PublicKeys(*pair(v)) for i, v in d["peers"].items()},
+                   _held={int(i): pair(v) for i, v in d["held"].items()},
+                   threshold=int(d["threshold"]), _revealed=bool(d["revealed"]),
+                   _masked_with=tuple(int(i) for i in d["masked_with"]))
 
     def advertise(self) -> PublicKeys:
         return PublicKeys(c=self._c[1], s=self._s[1])
@@ -126,16 +151,23 @@ class Participant:
             self._held[i] = (bytes.fromhex(d["b"]), bytes.fromhex(d["s"]))
 
     def masked(self, value: np.ndarray) -> np.ndarray:
-        """This client's integer vector, masked (modulo 2^bits)."""
-        if len(self._held) < len(self._peers):
-            raise ProtocolError(f"client {self.cid}: shares missing from "
-                                f"{sorted(set(self._peers) - set(self._held))}")
+        """This client's integer vector, masked (modulo 2^bits) with the peers whose shares
+        it received (those still in the round after the shares were sent): at least the
+        threshold of them, itself included. Once per round."""
+        if self._masked_with:
+            raise ProtocolError(f"client {self.cid}: it already masked a vector this round")
+        if self.cid not in self._held or len(self._held) < self.threshold:
+            raise ProtocolError(f"client {self.cid}: shares from {len(self._held)} client(s) "
+                                f"(itself {'in' if self.cid in self._held else 'not'} among "
+                                f"them), fewer than the threshold {self.threshold}")
+        self._masked_with = tuple(sorted(self._held))
         value = np.asarray(value, dtype=np.int64)
         m = (1 << self.bits) - 1
         out = (value + prg(self._b, self.server_round, value.size, self.bits)) & m
-        for j, keys in self._peers.items():
+        for j in self._masked_with:
             if j == self.cid:
                 continue
+            keys = self._peers[j]
             pair = prg(_agree(self._s[0], keys.s), self.server_round, value.size, self.bits)
             out = (out + pair if self.cid < j else out - pair) & m
         return out
@@ -147,8 +179,11 @@ class Participant:
         alive, gone = set(survivors), set(dropped)
         if self._revealed:
             raise ProtocolError(f"client {self.cid}: shares were already revealed this round")
-        if alive & gone or not (alive | gone) <= set(self._peers) or alive | gone != set(self._peers):
-            raise ProtocolError(f"client {self.cid}: survivors and dropped must split the cohort")
+        if not self._masked_with:
+            raise ProtocolError(f"client {self.cid}: it has masked nothing this round")
+        if alive & gone or alive | gone != set(self._masked_with):
+            raise ProtocolError(f"client {self.cid}: survivors and dropped must split the cohort "
+                                "it masked with")
         if self.cid not in alive:
             raise ProtocolError(f"client {self.cid}: listed as dropped, so it reveals nothing")
         if len(alive) < self.threshold:

@@ -30,6 +30,7 @@ from common.records import (
     library_versions,
 )
 from server import checkpoint
+from server.secure_round import SecureRound, payload_bytes
 from server.strategy import CohortFedAvg
 from server.wire import from_array_record, to_array_record
 
@@ -103,25 +104,37 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
         clients_invalid=out.invalid, clients_timed_out=out.timed_out, aggregated=out.aggregated,
         train_loss=out.train_loss, epsilon_max=eps_max, epsilon_mean=eps_mean, seconds=seconds,
         partitions_sampled=out.partitions_sampled, partitions_trained=out.partitions_trained,
-        partitions_aggregated=out.partitions_aggregated, reasons=out.reasons[:20])
+        partitions_aggregated=out.partitions_aggregated, reasons=out.reasons[:20],
+        bytes_up=out.bytes_up, bytes_down=out.bytes_down, noise_shares=out.noise_shares)
+
+
+def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState,
+                 timeout: float) -> Weights | None:
+    """One round of plain FedAvg over local-DP updates: the new model, or None."""
+    arrays = to_array_record(state.model)
+    messages = strategy.configure_train(
+        server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
+    replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
+    strategy.outcomes[server_round].bytes_up = sum(
+        payload_bytes(r.content) for r in replies if not r.has_error())
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return from_array_record(new) if new is not None else None
 
 
 def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir,
                state: RunState, evaluate: Evaluate, started: float) -> str:
     """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or ""."""
     fed = cfg.federation
+    secure = SecureRound(cfg, strategy) if cfg.secure.enabled else None
     if state.next_round == 1:
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
     for server_round in range(state.next_round, fed.num_rounds + 1):
         t0 = time.time()
-        arrays = to_array_record(state.model)
-        messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
-        replies = grid.send_and_receive(messages=messages, timeout=fed.round_timeout) if messages else []
-        new, _ = strategy.aggregate_train(server_round, replies)
+        new = (secure.run(grid, server_round, state.model, state.planned) if secure
+               else fedavg_round(grid, strategy, server_round, state, fed.round_timeout))
         if new is not None:
-            state.model, state.idle = from_array_record(new), 0
+            state.model, state.idle = new, 0
         else:
             state.idle += 1
         loss, acc = evaluate(strategy.reported_model(state.model))

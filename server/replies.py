@@ -134,10 +134,10 @@ def identity_problem(node: int, metrics: Mapping[str, Any], nodes: Mapping[int, 
     return None
 
 
-def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
-             nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int] | None = None,
-             max_update_norm: float = 0.0) -> Accepted | Rejected:
-    """Whether a train reply can be averaged into `reference` (the round's global model)."""
+def judge_reply(msg: Message, *, nodes: Mapping[int, NodeInfo],
+                partition_sizes: Mapping[int, int] | None = None) -> Rejected | None:
+    """Everything about a train reply but its payload: failed, malformed metrics, a false
+    identity or record count, no readable history, or refused. None: judge the payload."""
     node = msg.metadata.src_node_id
     if msg.has_error():
         return Rejected("failed", f"node {node} failed: {short_error(msg.error.reason or '')}")
@@ -163,6 +163,17 @@ def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
         priv = content.config_records.get(keys.PRIVACY)
         reason = str(priv[keys.REASON]) if priv is not None else "refused"  # type: ignore[str-bytes-safe]
         return Rejected("refused", f"node {node}: {reason}")
+    return None
+
+
+def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
+             nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int] | None = None,
+             max_update_norm: float = 0.0) -> Accepted | Rejected:
+    """Whether a train reply can be averaged into `reference` (the round's global model)."""
+    rejected = judge_reply(msg, nodes=nodes, partition_sizes=partition_sizes)
+    if rejected is not None:
+        return rejected
+    node, content, metrics = msg.metadata.src_node_id, msg.content, _metrics(msg)
     if len(content.array_records) != 1 or keys.ARRAYS not in content.array_records:
         return Rejected("invalid", f"node {node}: reply must carry exactly one ArrayRecord named 'arrays'")
     update = from_array_record(content.array_records[keys.ARRAYS])

@@ -50,6 +50,9 @@ class RoundOutcome:
     partitions_sampled: list[int] = field(default_factory=list)
     partitions_trained: list[int] = field(default_factory=list)
     partitions_aggregated: list[int] = field(default_factory=list)
+    bytes_up: int = 0  # payload bytes the server received from clients
+    bytes_down: int = 0  # payload bytes it sent them
+    noise_shares: int = 0  # secure aggregation: noise shares in the unmasked sum
 
 
 def mean_loss(accepted: list[Accepted]) -> float:

@@ -51,11 +51,17 @@ def test_one_masked_vector_looks_uniform_and_unrelated_to_its_input():
     assert 0 <= y.min() and y.max() < 2**BITS
     assert abs(float(y.mean()) / 2**BITS - 0.5) < 0.01
     assert abs(np.corrcoef(y, value)[0, 1]) < 0.03
-    assert not np.array_equal(y, clients[0].masked(np.zeros_like(value)))
+    assert not np.array_equal(y, _round()[0][0].masked(np.zeros_like(value)))
+    with pytest.raises(ProtocolError, match="already masked"):  # one release per round
+        clients[0].masked(value)
 
 
 def test_requests_that_would_unmask_one_client_are_refused():
     clients, public = _round(n=6, threshold=4)
+    with pytest.raises(ProtocolError, match="masked nothing"):
+        clients[0].reveal(list(range(6)), [])
+    for i, c in clients.items():
+        c.masked(np.zeros(5, dtype=np.int64))
     with pytest.raises(ProtocolError, match="split the cohort"):
         clients[0].reveal([0, 1, 2, 3, 4], [4, 5])  # 4 both alive and dropped
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
@@ -96,3 +102,36 @@ def test_distributed_noise_through_secure_aggregation_sums_to_the_central_noise(
     revealed = [c.reveal(sorted(clients), []) for c in clients.values()]
     noise = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=5) - sum(values.values())
     assert float(noise.var()) == pytest.approx(mu, rel=0.05) and abs(float(noise.mean())) < 1.0
+
+
+def test_clients_lost_while_shares_were_sent_are_left_out_of_the_masks():
+    """Client 5 sent keys but no shares: the others mask only with the peers whose shares
+    reached them, and the sum of those still unmasks exactly."""
+    n, threshold = 6, 4
+    clients = {i: Participant(cid=i, server_round=1, bits=BITS) for i in range(n)}
+    public = {i: c.advertise() for i, c in clients.items()}
+    boxes = {i: c.share(public, threshold) for i, c in clients.items() if i != 5}
+    u2 = sorted(boxes)
+    for j in u2:
+        clients[j].receive({i: boxes[i][j] for i in u2})
+    values = _values(n)
+    masked = {i: clients[i].masked(values[i]) for i in u2}
+    revealed = [clients[i].reveal(u2, []) for i in u2]
+    total = unmask(masked, revealed, {i: public[i] for i in u2}, server_round=1, bits=BITS,
+                   threshold=threshold)
+    assert np.array_equal(total, sum(values[i] for i in u2))
+    lonely = Participant(cid=0, server_round=1, bits=BITS)
+    own = lonely.share({**public, 0: lonely.advertise()}, threshold)
+    lonely.receive({0: own[0]})  # only its own share came back
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        lonely.masked(values[0])
+
+
+def test_a_participant_survives_the_trip_through_node_state():
+    clients, public = _round(n=5, threshold=3)
+    back = {i: Participant.from_state(c.to_state()) for i, c in clients.items()}
+    values = _values(5)
+    masked = {i: back[i].masked(values[i]) for i in back}
+    revealed = [Participant.from_state(back[i].to_state()).reveal(sorted(back), []) for i in back]
+    total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=3)
+    assert np.array_equal(total, sum(values.values()))

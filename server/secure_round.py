@@ -1,0 +1,260 @@
+"""One round of secure aggregation (SecAgg+) with an integer release, as four message
+exchanges with the cohort (client/secure.py answers them):
+
+1. keys    -> each client's two public keys                  (U1: those who answered)
+2. shares  -> U1's keys out; encrypted shares back           (U2)
+3. masked  -> the model and each client's shares out; masked integer releases back (U3)
+4. unmask  -> survivors U3 and dropped U2 \\ U3 out; revealed shares back
+then `secagg.unmask` rebuilds the masks and yields the sum of U3's releases. What the
+server holds in a round: public keys, shares encrypted for others, masked vectors (each
+uniform modulo 2^bits) and the sum. Never one client's unmasked release.
+
+The sum decodes to the cohort's summed clipped per-record gradients plus the Skellam
+noise of the survivors; divided by the survivors' record counts (declared at discovery,
+public) and multiplied by the client learning rate, it is exactly the FedAvg of one
+full-batch DP-SGD step per client, and the server optimizer takes it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import keys
+from common.config import ExperimentConfig
+from common.models import build_model
+from common.secagg import ProtocolError, PublicKeys, unmask
+from server import optimizer
+from server.replies import judge_reply, read_privacy, short_error
+from server.strategy import CohortFedAvg, RoundOutcome
+from server.wire import to_array_record, train_config
+
+log = logging.getLogger("dpfl.server")
+
+
+@dataclass
+class Held:
+    """Everything the server received in one round (kept for tests and audits)."""
+
+    public_keys: dict[int, PublicKeys] = field(default_factory=dict)
+    shares: dict[int, dict[int, str]] = field(default_factory=dict)  # from -> to -> token
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+    revealed: list[dict[int, tuple[str, bytes]]] = field(default_factory=list)
+    total: np.ndarray | None = None
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's payload: array buffers and config/metric values."""
+    n = 0
+    for rec in content.array_records.values():
+        n += sum(len(a.data) for a in rec.values())
+    for cr in content.config_records.values():
+        n += sum(len(str(v).encode()) if not isinstance(v, bytes) else len(v) for v in cr.values())
+    for mr in content.metric_records.values():
+        n += 8 * len(mr)
+    return n
+
+
+def _message(node: int, action: str, config: Mapping, arrays: ArrayRecord | None = None
+             ) -> Message:
+    content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content, dst_node_id=node, message_type=f"{MessageType.TRAIN}.{action}")
+
+
+def scale_for(cfg: ExperimentConfig, records: int) -> float:
+    """Integer units per unit of gradient: the worst case sum (every one of `records`
+    clipped gradients on one coordinate, times secagg-headroom) fills a quarter of the
+    field, leaving the rest for noise and rounding. Privacy does not depend on it (each
+    client accounts for the rounding its scale implies); only wrap-around does."""
+    sec = cfg.secure
+    worst = cfg.privacy.max_grad_norm * max(records, 1) * sec.secagg_headroom
+    return 2.0 ** (sec.secagg_bits - 2) / worst
+
+
+def flat_parameters(weights: Mapping[str, np.ndarray], names: list[str]) -> int:
+    return sum(int(weights[n].size) for n in names)
+
+
+class SecureRound:
+    """Runs secure rounds for one run; `held` is what the last round's server received."""
+
+    def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg) -> None:
+        self.cfg, self.strategy = cfg, strategy
+        model = build_model(cfg.train.model)
+        self.names = [n for n, _ in model.named_parameters()]
+        self.held = Held()
+
+    def _ask(self, grid: Grid, messages: list[Message], out: RoundOutcome, stage: str
+             ) -> dict[int, Message]:
+        """Send, wait (round-timeout), and return the good replies by node; every error
+        or missing reply is a reason."""
+        if not messages:
+            return {}
+        out.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        replies = grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        got: dict[int, Message] = {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                out.reasons.append(f"{stage}: node {node} failed: {short_error(r.error.reason or '')}")
+                continue
+            out.bytes_up += payload_bytes(r.content)
+            got[node] = r
+        missing = len(messages) - len(replies)
+        if missing:
+            out.reasons.append(f"{stage}: {missing} node(s) did not reply within round-timeout="
+                               f"{self.cfg.federation.round_timeout:g}s")
+        return got
+
+    def run(self, grid: Grid, server_round: int, model: dict[str, np.ndarray], planned: int
+            ) -> dict[str, np.ndarray] | None:
+        """The new global model, or None (the model is kept) when the round cannot
+        complete: fewer than the threshold survive, or the sum cannot be unmasked."""
+        s = self.strategy
+        cohort = s.cohorts.sample(grid)
+        out = RoundOutcome(sampled=len(cohort.members), partitions_sampled=cohort.partitions,
+                           reasons=list(cohort.reasons))
+        s.outcomes[server_round] = out
+        self.held = held = Held()
+        pid_of = dict(cohort.members)
+        node_of = {p: n for n, p in cohort.members}
+        rnd = {keys.SERVER_ROUND: server_round}
+        bits = self.cfg.secure.secagg_bits
+
+        got = self._ask(grid, [_message(n, keys.SECAGG_KEYS, rnd) for n, _ in cohort.members],
+                        out, "keys")
+        for node, r in got.items():
+            try:
+                c, k = json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS]))
+                held.public_keys[pid_of[node]] = PublicKeys(bytes.fromhex(c), bytes.fromhex(k))
+            except (KeyError, ValueError, TypeError) as exc:
+                out.reasons.append(f"keys: node {node}: unreadable reply ({exc})")
+        u1 = sorted(held.public_keys)
+        if len(u1) < self.cfg.federation.min_train_clients:
+            return self._fail(server_round, out, f"only {len(u1)} client(s) sent keys")
+        threshold = self.cfg.secure.threshold(len(u1))
+        peers = json.dumps({str(p): [held.public_keys[p].c.hex(), held.public_keys[p].s.hex()]
+                            for p in u1})
+        got = self._ask(grid, [_message(node_of[p], keys.SECAGG_SHARES,
+                                        {**rnd, keys.PUBLIC_KEYS: peers}) for p in u1], out, "shares")
+        for node, r in got.items():
+            try:
+                boxes = {int(j): str(t) for j, t in
+                         json.loads(str(r.content[keys.CONFIG][keys.SHARES])).items()}
+                if set(boxes) != set(u1):
+                    raise ValueError("not one share per client of the cohort")
+                held.shares[pid_of[node]] = boxes
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                out.reasons.append(f"shares: node {node}: unreadable reply ({exc})")
+        u2 = sorted(held.shares)
+        if len(u2) < threshold:
+            return self._fail(server_round, out, f"{len(u2)} client(s) sent shares, fewer than "
+                              f"the threshold {threshold}")
+
+        sizes = {p: s.cohorts.nodes[node_of[p]].num_examples for p in u2}
+        scale = scale_for(self.cfg, sum(sizes.values()))
+        arrays = to_array_record(model)
+        msgs = []
+        for p in u2:
+            cfg = train_config(server_round=server_round, planned_rounds=planned,
+                               known_history=s.privacy.history(p))
+            cfg[keys.SCALE] = scale
+            cfg[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
+            msgs.append(_message(node_of[p], keys.SECAGG_MASKED, cfg, arrays))
+        got = self._ask(grid, msgs, out, "masked")
+        dim = flat_parameters(model, self.names)
+        heard = set()
+        for node, r in got.items():
+            reported = read_privacy(r, s.cohorts.nodes)
+            if reported is not None:
+                s.privacy.record(reported)
+                heard.add(reported.partition_id)
+            rejected = judge_reply(r, nodes=s.cohorts.nodes, partition_sizes=s.partition_sizes)
+            problem = rejected.reason if rejected else _masked_problem(r, dim, bits)
+            if rejected is not None and rejected.kind == "refused":
+                out.refused += 1
+                out.reasons.append(rejected.reason)
+                continue
+            if problem:
+                out.invalid += 1
+                out.reasons.append(f"masked: {problem}" if rejected else
+                                   f"masked: node {node}: {problem}")
+                continue
+            held.masked[pid_of[node]] = r.content.array_records[keys.MASKED][keys.MASKED] \
+                .numpy().astype(np.int64)
+        s.privacy.unconfirmed(set(u2) - heard, server_round)
+        u3 = sorted(held.masked)
+        out.trained = len(u3)
+        out.partitions_trained = u3
+        if len(u3) < threshold:
+            return self._fail(server_round, out, f"{len(u3)} masked release(s), fewer than the "
+                              f"threshold {threshold}: nothing can be unmasked")
+
+        dropped = sorted(set(u2) - set(u3))
+        who = {keys.SURVIVORS: json.dumps(u3), keys.DROPPED: json.dumps(dropped)}
+        got = self._ask(grid, [_message(node_of[p], keys.SECAGG_UNMASK, {**rnd, **who})
+                               for p in u3], out, "unmask")
+        for node, r in got.items():
+            try:
+                raw = json.loads(str(r.content[keys.CONFIG][keys.REVEALED]))
+                held.revealed.append({int(j): (str(k), bytes.fromhex(v)) for j, (k, v) in raw.items()})
+            except (KeyError, ValueError, TypeError) as exc:
+                out.reasons.append(f"unmask: node {node}: unreadable reply ({exc})")
+        try:
+            total = unmask(held.masked, held.revealed,
+                           {p: held.public_keys[p] for p in u2}, server_round=server_round,
+                           bits=bits, threshold=threshold)
+        except (ProtocolError, ValueError) as exc:
+            return self._fail(server_round, out, f"the sum could not be unmasked: {exc}")
+        held.total = total
+        out.failed = out.sampled - out.trained - out.refused - out.invalid
+        out.aggregated, out.noise_shares = True, len(u3)
+        out.partitions_aggregated = u3
+        self.strategy._log(server_round)
+        return self._step(server_round, model, total, scale, sum(sizes[p] for p in u3))
+
+    def _step(self, server_round: int, model: dict[str, np.ndarray], total: np.ndarray,
+              scale: float, records: int) -> dict[str, np.ndarray]:
+        """FedAvg of one full-batch step per survivor: sent - lr * (sum / scale) / records,
+        then the server optimizer."""
+        grad = total.astype(np.float64) / scale / max(records, 1)
+        average, at = {}, 0
+        for name in self.names:
+            w = model[name]
+            g = grad[at:at + w.size].reshape(w.shape)
+            at += w.size
+            average[name] = (w.astype(np.float64) - self.cfg.train.learning_rate * g).astype(w.dtype)
+        s = self.strategy
+        s.opt_state, new = optimizer.step(s.optimizer, s.opt_state, server_round, model, average)
+        return new
+
+    def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> None:
+        out.failed = max(out.sampled - out.trained - out.refused - out.invalid, 0)
+        out.reasons.append(f"{reason}: the global model is kept")
+        self.strategy._log(server_round)
+        return None
+
+
+def _masked_problem(msg: Message, dim: int, bits: int) -> str | None:
+    """Why a masked reply is unusable (its metrics are judged by `classify`), or None."""
+    metrics = dict(msg.content[keys.METRICS]) if keys.METRICS in msg.content.metric_records else {}
+    if metrics.get(keys.REFUSED):
+        return None
+    rec = msg.content.array_records.get(keys.MASKED)
+    if rec is None or keys.MASKED not in rec:
+        return "reply carries no masked vector"
+    arr = rec[keys.MASKED].numpy()
+    if arr.ndim != 1 or arr.size != dim or arr.dtype.kind != "u":
+        return f"masked vector must be {dim} unsigned integers, got {arr.dtype} {arr.shape}"
+    if int(arr.max(initial=0)) >= 1 << bits:
+        return f"masked vector holds values beyond 2^{bits}"
+    return None
+
