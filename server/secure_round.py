@@ -91,6 +91,7 @@ class SecureRound:
         model = build_model(cfg.train.model)
         self.names = [n for n, _ in model.named_parameters()]
         self.held = Held()
+        self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
 
     def _ask(self, grid: Grid, messages: list[Message], out: RoundOutcome, stage: str
              ) -> dict[int, Message]:
@@ -232,6 +233,7 @@ class SecureRound:
             g = grad[at:at + w.size].reshape(w.shape)
             at += w.size
             average[name] = (w.astype(np.float64) - self.cfg.train.learning_rate * g).astype(w.dtype)
+        self.last_average = average
         s = self.strategy
         s.opt_state, new = optimizer.step(s.optimizer, s.opt_state, server_round, model, average)
         return new

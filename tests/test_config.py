@@ -15,7 +15,25 @@ def test_defaults_parse():
 
 
 # Every bad value names its field (and, where it helps, the rule it breaks).
+SA = {"secure-aggregation": "secagg+"}
 BAD_CONFIG = [
+    ({"secure-aggregation": "secagg"}, "secure-aggregation"),
+    ({"noise": "central"}, "noise"),
+    ({"noise": "distributed"}, "noise.*needs secure-aggregation=secagg"),
+    ({**SA, "secagg-bits": 7}, "secagg-bits"),
+    ({**SA, "secagg-bits": 63}, "secagg-bits"),
+    ({**SA, "secagg-threshold": 0.5}, "secagg-threshold"),
+    ({**SA, "secagg-threshold": 1.1}, "secagg-threshold"),
+    ({**SA, "secagg-headroom": 0.0}, "secagg-headroom"),
+    ({**SA, "dp": False}, "dp=.*secagg"),
+    ({**SA, "target-epsilon": math.inf}, "dp=.*secagg"),
+    ({**SA, "accountant": "prv"}, "accountant"),
+    ({**SA, "batch-size": 32}, "batch-size"),
+    ({**SA, "local-epochs": 2}, "local-epochs"),
+    ({**SA, "momentum": 0.5}, "momentum"),
+    ({**SA, "aggregation": "krum"}, "aggregation"),
+    ({**SA, "max-update-norm": 5.0}, "max-update-norm"),
+    ({**SA, "attack": "nan", "attackers": 1}, "attack"),
     ({"target-epsilon": 0.0}, "target-epsilon"),
     ({"target-epsilon": -1.0}, "target-epsilon"),
     ({"target-delta": 1.0}, "target-delta"),
@@ -131,3 +149,10 @@ def test_every_value_survives_flwr_runs_config_syntax(tmp_path):
     with pytest.raises(ConfigError, match="both quote characters"):
         prepare({**FAST, "run-name": "odd2"}, str(tmp_path / "a'b\"c"))
     assert named(resolve_config({}), "").runtime.output_dir.endswith("runs")  # "" is the default
+
+
+def test_the_secure_aggregation_threshold_is_more_than_half_and_at_least_the_fraction():
+    sec = resolve_config({"secure-aggregation": "secagg+", "secagg-threshold": 0.8}).secure
+    assert [sec.threshold(k) for k in (1, 2, 3, 5, 10, 100)] == [1, 2, 3, 4, 8, 80]
+    sec = resolve_config({"secure-aggregation": "secagg+", "secagg-threshold": 0.51}).secure
+    assert [sec.threshold(k) for k in (2, 4, 10)] == [2, 3, 6]

@@ -159,3 +159,35 @@ def test_integer_release_adds_the_share_and_ignores_a_non_finite_record():
     noisy = integer_gradient_sum(weights, type(data)(images[1:], data.labels[1:20]),
                                  model_name="logreg", encoding=enc, mu_share=900.0)
     assert float(np.var(noisy - clean)) == pytest.approx(900.0, rel=0.1)
+
+
+def test_skellam_releases_live_in_the_same_history_as_dp_sgd_steps():
+    from common import privacy
+
+    s = ("skellam", 4e6, 3e5, 1.2e3, 1)
+    hist = privacy.merge_history([[1.0, 1.0, 2], ["skellam", 4e6, 3e5, 1.2e3, 1], list(s)])
+    assert hist == [(1.0, 1.0, 2), ("skellam", 4e6, 3e5, 1.2e3, 2)]
+    assert privacy.total_steps(hist) == 4
+    assert privacy.extends(hist[:1], hist) and not privacy.extends(hist, hist[:1])
+    delta = 1e-5
+    both = privacy.epsilon(hist, delta)
+    assert both > privacy.epsilon(hist[:1], delta) and both > privacy.epsilon(hist[1:], delta)
+    assert privacy.epsilon(hist[1:], delta) == pytest.approx(ddp.epsilon([(4e6, 3e5, 1.2e3, 2)], delta))
+    with pytest.raises(ValueError, match="prv"):
+        privacy.epsilon(hist, delta, "prv")
+    for bad in (["skellam", -1, 1, 1, 1], ["skellam", 1, 0, 1, 1], ["skellam", 1, 1, 1, 0.5]):
+        with pytest.raises(ValueError, match="out of range"):
+            privacy.merge_history([bad])
+
+
+def test_a_calibrated_skellam_noise_multiplier_spends_the_budget_over_the_planned_releases():
+    from common import privacy
+
+    enc = ddp.Encoding(clip=0.1, scale=1e6, dim=39_700)
+    l1, l2 = enc.rounded_l1_bound, enc.rounded_l2_bound
+    z = privacy.calibrate_skellam(target_epsilon=3.0, target_delta=1e-5, l1=l1, l2=l2, steps=30)
+    eps = privacy.epsilon([("skellam", (z * l2) ** 2, l1, l2, 30)], 1e-5)
+    assert 3.0 * 0.98 <= eps <= 3.0
+    # Close to the Gaussian's noise multiplier for the same 30 full-batch steps.
+    sigma = privacy.calibrate_noise(target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=30)
+    assert sigma <= z <= 1.05 * sigma

@@ -1,0 +1,157 @@
+"""Secure aggregation end to end in one process: the server's four-stage round
+(server/secure_round.py) against the real ClientApp handlers (client/secure.py) through
+an in-process grid. What the server holds is inspected: masked vectors that look uniform
+and carry nothing of one client's release, and a sum that decodes to the cohort's clipped
+gradients plus the noise the clients' ledgers account for."""
+
+import math
+
+import numpy as np
+import pytest
+
+from client.ledger import STATE_KEY, Ledger
+from common import ddp, privacy
+from common.data import partition_of, partitions_of
+from common.models import build_model, get_weights
+from server.secure_round import SecureRound
+from server.strategy import CohortFedAvg
+from tests.helpers import fast_config
+from tests.local_grid import LocalGrid
+
+SECURE = {"secure-aggregation": "secagg+", "noise": "distributed", "min-train-clients": 2}
+
+
+def _setup(num_nodes=6, drop_at=None, **overrides):
+    over = {**SECURE, "fraction-train": 1.0, "num-partitions": num_nodes, **overrides}
+    cfg = fast_config(**over)
+    grid = LocalGrid(num_nodes, drop_at=drop_at, **over)
+    sizes = {i: len(p) for i, p in enumerate(partitions_of(cfg.data, num_nodes))}
+    strategy = CohortFedAvg(cfg, partition_sizes=sizes)
+    strategy.cohorts.discover(grid)
+    return cfg, grid, strategy, SecureRound(cfg, strategy)
+
+
+def _model():
+    return dict(get_weights(build_model("logreg", seed=0)))
+
+
+def _clipped_sum(cfg, pid, num_nodes, model):
+    """Partition `pid`'s summed per-record gradients of the logistic regression, each
+    clipped to max-grad-norm, computed here in numpy (not by Opacus)."""
+    data = partition_of(cfg.data, pid, num_nodes, "")
+    x = data.images.reshape(len(data.labels), -1).astype(np.float64)
+    w, b = model["1.weight"].astype(np.float64), model["1.bias"].astype(np.float64)
+    z = x @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(p)), data.labels] -= 1.0
+    norms = np.linalg.norm(p, axis=1) * np.sqrt((x * x).sum(1) + 1.0)
+    f = np.minimum(1.0, cfg.privacy.max_grad_norm / norms)[:, None]
+    return np.concatenate([((p * f).T @ x).ravel(), (p * f).sum(0)])
+
+
+def _ledger(grid, pid):
+    record = grid.contexts[1000 + pid].state.config_records.get(STATE_KEY)
+    return Ledger.from_json(str(record["json"])) if record is not None else Ledger()
+
+
+def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gradient():
+    cfg, grid, strategy, secure = _setup()
+    model = _model()
+    new = secure.run(grid, 1, dict(model), planned=3)
+    out = strategy.outcomes[1]
+    assert new is not None and out.aggregated and out.noise_shares == 6 and out.trained == 6
+    held = secure.held
+    scale = 2.0 ** (cfg.secure.secagg_bits - 2) / (cfg.privacy.max_grad_norm * 1000 * 1.0)
+    truth = {p: _clipped_sum(cfg, p, 6, model) * scale for p in range(6)}
+
+    # Every array the server received is a masked vector: uniform modulo 2^bits and
+    # uncorrelated with the release it hides.
+    arrays = [r.content.array_records for r in grid.received]
+    assert all(set(a) <= {"masked"} for a in arrays)
+    top = 2.0 ** cfg.secure.secagg_bits
+    for p, v in held.masked.items():
+        assert abs(float(v.mean()) / top - 0.5) < 0.02
+        assert abs(np.corrcoef(v.astype(np.float64), truth[p])[0, 1]) < 0.1
+
+    # The sum: the true clipped sum plus noise whose spread is what the ledgers promised.
+    ledgers = {p: _ledger(grid, p) for p in range(6)}
+    entries = {tuple(led.history[-1]) for led in ledgers.values()}
+    assert len(entries) == 1
+    (_, mu, l1, l2, steps), = entries
+    t = cfg.secure.threshold(6)
+    noise = held.total - sum(truth.values())  # rounding is unbiased and small next to it
+    assert float(noise.std()) == pytest.approx(math.sqrt(mu * 6 / t), rel=0.1)
+    assert abs(float(noise.mean())) < 0.1 * math.sqrt(mu)
+    # ... and each client's epsilon is that of the recorded release, within its budget.
+    enc = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale, dim=7850)
+    assert (l1, l2, steps) == (pytest.approx(enc.rounded_l1_bound), pytest.approx(enc.rounded_l2_bound), 1)
+    for led in ledgers.values():
+        eps = led.epsilon(cfg.privacy.target_delta, "rdp")
+        assert eps == pytest.approx(ddp.epsilon([(mu, l1, l2, 1)], cfg.privacy.target_delta))
+    # Calibrated for the 3 planned releases: three of them spend the budget, not more.
+    three = ddp.epsilon([(mu, l1, l2, 3)], cfg.privacy.target_delta)
+    assert 0.97 * cfg.privacy.target_epsilon <= three <= cfg.privacy.target_epsilon
+
+    # The step the server took is FedAvg of one full-batch DP-SGD step per client.
+    grad = held.total / scale / 1000 * cfg.train.learning_rate
+    expected_avg = model["1.weight"].ravel() - grad[:7840]
+    assert np.allclose(secure.last_average["1.weight"].ravel(), expected_avg, atol=1e-5)
+
+
+def test_a_client_lost_after_masking_is_recovered_and_the_round_completes():
+    cfg, grid, strategy, secure = _setup(drop_at={4: "train.secagg_unmask"})
+    assert secure.run(grid, 1, _model(), planned=3) is not None
+    out = strategy.outcomes[1]
+    assert out.aggregated and out.noise_shares == 6  # its masked vector counted
+
+
+def test_clients_lost_before_masking_leave_the_rest_of_the_round_intact():
+    cfg, grid, strategy, secure = _setup(drop_at={1: "train.secagg_masked"})
+    assert cfg.secure.threshold(6) == 5
+    assert secure.run(grid, 1, _model(), planned=3) is not None
+    out = strategy.outcomes[1]
+    assert out.aggregated and out.noise_shares == 5 and out.partitions_aggregated == [0, 2, 3, 4, 5]
+    assert _ledger(grid, 1).history == []  # it never trained
+    assert all(len(_ledger(grid, p).history) == 1 for p in (0, 2, 3, 4, 5))
+
+
+def test_fewer_survivors_than_the_threshold_unmask_nothing_but_spend_what_was_released():
+    cfg, grid, strategy, secure = _setup(drop_at={1: "train.secagg_masked", 2: "train.secagg_masked"})
+    model = _model()
+    assert secure.run(grid, 1, dict(model), planned=3) is None
+    out = strategy.outcomes[1]
+    assert not out.aggregated and any("fewer than the threshold" in r for r in out.reasons)
+    assert secure.held.total is None
+    # Their masked releases were sent: spent, even though nothing was unmasked.
+    assert all(len(_ledger(grid, p).history) == 1 for p in (0, 3, 4, 5))
+
+
+def test_shares_lost_with_a_client_leave_it_out_of_the_masks():
+    cfg, grid, strategy, secure = _setup(drop_at={3: "train.secagg_shares"})
+    assert secure.run(grid, 1, _model(), planned=3) is not None
+    assert strategy.outcomes[1].partitions_aggregated == [0, 1, 2, 4, 5]
+
+
+def test_a_client_over_budget_refuses_before_reading_data_and_the_round_goes_on():
+    cfg, grid, strategy, secure = _setup()
+    model = _model()
+    for r in (1, 2, 3):
+        assert secure.run(grid, r, dict(model), planned=3) is not None
+    assert secure.run(grid, 4, dict(model), planned=3) is None  # a fourth release is over
+    out = strategy.outcomes[4]
+    assert out.refused == 6 and all("would reach epsilon" in r for r in out.reasons[:6])
+    for p in range(6):
+        led = _ledger(grid, p)
+        assert privacy.total_steps(led.history) == 3
+        assert led.epsilon(cfg.privacy.target_delta, "rdp") <= cfg.privacy.target_epsilon
+
+
+def test_a_plain_train_request_in_a_secure_run_is_refused():
+    from client.app import app
+    from tests.helpers import context, train_message
+
+    ctx = context(partition_id=0, **SECURE)
+    reply = app(train_message(_model()), ctx)
+    assert reply.content["metrics"]["refused"] == 1
+    assert "secure-aggregation=secagg+" in str(reply.content["privacy"]["reason"])
