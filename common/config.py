@@ -407,6 +407,7 @@ class RuntimeConfig:
     output_dir: str
     run_name: str
     resume: bool
+    keep_transcript: bool  # secure aggregation: save what the server received each round
 
     def __post_init__(self) -> None:
         _check(

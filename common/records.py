@@ -44,6 +44,7 @@ MODEL_FILE = "model.npz"
 CHECKPOINT_FILE = "checkpoint.npz"
 FAILED_FILE = "failed.json"
 LOGS_DIR = "logs"
+TRANSCRIPT_DIR = "transcript"  # keep-transcript: what the server received, per round
 LEDGERS_DIR = "ledgers"
 SWEEP_FILE = "sweep.json"
 
@@ -405,6 +406,13 @@ class RunDir:
 
     def write_model(self, weights: Mapping[str, np.ndarray]) -> None:
         atomic_write(self.path / MODEL_FILE, lambda tmp: np.savez(tmp, **dict(weights)))  # type: ignore[arg-type]
+
+    def write_transcript(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> Path:
+        """What the server received in a secure-aggregation round (keep-transcript)."""
+        path = self.path / TRANSCRIPT_DIR / f"round-{server_round}.npz"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, lambda tmp: np.savez(tmp, **dict(arrays)))  # type: ignore[arg-type]
+        return path
 
     def write_failure(self, failure: Failure) -> None:
         write_json(self.path / FAILED_FILE, failure.to_json())

@@ -133,6 +133,8 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
         t0 = time.time()
         new = (secure.run(grid, server_round, state.model, state.planned) if secure
                else fedavg_round(grid, strategy, server_round, state, fed.round_timeout))
+        if secure and cfg.runtime.keep_transcript:
+            run.write_transcript(server_round, secure.held.arrays())
         if new is not None:
             state.model, state.idle = new, 0
         else:

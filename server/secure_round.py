@@ -47,6 +47,21 @@ class Held:
     masked: dict[int, np.ndarray] = field(default_factory=dict)
     revealed: list[dict[int, tuple[str, bytes]]] = field(default_factory=list)
     total: np.ndarray | None = None
+    scale: float = 0.0
+    records: dict[int, int] = field(default_factory=dict)  # declared record counts
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """As named arrays (keep-transcript): masked-<partition>, total, and the keys and
+        shares as JSON bytes."""
+        out = {f"masked-{p}": v for p, v in self.masked.items()}
+        if self.total is not None:
+            out["total"] = self.total
+        meta = {"scale": self.scale, "records": {str(p): n for p, n in self.records.items()},
+                "public_keys": {str(p): [k.c.hex(), k.s.hex()] for p, k in self.public_keys.items()},
+                "shares": {str(i): v for i, v in self.shares.items()},
+                "revealed": [{str(j): [k, b.hex()] for j, (k, b) in r.items()} for r in self.revealed]}
+        out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        return out
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -162,6 +177,7 @@ class SecureRound:
 
         sizes = {p: s.cohorts.nodes[node_of[p]].num_examples for p in u2}
         scale = scale_for(self.cfg, sum(sizes.values()))
+        held.scale, held.records = scale, sizes
         arrays = to_array_record(model)
         msgs = []
         for p in u2:
