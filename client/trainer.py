@@ -254,15 +254,15 @@ def integer_gradient_sum(
     weights: dict[str, np.ndarray], data: Split, *, model_name: str, encoding: ddp.Encoding,
     mu_share: float, chunk: int = 256, device: str = "cpu",
 ) -> np.ndarray:
-    """One full-batch DP-SGD step's release for secure aggregation with distributed
-    noise: the sum over records of each record's gradient, clipped to `encoding.clip`,
-    scaled and conditionally rounded to integers (so that one record moves the sum by at
-    most `encoding.rounded_l2_bound`), plus this client's Skellam share of variance
-    `mu_share` per coordinate. A record whose gradient is not finite contributes zero (the
-    null record of zero-out adjacency). Per-sample gradients come from Opacus'
-    GradSampleModule; the rounding and the noise draw from OS entropy. Returns the flat
-    int64 vector in the model's parameter order (`parameter_names`). Its caller plans and
-    records the release in the ledger before sending it (`plan_release`)."""
+    """One full-batch DP-SGD step's release for secure aggregation: the sum over records
+    of each record's gradient clipped to `encoding.clip`, times `encoding.scale`, rounded
+    to integers by randomized rounding, plus this client's Skellam share of variance
+    `mu_share` per coordinate (one record moves the rounded sum by at most
+    `encoding.rounded_l2_bound`; common/ddp.py). A record whose gradient is not finite
+    contributes zero (the null record of zero-out adjacency). Per-sample gradients come
+    from Opacus' GradSampleModule; rounding and noise draw from OS entropy. Returns the
+    flat int64 vector in the model's parameter order (`parameter_names`). Its caller
+    plans and records the release in the ledger before sending it (`plan_release`)."""
     from opacus import GradSampleModule
 
     model = build_model(model_name)
@@ -272,8 +272,7 @@ def integer_gradient_sum(
     if sum(p.numel() for p in params) != encoding.dim:
         raise ValueError(f"encoding.dim={encoding.dim} but the model has "
                          f"{sum(p.numel() for p in params)} parameters")
-    rng = np.random.default_rng(secrets.randbits(128))
-    total = np.zeros(encoding.dim, dtype=np.int64)
+    total = torch.zeros(encoding.dim, dtype=torch.float64)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for start in range(0, len(data), chunk):
         x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float32)).to(device)
@@ -282,15 +281,16 @@ def integer_gradient_sum(
         with warnings.catch_warnings():  # inputs need no gradient: Opacus hooks say so
             warnings.simplefilter("ignore")
             criterion(gsm(x), y).backward()
-        per_sample = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
-        rows = per_sample.detach().to(torch.float64 if encoding.scale * encoding.clip >= 2**20
-                                      else torch.float32)
-        rows[~torch.isfinite(rows).all(dim=1)] = 0.0
-        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64, keepdim=True)
-        factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0) * encoding.scale
-        rows.mul_(factor.to(rows.dtype))
-        total += ddp.conditional_round_sum(rows.cpu().numpy(), encoding.rounded_l2_bound, rng)
+        rows = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+        rows = rows.detach().cpu()
+        finite = torch.isfinite(rows).all(dim=1)
+        rows[~finite] = 0.0
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+        factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0)
+        total += factor @ rows.double()
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
     gsm.remove_hooks()
-    return total + ddp.skellam(mu_share, encoding.dim, rng)
+    rng = np.random.default_rng(secrets.randbits(128))
+    release = ddp.randomized_round(total.numpy() * encoding.scale, rng)
+    return release + ddp.skellam(mu_share, encoding.dim, rng)
