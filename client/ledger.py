@@ -95,7 +95,7 @@ def adopt_view(ledger: Ledger, history_json: str | None) -> Ledger:
     sigma = ledger.noise_multiplier
     mine = len(ledger.history)
     added = view[mine - 1:] if mine else view  # the continued last entry and the new ones
-    if sigma is not None and any(e[0] != sigma for e in added):
+    if sigma is not None and any(len(e) == 3 and e[0] != sigma for e in added):
         return ledger
     return Ledger(history=view, noise_multiplier=sigma, replay=ledger.replay)
 
@@ -145,9 +145,14 @@ def show_ledger(path: Path, *, delta: float, accountant: str) -> str:
         return f"{path}: no ledger (nothing spent yet)"
     ledger = Ledger.from_json(path.read_text(), source=str(path))
     steps = privacy.total_steps(ledger.history)
+    alone = ""
+    if any(e[0] == privacy.SKELLAM for e in ledger.history):
+        alone = (f" (secure aggregation: epsilon "
+                 f"{privacy.epsilon_alone(ledger.history, delta, accountant):.4f} for its releases "
+                 "with only its own noise share)")
     return (f"{path}: epsilon {ledger.epsilon(delta, accountant):.4f} at delta {delta:g} "
-            f"({accountant}), {steps} DP-SGD steps, noise multiplier {ledger.noise_multiplier}, "
-            f"history {[list(e) for e in ledger.history]}")
+            f"({accountant}){alone}, {steps} DP-SGD steps, noise multiplier "
+            f"{ledger.noise_multiplier}, history {[list(e) for e in ledger.history]}")
 
 
 def reset_ledger(path: Path) -> Path:

@@ -109,7 +109,8 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
             ledger, encoding=encoding, priv=cfg.privacy, planned_rounds=int(request.planned_rounds),
             threshold=participant.threshold, distributed=cfg.secure.noise == "distributed",
             client=f"client {node.partition_id}", num_examples=len(data),
-            min_noise_multiplier=node.min_noise_multiplier)
+            min_noise_multiplier=node.min_noise_multiplier,
+            min_share_noise_multiplier=node.min_share_noise_multiplier)
     except BudgetExceeded as exc:
         save_ledger(context, ledger, node.ledger_file)
         return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")

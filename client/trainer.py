@@ -91,7 +91,7 @@ def plan_spend(
 def plan_release(
     ledger: Ledger, *, encoding: ddp.Encoding, priv: PrivacyConfig, planned_rounds: int,
     threshold: int, distributed: bool, client: str, num_examples: int,
-    min_noise_multiplier: float = 0.0,
+    min_noise_multiplier: float = 0.0, min_share_noise_multiplier: float = 0.0,
 ) -> privacy.ReleasePlan:
     """This round's integer release under secure aggregation, within the budget.
 
@@ -99,8 +99,11 @@ def plan_release(
     once per client like sigma, calibrated for `planned_rounds` releases (or taken from
     noise-multiplier; never below the node's floor). The sum must carry mu = (z l2)^2:
     with distributed noise each client adds mu / threshold, so that any `threshold`
-    survivors together add mu; with local noise each adds mu itself. The ledger records
-    mu (the least the sum carries when the round completes). Raises BudgetExceeded."""
+    survivors together add mu; with local noise each adds mu itself. The node's share
+    floor raises its own share to at least (min_share_noise_multiplier * l2)^2, so that
+    its release alone keeps a stated epsilon (`privacy.epsilon_alone`). The ledger
+    records mu (the least the sum carries when the round completes) and the share.
+    Raises BudgetExceeded."""
     priv.check_delta(num_examples, client=client)
     l1, l2 = encoding.rounded_l1_bound, encoding.rounded_l2_bound
     if ledger.noise_multiplier is None:
@@ -110,15 +113,18 @@ def plan_release(
                                       steps=planned_rounds, prior=ledger.history)
     ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
     mu = (ledger.noise_multiplier * l2) ** 2
-    entry = (privacy.SKELLAM, mu, l1, l2, 1)
+    share = mu / threshold if distributed else mu
+    share = max(share, (min_share_noise_multiplier * l2) ** 2)
+    mu = max(mu, share)
+    entry = (privacy.SKELLAM, mu, l1, l2, share, 1)
     before = privacy.epsilon(ledger.history, priv.target_delta)
     after = privacy.epsilon([*ledger.history, entry], priv.target_delta)
     if after > priv.target_epsilon:
         raise BudgetExceeded(f"{client} would reach epsilon={after:.3f} > budget "
                              f"{priv.target_epsilon} (spent {before:.3f}); it does not train")
     return privacy.ReleasePlan(
-        noise_multiplier=ledger.noise_multiplier, mu=mu,
-        mu_share=mu / threshold if distributed else mu, l1=l1, l2=l2, threshold=threshold,
+        noise_multiplier=ledger.noise_multiplier, mu=mu, mu_share=share, l1=l1, l2=l2,
+        threshold=threshold,
         epsilon_before=before, epsilon_after=after)
 
 

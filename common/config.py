@@ -318,6 +318,9 @@ class NodeConfig:
     max_epsilon: float = 8.0
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.0
+    # secure aggregation: the least noise of its own share (noise std over the rounded
+    # sensitivity), so that its release alone keeps a stated epsilon
+    min_share_noise_multiplier: float = 0.0
     max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
     simulated_attacks: bool = False  # only a simulation harness sets this
 
@@ -332,6 +335,9 @@ class NodeConfig:
         _check(0 < self.max_delta < 1, "node config max-delta", self.max_delta, "must be in (0, 1)")
         _check(0 <= self.min_noise_multiplier < math.inf, "node config min-noise-multiplier",
                self.min_noise_multiplier, "must be >= 0 and finite")
+        _check(0 <= self.min_share_noise_multiplier < math.inf,
+               "node config min-share-noise-multiplier", self.min_share_noise_multiplier,
+               "must be >= 0 and finite")
         _check(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
                "must be > 0 (inf: no bound)")
 

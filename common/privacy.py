@@ -2,9 +2,11 @@
 
 A history is a list of entries, each a mechanism run `steps` times:
 - `(noise_multiplier, sample_rate, steps)`: the Poisson-subsampled Gaussian (local DP-SGD);
-- `("skellam", mu, l1, l2, steps)`: a full-batch integer release whose noise in the
-  securely aggregated sum is Skellam of variance `mu`, with L1/L2 sensitivities `l1`,
-  `l2` (integer units; common/ddp.py).
+- `("skellam", mu, l1, l2, share, steps)`: a full-batch integer release whose noise in
+  the securely aggregated sum is Skellam of variance `mu`, with L1/L2 sensitivities
+  `l1`, `l2` (integer units; common/ddp.py); `share` is the variance the client added
+  itself, all that protects the release from a server that unmasks it alone (with
+  colluding or fake cohort members; `epsilon_alone`).
 The ledger only stores it; epsilon is always recomputed from the whole history, so it
 composes over every step a client ever took. The math is Opacus' own accountants (RDP by
 default, PRV selectable) for Gaussian-only histories; a history with Skellam releases is
@@ -18,7 +20,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, steps)
+Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, share, steps)
 SKELLAM = "skellam"
 
 # Neighbouring datasets of one client: one record replaced by a null record that
@@ -31,15 +33,16 @@ ADJACENCY = "zero-out"
 
 def _entry(raw: Sequence) -> Entry:
     """One history entry, normalised and checked (steps may be 0)."""
-    if len(raw) == 5 and raw[0] == SKELLAM:
-        mu, l1, l2, steps = float(raw[1]), float(raw[2]), float(raw[3]), int(raw[4])
-        if not (mu >= 0 and 0 < l1 < math.inf and 0 < l2 < math.inf and steps >= 0) \
-                or steps != raw[4] or not math.isfinite(mu):
+    if len(raw) == 6 and raw[0] == SKELLAM:
+        mu, l1, l2, share, steps = (float(raw[1]), float(raw[2]), float(raw[3]), float(raw[4]),
+                                    int(raw[5]))
+        if not (0 <= share <= mu < math.inf and 0 < l1 < math.inf and 0 < l2 < math.inf
+                and steps >= 0) or steps != raw[5]:
             raise ValueError(f"history entry {list(raw)!r} is out of range")
-        return (SKELLAM, mu, l1, l2, steps)
+        return (SKELLAM, mu, l1, l2, share, steps)
     if len(raw) != 3:
         raise ValueError(f"history entry {raw!r} must be [noise_multiplier, sample_rate, steps] "
-                         "or [\"skellam\", mu, l1, l2, steps]")
+                         "or [\"skellam\", mu, l1, l2, share, steps]")
     sigma, q, steps = float(raw[0]), float(raw[1]), int(raw[2])
     if not (sigma >= 0 and 0 < q <= 1 and steps >= 0) or steps != raw[2]:
         raise ValueError(f"history entry {raw!r} is out of range")
@@ -78,7 +81,7 @@ def total_steps(history: Iterable[Sequence]) -> int:
     return sum(int(e[-1]) for e in history)
 
 
-def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "rdp") -> float:
     """epsilon at `delta` after every entry of `history` (0 for an empty one, inf if sigma=0)."""
     hist = merge_history(history)
     if not hist:
@@ -111,6 +114,17 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
     raise ValueError(f"accountant={accountant!r} must be rdp or prv")
 
 
+def epsilon_alone(history: Iterable[Sequence], delta: float, accountant: str = "rdp"
+                  ) -> float:
+    """epsilon of the client's releases with only its own noise: every Skellam release
+    counted with the share the client added (what protects it from a server that
+    unmasks it alone, with colluding or fake cohort members); local DP-SGD steps as they
+    are."""
+    alone = [(SKELLAM, e[4], e[2], e[3], e[4], e[5]) if e[0] == SKELLAM else e
+             for e in merge_history(history)]
+    return epsilon(alone, delta, accountant)
+
+
 def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
     """A history with Skellam releases: RDP over integer orders (the Skellam bound needs
     them), Gaussian entries by Opacus' compute_rdp at the same orders, converted as
@@ -123,7 +137,7 @@ def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
     total = [0.0] * len(orders)
     for e in hist:
         if e[0] == SKELLAM:
-            _, mu, l1, l2, steps = e
+            _, mu, l1, l2, _, steps = e
             rdp = [steps * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
         else:
             sigma, q, steps = e
@@ -230,7 +244,7 @@ class ReleasePlan:
 
     @property
     def entry(self) -> Entry:
-        return (SKELLAM, self.mu, self.l1, self.l2, 1)
+        return (SKELLAM, self.mu, self.l1, self.l2, self.mu_share, 1)
 
 
 def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, l2: float,
@@ -246,7 +260,8 @@ def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, 
                          "no noise level allows more steps")
 
     def eps_at(z: float) -> float:
-        return epsilon([*prior, (SKELLAM, (z * l2) ** 2, l1, l2, steps)], target_delta)
+        mu = (z * l2) ** 2
+        return epsilon([*prior, (SKELLAM, mu, l1, l2, mu, steps)], target_delta)
 
     lo, hi = 0.0, 1.0
     while eps_at(hi) > target_epsilon:

@@ -156,6 +156,9 @@ class ClientRecord(Record):
     sample_rate: float = 0.0
     unconfirmed_rounds: list[int] = field(default_factory=list)
     ledger: str = ""
+    # secure aggregation: epsilon with only the client's own noise shares (against a
+    # server that unmasks its release alone); equal to epsilon under local DP
+    epsilon_alone: float = 0.0
 
 
 @dataclass(frozen=True)

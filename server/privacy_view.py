@@ -26,12 +26,16 @@ class PrivacyView:
         self.clients: dict[int, ClientRecord] = {}
 
     def record(self, reported: ReportedPrivacy) -> None:
-        eps = privacy.epsilon(reported.history, self.delta, self.accountant)
+        try:
+            eps = privacy.epsilon(reported.history, self.delta, self.accountant)
+            alone = privacy.epsilon_alone(reported.history, self.delta, self.accountant)
+        except ValueError:  # e.g. Skellam releases under the prv accountant
+            eps = alone = math.inf
         if not math.isnan(reported.claimed_epsilon):
             eps = max(eps, reported.claimed_epsilon)
         self.clients[reported.partition_id] = ClientRecord(
             history=reported.history, epsilon=eps, noise_multiplier=reported.noise_multiplier,
-            sample_rate=reported.sample_rate)
+            sample_rate=reported.sample_rate, epsilon_alone=max(alone, eps))
 
     def unconfirmed(self, partitions: Iterable[int], server_round: int) -> None:
         """These partitions were asked to train in `server_round` and reported nothing."""

@@ -115,7 +115,7 @@ class SecureRound:
         if not messages:
             return {}
         out.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        replies = grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
         got: dict[int, Message] = {}
         for r in replies:
             node = r.metadata.src_node_id
@@ -254,11 +254,11 @@ class SecureRound:
         s.opt_state, new = optimizer.step(s.optimizer, s.opt_state, server_round, model, average)
         return new
 
-    def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> None:
+    def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> dict[str, np.ndarray] | None:
         out.failed = max(out.sampled - out.trained - out.refused - out.invalid, 0)
         out.reasons.append(f"{reason}: the global model is kept")
         self.strategy._log(server_round)
-        return None
+        return None  # the global model is kept
 
 
 def _masked_problem(msg: Message, dim: int, bits: int) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common import privacy
 from common.config import (
     NODE_CONFIG_ENV,
     ConfigError,
@@ -178,9 +179,11 @@ def reconcile_privacy(run: RunDir, ledger_dir: Path, cfg: ExperimentConfig) -> N
         if not pid.isdigit() or int(pid) >= cfg.federation.num_partitions:
             continue
         ledger = Ledger.from_json(path.read_text(), source=str(path))
+        eps = ledger.epsilon(priv.target_delta, priv.accountant)
         clients[pid] = replace(
             clients.get(pid, ClientRecord()), history=[list(e) for e in ledger.history],
-            epsilon=ledger.epsilon(priv.target_delta, priv.accountant),
+            epsilon=eps, epsilon_alone=max(eps, privacy.epsilon_alone(
+                ledger.history, priv.target_delta, priv.accountant)),
             noise_multiplier=ledger.noise_multiplier or 0.0, unconfirmed_rounds=[],
             ledger=str(path))
     record = replace(record, clients=clients, source="ledger files")

@@ -164,9 +164,9 @@ def test_integer_release_adds_the_share_and_ignores_a_non_finite_record():
 def test_skellam_releases_live_in_the_same_history_as_dp_sgd_steps():
     from common import privacy
 
-    s = ("skellam", 4e6, 3e5, 1.2e3, 1)
-    hist = privacy.merge_history([[1.0, 1.0, 2], ["skellam", 4e6, 3e5, 1.2e3, 1], list(s)])
-    assert hist == [(1.0, 1.0, 2), ("skellam", 4e6, 3e5, 1.2e3, 2)]
+    s = ("skellam", 4e6, 3e5, 1.2e3, 4e5, 1)
+    hist = privacy.merge_history([[1.0, 1.0, 2], ["skellam", 4e6, 3e5, 1.2e3, 4e5, 1], list(s)])
+    assert hist == [(1.0, 1.0, 2), ("skellam", 4e6, 3e5, 1.2e3, 4e5, 2)]
     assert privacy.total_steps(hist) == 4
     assert privacy.extends(hist[:1], hist) and not privacy.extends(hist, hist[:1])
     delta = 1e-5
@@ -175,8 +175,12 @@ def test_skellam_releases_live_in_the_same_history_as_dp_sgd_steps():
     assert privacy.epsilon(hist[1:], delta) == pytest.approx(ddp.epsilon([(4e6, 3e5, 1.2e3, 2)], delta))
     with pytest.raises(ValueError, match="prv"):
         privacy.epsilon(hist, delta, "prv")
-    for bad in (["skellam", -1, 1, 1, 1], ["skellam", 1, 0, 1, 1], ["skellam", 1, 1, 1, 0.5]):
-        with pytest.raises(ValueError, match="out of range"):
+    # Alone (only its share of the noise) it is worth far less.
+    assert privacy.epsilon_alone(hist, delta) > 2 * both
+    assert privacy.epsilon_alone(hist[:1], delta) == privacy.epsilon(hist[:1], delta)
+    for bad in (["skellam", -1, 1, 1, 0, 1], ["skellam", 1, 0, 1, 1, 1], ["skellam", 1, 1, 1, 1, 0.5],
+                ["skellam", 1, 1, 1, 2, 1], ["skellam", 1, 1, 1, 1]):
+        with pytest.raises(ValueError, match="out of range|must be"):
             privacy.merge_history([bad])
 
 
@@ -186,7 +190,7 @@ def test_a_calibrated_skellam_noise_multiplier_spends_the_budget_over_the_planne
     enc = ddp.Encoding(clip=0.1, scale=1e6, dim=39_700)
     l1, l2 = enc.rounded_l1_bound, enc.rounded_l2_bound
     z = privacy.calibrate_skellam(target_epsilon=3.0, target_delta=1e-5, l1=l1, l2=l2, steps=30)
-    eps = privacy.epsilon([("skellam", (z * l2) ** 2, l1, l2, 30)], 1e-5)
+    eps = privacy.epsilon([("skellam", (z * l2) ** 2, l1, l2, 1.0, 30)], 1e-5)
     assert 3.0 * 0.98 <= eps <= 3.0
     # Close to the Gaussian's noise multiplier for the same 30 full-batch steps.
     sigma = privacy.calibrate_noise(target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=30)

@@ -318,12 +318,13 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
         assert abs(float(v.mean()) / top - 0.5) < 0.02
         assert abs(np.corrcoef(v, truth[p])[0, 1]) < 0.1
     ledgers = {i: read_json(tmp_path / f"node-{i}" / "ledger.json") for i in survivors}
-    (_, mu, l1, l2, _), = {tuple(led["history"][0]) for led in ledgers.values()}
+    (_, mu, l1, l2, share, _), = {tuple(led["history"][0]) for led in ledgers.values()}
     noise = total - sum(truth[p] for p in survivors)
     t = cfg.secure.threshold(4)
+    assert share == pytest.approx(mu / t)
     assert float(noise.std()) == pytest.approx(np.sqrt(mu * len(survivors) / t), rel=0.1)
     # Every client's epsilon is its releases' composition, within budget, as the server saw.
     privacy = read_json(out / "privacy.json")["clients"]
     for i, led in ledgers.items():
-        eps = ddp.epsilon([(e[1], e[2], e[3], e[4]) for e in led["history"]], 1e-5)
+        eps = ddp.epsilon([(e[1], e[2], e[3], e[5]) for e in led["history"]], 1e-5)
         assert eps <= 3.0 and float(privacy[str(i)]["epsilon"]) == pytest.approx(eps, rel=1e-6)

@@ -60,7 +60,7 @@ def test_requests_that_would_unmask_one_client_are_refused():
     clients, public = _round(n=6, threshold=4)
     with pytest.raises(ProtocolError, match="masked nothing"):
         clients[0].reveal(list(range(6)), [])
-    for i, c in clients.items():
+    for c in clients.values():
         c.masked(np.zeros(5, dtype=np.int64))
     with pytest.raises(ProtocolError, match="split the cohort"):
         clients[0].reveal([0, 1, 2, 3, 4], [4, 5])  # 4 both alive and dropped

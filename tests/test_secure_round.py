@@ -21,10 +21,10 @@ from tests.local_grid import LocalGrid
 SECURE = {"secure-aggregation": "secagg+", "noise": "distributed", "min-train-clients": 2}
 
 
-def _setup(num_nodes=6, drop_at=None, **overrides):
+def _setup(num_nodes=6, drop_at=None, node_extra=None, **overrides):
     over = {**SECURE, "fraction-train": 1.0, "num-partitions": num_nodes, **overrides}
     cfg = fast_config(**over)
-    grid = LocalGrid(num_nodes, drop_at=drop_at, **over)
+    grid = LocalGrid(num_nodes, drop_at=drop_at, node_extra=node_extra, **over)
     sizes = {i: len(p) for i, p in enumerate(partitions_of(cfg.data, num_nodes))}
     strategy = CohortFedAvg(cfg, partition_sizes=sizes)
     strategy.cohorts.discover(grid)
@@ -78,8 +78,9 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     ledgers = {p: _ledger(grid, p) for p in range(6)}
     entries = {tuple(led.history[-1]) for led in ledgers.values()}
     assert len(entries) == 1
-    (_, mu, l1, l2, steps), = entries
+    (_, mu, l1, l2, share, steps), = entries
     t = cfg.secure.threshold(6)
+    assert share == pytest.approx(mu / t)
     noise = held.total - sum(truth.values())  # rounding is unbiased and small next to it
     assert float(noise.std()) == pytest.approx(math.sqrt(mu * 6 / t), rel=0.1)
     assert abs(float(noise.mean())) < 0.1 * math.sqrt(mu)
@@ -155,3 +156,22 @@ def test_a_plain_train_request_in_a_secure_run_is_refused():
     reply = app(train_message(_model()), ctx)
     assert reply.content["metrics"]["refused"] == 1
     assert "secure-aggregation=secagg+" in str(reply.content["privacy"]["reason"])
+
+
+def test_a_share_floor_keeps_each_release_alone_within_a_stated_epsilon():
+    """The node's min-share-noise-multiplier: its own share alone has at least that noise
+    multiplier, so a server that unmasks its release alone (with fake or colluding cohort
+    members) still faces a stated epsilon (epsilon_alone); the sum then carries more."""
+    extra = {"min-share-noise-multiplier": 5.0}
+    cfg, grid, strategy, secure = _setup(node_extra=extra)
+    assert secure.run(grid, 1, _model(), planned=3) is not None
+    (_, mu, l1, l2, share, _), = {tuple(_ledger(grid, p).history[-1]) for p in range(6)}
+    assert share == pytest.approx((5.0 * l2) ** 2)
+    led = _ledger(grid, 0)
+    alone = privacy.epsilon_alone(led.history, cfg.privacy.target_delta)
+    assert alone == pytest.approx(ddp.epsilon([(share, l1, l2, 1)], cfg.privacy.target_delta))
+    plain_cfg, plain_grid, _, plain = _setup()
+    plain.run(plain_grid, 1, _model(), planned=3)
+    plain_led = _ledger(plain_grid, 0)
+    assert privacy.epsilon_alone(plain_led.history, 1e-5) > alone
+    assert strategy.privacy.clients[0].epsilon_alone == pytest.approx(alone)
