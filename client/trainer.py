@@ -289,9 +289,11 @@ def integer_gradient_sum(
             criterion(gsm(x), y).backward()
         rows = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
         rows = rows.detach().cpu()
-        finite = torch.isfinite(rows).all(dim=1)
-        rows[~finite] = 0.0
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+        bad = ~torch.isfinite(norms)  # a non-finite value makes the norm inf or nan
+        if bool(bad.any()):
+            rows[bad] = 0.0
+            norms[bad] = 0.0
         factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0)
         total += factor @ rows.double()
         for p in params:
