@@ -100,6 +100,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     participant = _load(context, request.server_round)
     shares = json.loads(str(config[keys.SHARES]))
     participant.receive({int(i): ct.encode() for i, ct in shares.items()})
+    participant.check_ready()  # before any data is read or budget spent
     data = data_of(cfg, node)
     names = parameter_names(cfg.train.model)
     encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,

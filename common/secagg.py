@@ -150,16 +150,22 @@ class Participant:
                 raise ProtocolError(f"client {self.cid}: a share from {i} is misaddressed")
             self._held[i] = (bytes.fromhex(d["b"]), bytes.fromhex(d["s"]))
 
-    def masked(self, value: np.ndarray) -> np.ndarray:
-        """This client's integer vector, masked (modulo 2^bits) with the peers whose shares
-        it received (those still in the round after the shares were sent): at least the
-        threshold of them, itself included. Once per round."""
+    def check_ready(self) -> None:
+        """Raises unless a vector can be masked now: not yet this round, and with shares
+        from at least the threshold of peers, itself included. A client calls it before
+        it trains, so that a request it cannot complete spends nothing."""
         if self._masked_with:
             raise ProtocolError(f"client {self.cid}: it already masked a vector this round")
         if self.cid not in self._held or len(self._held) < self.threshold:
             raise ProtocolError(f"client {self.cid}: shares from {len(self._held)} client(s) "
                                 f"(itself {'in' if self.cid in self._held else 'not'} among "
                                 f"them), fewer than the threshold {self.threshold}")
+
+    def masked(self, value: np.ndarray) -> np.ndarray:
+        """This client's integer vector, masked (modulo 2^bits) with the peers whose shares
+        it received (those still in the round after the shares were sent): at least the
+        threshold of them, itself included. Once per round."""
+        self.check_ready()
         self._masked_with = tuple(sorted(self._held))
         value = np.asarray(value, dtype=np.int64)
         m = (1 << self.bits) - 1

@@ -2,7 +2,7 @@
 nodes' contexts kept between messages, as a SuperNode keeps them), for fast tests of the
 server's round logic. Nodes can drop out from a given message type on."""
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.app.message.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -38,10 +38,14 @@ class LocalGrid:
             if self._gone(node, mtype):
                 continue
             msg = make_message(metadata(src=0, dst=node, message_type=mtype), content=m.content)
-            reply = client_app(msg, self.contexts[node])
             meta = metadata(src=node, dst=0, reply_to=msg.metadata.message_id, message_type=mtype)
-            got = (make_message(meta, error=reply.error) if reply.has_error()
-                   else make_message(meta, content=reply.content))
+            try:
+                reply = client_app(msg, self.contexts[node])
+            except Exception as exc:  # as a SuperNode reports a ClientApp's exception
+                got = make_message(meta, error=Error(code=0, reason=f"{type(exc).__name__}: {exc}"))
+            else:
+                got = (make_message(meta, error=reply.error) if reply.has_error()
+                       else make_message(meta, content=reply.content))
             self.received.append(got)
             out.append(got)
         return out

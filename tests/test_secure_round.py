@@ -175,3 +175,39 @@ def test_a_share_floor_keeps_each_release_alone_within_a_stated_epsilon():
     plain_led = _ledger(plain_grid, 0)
     assert privacy.epsilon_alone(plain_led.history, 1e-5) > alone
     assert strategy.privacy.clients[0].epsilon_alone == pytest.approx(alone)
+
+
+def test_a_masked_request_that_cannot_complete_spends_nothing():
+    """A server that sends the masked stage again (a second release of the same round),
+    or with fewer shares than the threshold, gets an error before the client reads data
+    or spends budget."""
+    import json
+
+    from server.secure_round import _message
+    from server.wire import to_array_record, train_config
+
+    cfg, grid, strategy, secure = _setup()
+    model = _model()
+    assert secure.run(grid, 1, dict(model), planned=3) is not None
+    before = {p: _ledger(grid, p).history for p in range(6)}
+    masked = [m for m in grid.sent if m.metadata.message_type == "train.secagg_masked"]
+    again = grid.send_and_receive(masked[:1])  # the same request again
+    assert again[0].has_error() and "already masked" in again[0].error.reason
+
+    # A fresh round whose masked stage carries only the client's own share.
+    grid.send_and_receive([_message(1000, "secagg_keys", {"server-round": 3})])
+    mine = json.loads(str(grid.received[-1].content["config"]["public-keys"]))
+    others = {str(p): json.loads(str(r.content["config"]["public-keys"]))
+              for p, r in zip(range(1, 6), grid.send_and_receive(
+                  [_message(1000 + p, "secagg_keys", {"server-round": 3}) for p in range(1, 6)]),
+                  strict=True)}
+    peers = json.dumps({"0": mine, **others})
+    boxes = grid.send_and_receive([_message(1000, "secagg_shares",
+                                            {"server-round": 3, "public-keys": peers})])
+    own = json.loads(str(boxes[0].content["config"]["shares"]))
+    config = train_config(server_round=3, planned_rounds=3, known_history=None)
+    config["scale"] = 1e6
+    config["shares"] = json.dumps({"0": own["0"]})  # only its own: 1 of t = 5
+    reply = grid.send_and_receive([_message(1000, "secagg_masked", config, to_array_record(model))])
+    assert reply[0].has_error() and "fewer than the threshold" in reply[0].error.reason
+    assert {p: _ledger(grid, p).history for p in range(6)} == before
