@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, share, steps)
@@ -152,19 +152,30 @@ def calibrate_noise(
 ) -> float:
     """Smallest noise_multiplier (within `tolerance` relative) such that `prior` followed by
     `steps` steps at `sample_rate` stays at or below `target_epsilon`."""
+
+    def eps_at(sigma: float) -> float:
+        return epsilon([*prior, (sigma, sample_rate, steps)], target_delta, accountant)
+
+    _check_calibration(target_epsilon, steps, epsilon(prior, target_delta, accountant))
+    return _smallest_noise(eps_at, target_epsilon, tolerance)
+
+
+def _check_calibration(target_epsilon: float, steps: int, spent: float) -> None:
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon={target_epsilon!r} must be finite and > 0 to calibrate")
     if steps < 1:
         raise ValueError(f"steps={steps!r} must be >= 1 to calibrate a noise multiplier")
-    if epsilon(prior, target_delta, accountant) >= target_epsilon:
+    if spent >= target_epsilon:
         raise ValueError(
             f"the history already spends epsilon >= target_epsilon={target_epsilon}; no noise "
             "level allows more steps"
         )
 
-    def eps_at(sigma: float) -> float:
-        return epsilon([*prior, (sigma, sample_rate, steps)], target_delta, accountant)
 
+def _smallest_noise(eps_at: Callable[[float], float], target_epsilon: float,
+                    tolerance: float) -> float:
+    """Bisection for the smallest noise multiplier whose epsilon (`eps_at`, decreasing in
+    it) is at most `target_epsilon`, within `tolerance` relative."""
     lo, hi = 0.0, 1.0
     while eps_at(hi) > target_epsilon:
         lo, hi = hi, hi * 2
@@ -172,10 +183,7 @@ def calibrate_noise(
             raise ValueError("no noise_multiplier below 1e6 reaches the target epsilon")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        if eps_at(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if eps_at(mid) > target_epsilon else (lo, mid)
     return hi
 
 
@@ -251,24 +259,10 @@ def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, 
                       steps: int, prior: Sequence[Entry] = (), tolerance: float = 0.005) -> float:
     """Smallest Skellam noise multiplier z (noise std sqrt(mu) = z * l2, within `tolerance`
     relative) such that `prior` followed by `steps` releases stays within target_epsilon."""
-    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise ValueError(f"target_epsilon={target_epsilon!r} must be finite and > 0 to calibrate")
-    if steps < 1:
-        raise ValueError(f"steps={steps!r} must be >= 1 to calibrate a noise multiplier")
-    if epsilon(prior, target_delta) >= target_epsilon:
-        raise ValueError(f"the history already spends epsilon >= target_epsilon={target_epsilon}; "
-                         "no noise level allows more steps")
 
     def eps_at(z: float) -> float:
         mu = (z * l2) ** 2
         return epsilon([*prior, (SKELLAM, mu, l1, l2, mu, steps)], target_delta)
 
-    lo, hi = 0.0, 1.0
-    while eps_at(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError("no noise multiplier below 1e6 reaches the target epsilon")
-    while hi - lo > tolerance * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if eps_at(mid) > target_epsilon else (lo, mid)
-    return hi
+    _check_calibration(target_epsilon, steps, epsilon(prior, target_delta))
+    return _smallest_noise(eps_at, target_epsilon, tolerance)

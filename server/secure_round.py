@@ -181,11 +181,11 @@ class SecureRound:
         arrays = to_array_record(model)
         msgs = []
         for p in u2:
-            cfg = train_config(server_round=server_round, planned_rounds=planned,
-                               known_history=s.privacy.history(p))
-            cfg[keys.SCALE] = scale
-            cfg[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
-            msgs.append(_message(node_of[p], keys.SECAGG_MASKED, cfg, arrays))
+            config = train_config(server_round=server_round, planned_rounds=planned,
+                                  known_history=s.privacy.history(p))
+            config[keys.SCALE] = scale
+            config[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
+            msgs.append(_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
         got = self._ask(grid, msgs, out, "masked")
         dim = flat_parameters(model, self.names)
         heard = set()
