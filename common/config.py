@@ -503,6 +503,8 @@ class ExperimentConfig:
                f"must be 0 (full batch: one DP-SGD step per released update) for {key}")
         _check(train.local_epochs == 1, "local-epochs", train.local_epochs, f"must be 1 for {key}")
         _check(train.momentum == 0, "momentum", train.momentum, f"must be 0 for {key}")
+        _check(fed.min_train_clients >= 2, "min-train-clients", fed.min_train_clients,
+               f"must be >= 2 for {key} (a cohort of one is no aggregation)")
         _check(fed.aggregation == "fedavg", "aggregation", fed.aggregation,
                f"must be fedavg for {key} (the server sees only the sum)")
         _check(fed.max_update_norm == 0, "max-update-norm", fed.max_update_norm,

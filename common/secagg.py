@@ -126,6 +126,8 @@ class Participant:
         """Encrypted shares of b and s_sk for every peer (the cohort, this client included)."""
         if self.cid not in peers or peers[self.cid] != self.advertise():
             raise ProtocolError(f"client {self.cid}: the cohort's keys do not hold its own")
+        if len(peers) < 2:
+            raise ProtocolError(f"client {self.cid}: a cohort of {len(peers)} is no aggregation")
         if not (2 * threshold > len(peers) and threshold <= len(peers)):
             # Above half the cohort: a server telling some clients "i survived" and others
             # "i dropped" cannot collect t shares of both of i's secrets (that needs 2t).

@@ -32,6 +32,7 @@ BAD_CONFIG = [
     ({**SA, "local-epochs": 2}, "local-epochs"),
     ({**SA, "momentum": 0.5}, "momentum"),
     ({**SA, "aggregation": "krum"}, "aggregation"),
+    ({**SA, "min-train-clients": 1}, "min-train-clients.*no aggregation"),
     ({**SA, "max-update-norm": 5.0}, "max-update-norm"),
     ({**SA, "attack": "nan", "attackers": 1}, "attack"),
     ({"target-epsilon": 0.0}, "target-epsilon"),

@@ -73,6 +73,8 @@ def test_requests_that_would_unmask_one_client_are_refused():
         clients[1].reveal(list(range(5)), [5])
     with pytest.raises(ProtocolError, match="threshold 3 must be"):  # 2t <= n lets a server split
         _round(n=6, threshold=3)
+    with pytest.raises(ProtocolError, match="no aggregation"):  # the server would see it alone
+        _round(n=1, threshold=1)
 
 
 def test_fewer_shares_than_the_threshold_unmask_nothing():
