@@ -22,7 +22,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client import wire
 from client.ledger import load_ledger, save_ledger
-from client.trainer import BudgetExceeded, integer_gradient_sum, parameter_names, plan_release
+from client.trainer import (
+    BudgetExceeded,
+    integer_gradient_sum,
+    parameter_names,
+    plan_release,
+    resolve_device,
+)
 from common import ddp, keys
 from common.config import ExperimentConfig, NodeConfig
 from common.secagg import Participant, ProtocolError, PublicKeys
@@ -117,7 +123,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
         return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
     release = integer_gradient_sum(request.weights, data, model_name=cfg.train.model,
                                    encoding=encoding, mu_share=plan.mu_share,
-                                   device="cpu")
+                                   device=str(resolve_device(cfg.runtime.device)))
     # Spent before anything leaves: once masked and sent, t reveals expose the sum.
     ledger.spend(plan.entry)
     save_ledger(context, ledger, node.ledger_file)
