@@ -22,15 +22,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client import wire
 from client.ledger import load_ledger, save_ledger
-from client.trainer import (
-    BudgetExceeded,
-    integer_gradient_sum,
-    parameter_names,
-    plan_release,
-    resolve_device,
-)
+from client.trainer import BudgetExceeded, integer_gradient_sum, plan_release, resolve_device
 from common import ddp, keys
 from common.config import ExperimentConfig, NodeConfig
+from common.models import parameter_names
 from common.secagg import Participant, ProtocolError, PublicKeys
 
 STATE_KEY = "dpfl-secagg"

@@ -124,18 +124,7 @@ def plan_release(
                              f"{priv.target_epsilon} (spent {before:.3f}); it does not train")
     return privacy.ReleasePlan(
         noise_multiplier=ledger.noise_multiplier, mu=mu, mu_share=share, l1=l1, l2=l2,
-        threshold=threshold,
         epsilon_before=before, epsilon_after=after)
-
-
-def parameter_names(model_name: str) -> list[str]:
-    """The order of an integer release's coordinates: the model's parameters, each
-    flattened. Every named weight must be a parameter (no buffers) to be released."""
-    model = build_model(model_name)
-    names = [n for n, _ in model.named_parameters()]
-    if names != list(model.state_dict()):
-        raise ValueError(f"model {model_name} has buffers; its weights cannot all be released")
-    return names
 
 
 def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -267,7 +256,7 @@ def integer_gradient_sum(
     `encoding.rounded_l2_bound`; common/ddp.py). A record whose gradient is not finite
     contributes zero (the null record of zero-out adjacency). Per-sample gradients come
     from Opacus' GradSampleModule; rounding and noise draw from OS entropy. Returns the
-    flat int64 vector in the model's parameter order (`parameter_names`). Its caller
+    flat int64 vector in the model's parameter order (`common.models.parameter_names`). Its caller
     plans and records the release in the ledger before sending it (`plan_release`)."""
     from opacus import GradSampleModule
 

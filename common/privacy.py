@@ -246,7 +246,6 @@ class ReleasePlan:
     mu_share: float
     l1: float
     l2: float
-    threshold: int
     epsilon_before: float
     epsilon_after: float
 

@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
 from common.config import ExperimentConfig
-from common.models import build_model
+from common.models import parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
 from server import optimizer
 from server.replies import judge_reply, read_privacy, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
-from server.wire import to_array_record, train_config
+from server.wire import stage_message, to_array_record, train_config
 
 log = logging.getLogger("dpfl.server")
 
@@ -76,14 +75,6 @@ def payload_bytes(content: RecordDict) -> int:
     return n
 
 
-def _message(node: int, action: str, config: Mapping, arrays: ArrayRecord | None = None
-             ) -> Message:
-    content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})
-    if arrays is not None:
-        content[keys.ARRAYS] = arrays
-    return Message(content, dst_node_id=node, message_type=f"{MessageType.TRAIN}.{action}")
-
-
 def scale_for(cfg: ExperimentConfig, records: int) -> float:
     """Integer units per unit of gradient: the worst case sum (every one of `records`
     clipped gradients on one coordinate, times secagg-headroom) fills a quarter of the
@@ -94,17 +85,12 @@ def scale_for(cfg: ExperimentConfig, records: int) -> float:
     return 2.0 ** (sec.secagg_bits - 2) / worst
 
 
-def flat_parameters(weights: Mapping[str, np.ndarray], names: list[str]) -> int:
-    return sum(int(weights[n].size) for n in names)
-
-
 class SecureRound:
     """Runs secure rounds for one run; `held` is what the last round's server received."""
 
     def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg) -> None:
         self.cfg, self.strategy = cfg, strategy
-        model = build_model(cfg.train.model)
-        self.names = [n for n, _ in model.named_parameters()]
+        self.names = parameter_names(cfg.train.model)
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
 
@@ -145,7 +131,7 @@ class SecureRound:
         rnd = {keys.SERVER_ROUND: server_round}
         bits = self.cfg.secure.secagg_bits
 
-        got = self._ask(grid, [_message(n, keys.SECAGG_KEYS, rnd) for n, _ in cohort.members],
+        got = self._ask(grid, [stage_message(n, keys.SECAGG_KEYS, rnd) for n, _ in cohort.members],
                         out, "keys")
         for node, r in got.items():
             try:
@@ -159,7 +145,7 @@ class SecureRound:
         threshold = self.cfg.secure.threshold(len(u1))
         peers = json.dumps({str(p): [held.public_keys[p].c.hex(), held.public_keys[p].s.hex()]
                             for p in u1})
-        got = self._ask(grid, [_message(node_of[p], keys.SECAGG_SHARES,
+        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_SHARES,
                                         {**rnd, keys.PUBLIC_KEYS: peers}) for p in u1], out, "shares")
         for node, r in got.items():
             try:
@@ -185,9 +171,9 @@ class SecureRound:
                                   known_history=s.privacy.history(p))
             config[keys.SCALE] = scale
             config[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
-            msgs.append(_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
+            msgs.append(stage_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
         got = self._ask(grid, msgs, out, "masked")
-        dim = flat_parameters(model, self.names)
+        dim = sum(model[n].size for n in self.names)
         heard = set()
         for node, r in got.items():
             reported = read_privacy(r, s.cohorts.nodes)
@@ -217,7 +203,7 @@ class SecureRound:
 
         dropped = sorted(set(u2) - set(u3))
         who = {keys.SURVIVORS: json.dumps(u3), keys.DROPPED: json.dumps(dropped)}
-        got = self._ask(grid, [_message(node_of[p], keys.SECAGG_UNMASK, {**rnd, **who})
+        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_UNMASK, {**rnd, **who})
                                for p in u3], out, "unmask")
         for node, r in got.items():
             try:

@@ -41,3 +41,12 @@ def train_config(*, server_round: int, planned_rounds: int, known_history: list 
 def train_message(node: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
     return Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
                    dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def stage_message(node: int, action: str, config: Mapping, arrays: ArrayRecord | None = None
+                  ) -> Message:
+    """A secure-aggregation stage: message type "train.<action>" (client/secure.py)."""
+    content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content, dst_node_id=node, message_type=f"{MessageType.TRAIN}.{action}")

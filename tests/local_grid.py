@@ -7,6 +7,7 @@ from flwr.app.message.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from common import keys
 from tests.helpers import context, metadata
 
 
@@ -26,8 +27,7 @@ class LocalGrid:
         stage = self.drop_at.get(node - 1000)
         if stage is None:
             return False
-        order = ["query", "train.secagg_keys", "train.secagg_shares", "train.secagg_masked",
-                 "train.secagg_unmask"]
+        order = ["query", *(f"train.{a}" for a in keys.SECAGG_STAGES)]
         return message_type in order and order.index(message_type) >= order.index(stage)
 
     def send_and_receive(self, messages, timeout=None):

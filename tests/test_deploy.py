@@ -112,6 +112,15 @@ class Cluster:
             assert time.time() < deadline, (self.dir / "logs" / f"node-{i}.log").read_text()[-3000:]
             time.sleep(5)
 
+    def start_run(self, name, run_config, log_name):
+        """`flwr run` of this project on the cluster, streaming into logs/<log_name>."""
+        self.procs[name] = subprocess.Popen(
+            [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
+             run_config], env=self.env, cwd=ROOT,
+            stdout=open(self.dir / "logs" / log_name, "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        return self.procs[name]
+
     def flwr(self, *args, timeout=120):
         return subprocess.run([runtime.tool("flwr"), *args], env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
@@ -161,12 +170,7 @@ def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
             (tmp_path / "logs" / "superlink.log").read_text()
 
         t0 = time.time()
-        run = subprocess.Popen(
-            [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
-             f'{RUN} output-dir="{runs}" run-name="first"'],
-            env=c.env, cwd=ROOT, stdout=open(tmp_path / "logs" / "flwr-run-1.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        c.procs["run-1"] = run
+        run = c.start_run("run-1", f'{RUN} output-dir="{runs}" run-name="first"', "flwr-run-1.log")
         rounds = runs / "first" / "rounds.jsonl"
         # Kill node 1 the moment round 2 is recorded (between rounds) and start it again.
         while len(read_rounds(rounds)) < 2:
@@ -271,12 +275,7 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
             assert c.register(i).returncode == 0
             c.start_node(i)
         t0 = time.time()
-        run = subprocess.Popen(
-            [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
-             f'{SECURE_RUN} output-dir="{runs}" run-name="secure"'],
-            env=c.env, cwd=ROOT, stdout=open(tmp_path / "logs" / "flwr-run.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        c.procs["run"] = run
+        run = c.start_run("run", f'{SECURE_RUN} output-dir="{runs}" run-name="secure"', "flwr-run.log")
         # The first ledger written means round 1 reached its masked stage: kill node 3.
         while not any((tmp_path / f"node-{i}" / "ledger.json").exists() for i in range(4)):
             assert run.poll() is None, (tmp_path / "logs" / "flwr-run.log").read_text()[-3000:]

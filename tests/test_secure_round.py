@@ -183,7 +183,7 @@ def test_a_masked_request_that_cannot_complete_spends_nothing():
     or spends budget."""
     import json
 
-    from server.secure_round import _message
+    from server.wire import stage_message as _message
     from server.wire import to_array_record, train_config
 
     cfg, grid, strategy, secure = _setup()
