@@ -24,7 +24,7 @@ from client import secure, wire
 from client.attacks import apply_attack, attack_before_training
 from client.ledger import Ledger, load_ledger, load_replay, save_ledger, save_replay
 from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
-from common import keys, privacy
+from common import audit, keys, privacy
 from common.aggregation import model_problem
 from common.config import (
     NODE_CONFIG_ENV,
@@ -65,14 +65,29 @@ def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
     features = MODEL_FEATURES.get(cfg.train.model, "")
     if node.data_dir:
         split = load_split("train", node.data_dir, features)
-        return Split(np.asarray(split.images, dtype=np.float32), split.labels)
-    return partition_of(cfg.data, node.partition_id, node.num_partitions, features)
+        split = Split(np.asarray(split.images, dtype=np.float32), split.labels)
+    else:
+        split = partition_of(cfg.data, node.partition_id, node.num_partitions, features)
+    return with_canaries(cfg, node, split)
+
+
+def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Split:
+    """A privacy audit's run (audit-canaries > 0): the partition's canary slots appended,
+    each holding its canary or a null record (common/audit.py)."""
+    if not cfg.audit.audit_canaries:
+        return split
+    canaries = audit.Canaries(cfg.audit.audit_canaries, cfg.federation.num_partitions,
+                              tuple(split.images.shape[1:]), cfg.data.seed)
+    x, y = canaries.slots(node.partition_id)
+    return Split(np.concatenate([split.images, x]), np.concatenate([split.labels, y]))
 
 
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
+    slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
+                             node.partition_id)
     if node.data_dir:
-        return len(load_split("train", node.data_dir).labels)
-    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id])
+        return len(load_split("train", node.data_dir).labels) + slots
+    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
 
 
 @app.query()

@@ -10,7 +10,9 @@ steps with noise_multiplier 0, so its epsilon is reported as infinite.
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +38,23 @@ class RoundResult:
     num_examples: int
     train_loss: float
     steps: int
+
+
+# For the audit's own test only (tests/test_audit.py): a broken mechanism. Scales the
+# noise a client actually adds while its ledger keeps the noise it should have added, so
+# that the audit must catch the difference from what the server sees. Never set it in a
+# real run: every process it touches says so on stderr.
+BROKEN_NOISE_ENV = "DPFL_TEST_ONLY_BROKEN_NOISE_SCALE"
+
+
+def broken_noise_scale() -> float:
+    raw = os.environ.get(BROKEN_NOISE_ENV, "")
+    if not raw:
+        return 1.0
+    print(f"dpfl: WARNING: {BROKEN_NOISE_ENV}={raw}: this client adds {raw} x the noise its "
+          "ledger records (a test of the privacy audit; the guarantee does NOT hold)",
+          file=sys.stderr)
+    return float(raw)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,6 +158,13 @@ def nonfinite_samples(model: nn.Module, batch_size: int, device: torch.device) -
     return bad
 
 
+@torch.no_grad()
+def nonfinite_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Samples whose own loss is not finite (a NaN input, e.g. an audit's null record)."""
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    return ~torch.isfinite(losses)
+
+
 def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                 x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward on the batch, with every sample whose gradient is not finite
@@ -156,6 +182,8 @@ def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: n
                               for p in model.parameters()):
             return loss, y
         bad = nonfinite_samples(model, len(y), x.device)
+        if not bool(bad.any()):
+            bad = nonfinite_losses(model, x, y)  # no per-sample gradients (non-private)
         if not bool(bad.any()):
             bad = torch.ones_like(bad)  # which sample is at fault cannot be told: none counts
         x, y = x[~bad], y[~bad]  # samples are independent (no batch statistics)
@@ -196,7 +224,8 @@ def train_round(
             warnings.simplefilter("ignore")
             made = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=priv.max_grad_norm,
+                noise_multiplier=plan.noise_multiplier * broken_noise_scale(),
+                max_grad_norm=priv.max_grad_norm,
                 poisson_sampling=True, grad_sample_mode=runtime.grad_sample_mode,
                 noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
                 **({"criterion": criterion} if runtime.grad_sample_mode == "ghost" else {}),
@@ -290,4 +319,4 @@ def integer_gradient_sum(
     gsm.remove_hooks()
     rng = np.random.default_rng(secrets.randbits(128))
     release = ddp.randomized_round(total.numpy() * encoding.scale, rng)
-    return release + ddp.skellam(mu_share, encoding.dim, rng)
+    return release + ddp.skellam(mu_share * broken_noise_scale() ** 2, encoding.dim, rng)

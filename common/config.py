@@ -292,6 +292,23 @@ class SecureAggregationConfig:
         return min(cohort, max(cohort // 2 + 1, math.ceil(self.secagg_threshold * cohort - 1e-9)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """`audit-canaries`: m > 0 makes the run a one-run privacy audit (common/audit.py,
+    docs/results/audit.md): m canary slots spread over the partitions, each canary in
+    training with probability 1/2 (from the run's seed), scored by the server from what
+    it sees, and an empirical epsilon lower bound in audit.json at the end."""
+
+    audit_canaries: int
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.audit_canaries <= MAX_CANARIES, "audit-canaries", self.audit_canaries,
+               f"must be in [0, {MAX_CANARIES}] (0: no audit)")
+
+
+MAX_CANARIES = 100_000
+
+
 # The data holder's side: node config. In deployment it is Flower's node config
 # (`flower-supernode --node-config`); Flower's simulation sets only partition-id and
 # num-partitions per virtual node, so the harness that starts the simulation passes the
@@ -469,6 +486,7 @@ class ExperimentConfig:
     attack: AttackConfig
     baseline: BaselineConfig
     secure: SecureAggregationConfig
+    audit: AuditConfig
     runtime: RuntimeConfig = field(compare=False)
 
     def __post_init__(self) -> None:
@@ -545,6 +563,7 @@ _SECTIONS: dict[str, tuple[type, str]] = {
     "attack": (AttackConfig, ""),
     "baseline": (BaselineConfig, "baseline-"),
     "secure": (SecureAggregationConfig, ""),
+    "audit": (AuditConfig, ""),
     "runtime": (RuntimeConfig, ""),
 }
 

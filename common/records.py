@@ -43,6 +43,8 @@ SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.npz"
 CHECKPOINT_FILE = "checkpoint.npz"
 FAILED_FILE = "failed.json"
+AUDIT_FILE = "audit.json"  # audit-canaries > 0: the empirical privacy audit
+CANARY_SCORES_FILE = "canary-scores.npz"  # the auditor's running scores (resume)
 LOGS_DIR = "logs"
 TRANSCRIPT_DIR = "transcript"  # keep-transcript: what the server received, per round
 LEDGERS_DIR = "ledgers"
@@ -217,6 +219,7 @@ class RunSummary(Record):
     resumed: bool = False
     aggregation: str = "fedavg"
     stopped_early: str = ""
+    epsilon_lower_bound: float = math.nan  # audit runs: the empirical bound (audit.json)
 
     @classmethod
     def of(cls, rounds: Sequence[RoundRecord], privacy: PrivacyRecord, **rest: Any) -> RunSummary:
@@ -249,6 +252,9 @@ class RunSummary(Record):
             f"rounds          {self.rounds} with {self.num_clients} clients, "
             f"{self.wall_seconds:.0f}s in the ServerApp",
         ]
+        if not math.isnan(self.epsilon_lower_bound):
+            lines.append(f"audit           epsilon lower bound {self.epsilon_lower_bound:.3f} "
+                         f"(95% confidence; {run_dir / AUDIT_FILE})")
         if self.stopped_early:
             lines.append(f"STOPPED EARLY   {self.stopped_early}")
         return "\n".join(lines)
@@ -416,6 +422,23 @@ class RunDir:
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda tmp: np.savez(tmp, **dict(arrays)))  # type: ignore[arg-type]
         return path
+
+    def write_audit(self, result: Mapping[str, Any]) -> None:
+        write_json(self.path / AUDIT_FILE, dict(result))
+
+    def audit(self) -> dict[str, Any] | None:
+        p = self.path / AUDIT_FILE
+        return read_json(p) if p.exists() else None
+
+    def write_canary_scores(self, arrays: Mapping[str, np.ndarray]) -> None:
+        atomic_write(self.path / CANARY_SCORES_FILE, lambda tmp: np.savez(tmp, **dict(arrays)))  # type: ignore[arg-type]
+
+    def canary_scores(self) -> dict[str, np.ndarray]:
+        p = self.path / CANARY_SCORES_FILE
+        if not p.exists():
+            return {}
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
 
     def write_failure(self, failure: Failure) -> None:
         write_json(self.path / FAILED_FILE, failure.to_json())

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import audit
 from common.config import ExperimentConfig, parse_config
 from common.data import DataError, Split, load_split, partitions_of
 from common.models import (
@@ -27,6 +28,7 @@ from common.models import (
 )
 from common.records import RunDir, run_dir
 from server import checkpoint, loop
+from server.audit import CanaryScorer
 from server.strategy import CohortFedAvg
 
 app = ServerApp()
@@ -51,13 +53,17 @@ def partition_sizes(cfg: ExperimentConfig) -> dict[int, int]:
         log.warning("cannot compute partition sizes (%s): num-examples is bounded by what "
                     "each node declared", exc)
         return {}
-    return {i: len(p) for i, p in enumerate(parts)}
+    return {i: len(p) + audit.slot_count(cfg.audit.audit_canaries, len(parts), i)
+            for i, p in enumerate(parts)}
 
 
-def evaluator(cfg: ExperimentConfig, model: torch.nn.Module) -> loop.Evaluate:
-    """Global model weights -> (loss, accuracy) on the test set."""
+def test_split(cfg: ExperimentConfig) -> Split:
     test = load_split("test", cfg.data.data_dir, MODEL_FEATURES.get(cfg.train.model, ""))
-    test = Split(np.asarray(test.images, dtype=np.float32), test.labels)
+    return Split(np.asarray(test.images, dtype=np.float32), test.labels)
+
+
+def evaluator(test: Split, model: torch.nn.Module) -> loop.Evaluate:
+    """Global model weights -> (loss, accuracy) on the test set."""
 
     def run(weights: loop.Weights) -> tuple[float, float]:
         set_weights(model, weights)
@@ -95,5 +101,14 @@ def main(grid: Grid, context: Context) -> None:
         state = loop.start(grid, cfg, strategy, run, model=get_weights(model),
                            run_id=context.run_id, model_parameters=parameters)
     describe(cfg, state, run, parameters)
-    stopped = loop.run_rounds(grid, cfg, strategy, run, state, evaluator(cfg, model), started)
-    loop.finish(cfg, strategy, run, state, stopped, started)
+    test = test_split(cfg)
+    scorer = None
+    if cfg.audit.audit_canaries:
+        scorer = CanaryScorer(cfg, tuple(test.images.shape[1:]))
+        if ckpt is not None:
+            scorer.load(run.canary_scores())
+        log.info("privacy audit: %d canaries, each in training with probability 1/2",
+                 cfg.audit.audit_canaries)
+    stopped = loop.run_rounds(grid, cfg, strategy, run, state, evaluator(test, model), started,
+                              scorer)
+    loop.finish(cfg, strategy, run, state, stopped, started, scorer)

@@ -10,6 +10,7 @@ rewrites rounds.jsonl from the checkpoint).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from common.records import (
     library_versions,
 )
 from server import checkpoint
+from server.audit import CanaryScorer
+from server.audit import finish as audit_finish
+from server.replies import classify
 from server.secure_round import SecureRound, payload_bytes
 from server.strategy import CohortFedAvg
 from server.wire import from_array_record, to_array_record
@@ -109,7 +113,7 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
 
 
 def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState,
-                 timeout: float) -> Weights | None:
+                 timeout: float, scorer: CanaryScorer | None = None) -> Weights | None:
     """One round of plain FedAvg over local-DP updates: the new model, or None."""
     arrays = to_array_record(state.model)
     messages = strategy.configure_train(
@@ -117,22 +121,28 @@ def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: R
     replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
     strategy.outcomes[server_round].bytes_up = sum(
         payload_bytes(r.content) for r in replies if not r.has_error())
+    if scorer is not None:
+        scorer.observe_replies(state.model, replies, lambda m: classify(
+            m, reference=state.model, nodes=strategy.cohorts.nodes,
+            partition_sizes=strategy.partition_sizes))
     new, _ = strategy.aggregate_train(server_round, replies)
     return from_array_record(new) if new is not None else None
 
 
 def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir,
-               state: RunState, evaluate: Evaluate, started: float) -> str:
-    """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or ""."""
+               state: RunState, evaluate: Evaluate, started: float,
+               scorer: CanaryScorer | None = None) -> str:
+    """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or "".
+    With `scorer` (an audit run) it scores the canaries on what each round showed."""
     fed = cfg.federation
-    secure = SecureRound(cfg, strategy) if cfg.secure.enabled else None
+    secure = SecureRound(cfg, strategy, scorer) if cfg.secure.enabled else None
     if state.next_round == 1:
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
     for server_round in range(state.next_round, fed.num_rounds + 1):
         t0 = time.time()
         new = (secure.run(grid, server_round, state.model, state.planned) if secure
-               else fedavg_round(grid, strategy, server_round, state, fed.round_timeout))
+               else fedavg_round(grid, strategy, server_round, state, fed.round_timeout, scorer))
         if secure and cfg.runtime.keep_transcript:
             run.write_transcript(server_round, secure.held.arrays())
         if new is not None:
@@ -147,6 +157,8 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
                         meta=state.meta(cfg, time.time() - started))
         run.append_round(row)
         run.write_privacy(strategy.privacy.as_record(cfg))  # kept current: a killed run has it
+        if scorer is not None:
+            run.write_canary_scores(scorer.arrays())
         log.info(
             "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
             "trained %d/%d, refused %d, failed %d, invalid %d, timed out %d, %.1fs",
@@ -161,17 +173,20 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
 
 
 def finish(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: RunState,
-           stopped: str, started: float) -> RunSummary:
-    """The final model, privacy record and summary (written last: it marks the run done)."""
+           stopped: str, started: float, scorer: CanaryScorer | None = None) -> RunSummary:
+    """The final model, privacy record, audit (audit runs) and summary (written last: it
+    marks the run done)."""
     if stopped:
         log.warning("run stopped early: %s", stopped)
-    run.write_model(strategy.reported_model(state.model))
+    final = strategy.reported_model(state.model)
+    run.write_model(final)
     record = strategy.privacy.as_record(cfg)
     run.write_privacy(record)
+    bound = audit_finish(scorer, run, final, record) if scorer is not None else math.nan
     summary = RunSummary.of(
         state.history, record, num_clients=state.num_clients,
         wall_seconds=state.elapsed_before + time.time() - started, resumed=state.resumed,
-        aggregation=cfg.federation.aggregation, stopped_early=stopped)
+        aggregation=cfg.federation.aggregation, stopped_early=stopped, epsilon_lower_bound=bound)
     run.write_summary(summary)
     log.info("done: final accuracy %.4f, epsilon max %.3f (target %s), %d rounds in %.0fs -> %s",
              summary.final_accuracy, summary.epsilon_max, summary.target_epsilon, summary.rounds,

@@ -30,6 +30,7 @@ from common.config import ExperimentConfig
 from common.models import parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
 from server import optimizer
+from server.audit import CanaryScorer
 from server.replies import judge_reply, read_privacy, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
 from server.wire import stage_message, to_array_record, train_config
@@ -88,8 +89,9 @@ def scale_for(cfg: ExperimentConfig, records: int) -> float:
 class SecureRound:
     """Runs secure rounds for one run; `held` is what the last round's server received."""
 
-    def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg) -> None:
-        self.cfg, self.strategy = cfg, strategy
+    def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg,
+                 scorer: CanaryScorer | None = None) -> None:
+        self.cfg, self.strategy, self.scorer = cfg, strategy, scorer
         self.names = parameter_names(cfg.train.model)
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
@@ -218,6 +220,8 @@ class SecureRound:
         except (ProtocolError, ValueError) as exc:
             return self._fail(server_round, out, f"the sum could not be unmasked: {exc}")
         held.total = total
+        if self.scorer is not None:  # an audit run: the auditor sees what the server sees
+            self.scorer.observe_sum(model, total.astype(np.float64) / scale, u3)
         out.failed = out.sampled - out.trained - out.refused - out.invalid
         out.aggregated, out.noise_shares = True, len(u3)
         out.partitions_aggregated = u3

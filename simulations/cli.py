@@ -30,6 +30,50 @@ def _simulate(args: argparse.Namespace) -> int:
     return 1 if summary is None or summary.stopped_early else 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from common.records import RunDir
+    from simulations.simulate import simulate, summary_text
+
+    overrides = parse_overrides(" ".join(args.run_config or []))
+    if args.canaries is not None:
+        if "audit-canaries" in overrides and overrides["audit-canaries"] != args.canaries:
+            raise ConfigError(f"--canaries {args.canaries} and audit-canaries="
+                              f"{overrides['audit-canaries']} disagree: give one")
+        overrides["audit-canaries"] = args.canaries
+    overrides.setdefault("audit-canaries", 1000)
+    if not (isinstance(overrides["audit-canaries"], int) and overrides["audit-canaries"] >= 1):
+        raise ConfigError(f"--canaries / audit-canaries={overrides['audit-canaries']!r} must be "
+                          "an integer >= 1 for an audit")
+    run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
+                       progress=None if args.quiet else print, ledger_dir=None)
+    print(summary_text(run_dir))
+    result = RunDir(run_dir).audit()
+    if result is None:
+        print("dpfl: error: the run wrote no audit.json", file=sys.stderr)
+        return 1
+    print(audit_text(result))
+    summary = RunDir(run_dir).summary()
+    return 1 if summary is None or summary.stopped_early else 0
+
+
+def audit_text(result: dict) -> str:
+    """The audit's lines for a terminal."""
+    from common.records import decode_float
+
+    eps = decode_float(result["epsilon"])
+    lines = [f"audit           {result['canaries']} canaries ({result['members']} in training), "
+             f"adversary: {result['adversary']}"]
+    for name in ("white_box", "black_box"):
+        r = result[name]
+        lines.append(f"  {name.replace('_', '-'):<10} epsilon lower bound "
+                     f"{decode_float(r['epsilon_lower_bound']):.3f} ({r['correct']} of "
+                     f"{r['guesses']} guesses correct), AUC {decode_float(r['auc']):.3f}, "
+                     f"TPR at 1% FPR {decode_float(r['tpr_at_1pct_fpr']):.3f}")
+    lines.append(f"  stated         epsilon {eps:.3f} (delta {decode_float(result['delta']):g}); "
+                 f"the bound holds with {100 * decode_float(result['confidence']):.0f}% confidence")
+    return "\n".join(lines)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from simulations.report import report
     from simulations.sweep import load_grid, run_sweep
@@ -124,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="keep each virtual client's privacy ledger here (partition-<id>.json), "
                           "so a later run continues its epsilon (default: the run's ledgers/)")
     sim.set_defaults(func=_simulate)
+
+    aud = sub.add_parser("audit", help="one simulation with canaries: an empirical epsilon "
+                         "lower bound beside the stated epsilon (audit.json)")
+    aud.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
+                     help="override config keys, as for simulate; repeatable")
+    aud.add_argument("--canaries", type=int, default=None,
+                     help="canary records, each in training with probability 1/2 (default 1000)")
+    aud.add_argument("--output-dir", help="where run directories go (default: runs/)")
+    aud.add_argument("--client-cpus", type=float, default=1.0)
+    aud.add_argument("--quiet", action="store_true", help="no per-round progress")
+    aud.set_defaults(func=_audit)
 
     sweep = sub.add_parser("sweep", help="a grid of simulations (resumable), then a report")
     sweep.add_argument("grid_file", nargs="?", default=None,

@@ -9,7 +9,12 @@ placement:
 - local: each client adds N(0, sigma^2 C^2) to its own clipped sum (today's dpfl);
 - distributed: the cohort's sum carries one N(0, sigma^2 C^2 * K / t) (Skellam shares
   under secure aggregation are calibrated so that t of the K clients suffice; the
-  Gaussian stands in for the Skellam of equal variance that the integer protocol adds).
+  Gaussian stands in for the Skellam of equal variance that the integer protocol adds);
+- distributed with `--bits B`: the integer path itself, as `server.secure_round` and
+  `client.trainer` run it: scale = 2^(B-2) / (clip * cohort records * headroom), each
+  client's clipped sum scaled and randomly rounded, Skellam noise calibrated on the
+  rounded sensitivity (`common.ddp.Encoding`), the sum wrapped modulo 2^B and read back
+  centred. This is what accuracy against bits is measured with.
 sigma is calibrated per client as dpfl does (its participations, sample rate 1). The
 figures it prints are estimates for choosing a schedule, not results: a result comes
 from `dpfl simulate`.
@@ -24,7 +29,7 @@ import time
 
 import numpy as np
 
-from common import privacy
+from common import ddp, privacy
 from common.data import load_split
 from common.models import build_model, get_weights
 
@@ -39,7 +44,7 @@ def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
 def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: float = 4.0,
         clip: float = 0.1, server_momentum: float = 0.9, ema: float = 0.95, epsilon: float = 3.0,
         delta: float = 1e-5, threshold_fraction: float = 1.0, schedule: str = "cosine",
-        seed: int = 42) -> dict:
+        bits: int | None = None, headroom: float = 1.0, seed: int = 42) -> dict:
     xtr, ytr = _features("train")
     xte, yte = _features("test")
     rng = np.random.default_rng(seed)
@@ -49,7 +54,11 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
     participations = math.ceil(rounds * cohort / clients)
     sigma = privacy.calibrate_noise(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0,
                                     steps=participations) if math.isfinite(epsilon) else 0.0
+    dim = w.size + b.size
+    if bits is not None and noise != "distributed":
+        raise ValueError("--bits models the integer path of distributed noise only")
     vel_w, vel_b = np.zeros_like(w), np.zeros_like(b)
+    z_int: dict[float, float] = {}  # the Skellam noise multiplier per scale
     ema_w, ema_b = None, None
     order: list[int] = []
     t0 = time.time()
@@ -67,12 +76,18 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
         norms = np.linalg.norm(err, axis=1) * np.sqrt((x * x).sum(axis=1) + 1.0)
         f = np.minimum(1.0, clip / np.maximum(norms, 1e-12))[:, None]
         gw, gb = (err * f).T @ x, (err * f).sum(axis=0)
-        if noise == "local":
+        if bits is not None:
+            gw, gb = _integer_sum(err * f, x, [len(parts[c]) for c in chosen], clip=clip,
+                                  bits=bits, headroom=headroom, dim=dim, epsilon=epsilon,
+                                  delta=delta, steps=participations, t=threshold_fraction,
+                                  z_cache=z_int, rng=rng)
+        elif noise == "local":
             std = sigma * clip * math.sqrt(cohort)  # K independent shares in the sum
         else:
             std = sigma * clip * math.sqrt(1.0 / threshold_fraction)
-        gw += rng.normal(0, std, gw.shape)
-        gb += rng.normal(0, std, gb.shape)
+        if bits is None:
+            gw += rng.normal(0, std, gw.shape)
+            gb += rng.normal(0, std, gb.shape)
         dw, db = -lr * gw / len(y), -lr * gb / len(y)
         slr = 0.5 * (1 + math.cos(math.pi * (r - 1) / rounds)) if schedule == "cosine" else 1.0
         vel_w, vel_b = server_momentum * vel_w + dw, server_momentum * vel_b + db
@@ -82,8 +97,37 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
     assert ema_w is not None and ema_b is not None  # rounds >= 1
     acc = float(((xte @ ema_w.T + ema_b).argmax(axis=1) == yte).mean())
     return {"noise": noise, "rounds": rounds, "cohort": cohort, "lr": lr, "clip": clip,
-            "sigma": sigma, "participations": participations, "accuracy": acc,
+            "sigma": sigma, "participations": participations, "bits": bits, "accuracy": acc,
             "seconds": time.time() - t0}
+
+
+def _integer_sum(g: np.ndarray, x: np.ndarray, sizes: list[int], *, clip: float, bits: int,
+                 headroom: float, dim: int, epsilon: float, delta: float, steps: int, t: float,
+                 z_cache: dict[float, float], rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The cohort's unmasked sum in gradient units, through the integer path: per client
+    scale, randomized rounding and a Skellam share (mu / t of the cohort each), the sum
+    modulo 2^bits read back centred, divided by scale."""
+    records = sum(sizes)
+    scale = 2.0 ** (bits - 2) / (clip * records * headroom)  # server.secure_round.scale_for
+    enc = ddp.Encoding(clip, scale, dim)
+    if scale not in z_cache:
+        z_cache[scale] = privacy.calibrate_skellam(
+            target_epsilon=epsilon, target_delta=delta, l1=enc.rounded_l1_bound,
+            l2=enc.rounded_l2_bound, steps=steps)
+    mu = (z_cache[scale] * enc.rounded_l2_bound) ** 2
+    k = len(sizes)
+    total = np.zeros(dim, dtype=np.int64)
+    at = 0
+    for n in sizes:
+        s = np.concatenate([(g[at:at + n].T @ x[at:at + n]).ravel(), g[at:at + n].sum(axis=0)])
+        at += n
+        total += ddp.randomized_round(s * scale, rng)
+    # k shares of mu / (t k) each: Skellam is closed under summation
+    total += ddp.skellam(mu * k / max(math.ceil(t * k), 1), dim, rng)
+    total = ddp.wrap(total, bits).astype(np.float64) / scale
+    nw = g.shape[1] * x.shape[1]
+    return total[:nw].reshape(g.shape[1], x.shape[1]), total[nw:]
 
 
 def main() -> None:
@@ -98,15 +142,20 @@ def main() -> None:
     ap.add_argument("--server-momentum", type=float, nargs="+", default=[0.9])
     ap.add_argument("--ema", type=float, nargs="+", default=[0.95])
     ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    ap.add_argument("--bits", type=int, nargs="+", default=[None],
+                    help="emulate the integer path of secure aggregation with this field")
+    ap.add_argument("--headroom", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     args = ap.parse_args()
-    for rounds, lr, clip, mom, ema in itertools.product(
-            args.rounds, args.lr, args.clip, args.server_momentum, args.ema):
+    for rounds, lr, clip, mom, ema, bits in itertools.product(
+            args.rounds, args.lr, args.clip, args.server_momentum, args.ema, args.bits):
         accs = [run(noise=args.noise, rounds=rounds, lr=lr, clip=clip, cohort=args.cohort,
                     epsilon=args.epsilon, threshold_fraction=args.threshold_fraction,
-                    server_momentum=mom, ema=ema, schedule=args.schedule, seed=s)["accuracy"]
+                    server_momentum=mom, ema=ema, schedule=args.schedule, bits=bits,
+                    headroom=args.headroom, seed=s)["accuracy"]
                 for s in args.seeds]
-        print(f"{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
+        field = f"bits {bits} headroom {args.headroom:g} " if bits else ""
+        print(f"{field}{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
               f"ema {ema:g} {args.schedule} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
               f"{100 * np.mean(accs):.2f}% (seeds {args.seeds})", flush=True)
 
