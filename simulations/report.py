@@ -136,9 +136,12 @@ def group_rows(runs: Sequence[Run], axes: Sequence[str] | None = None) -> list[d
         best = _mean_std([s.best_accuracy for s in summaries])
         eps_max = max((s.epsilon_max for s in summaries), default=math.nan)
         eps_mean = _mean_std([s.epsilon_mean for s in summaries])[0]
+        bounds = [s.epsilon_lower_bound for s in summaries if not math.isnan(s.epsilon_lower_bound)]
         rows.append({
             "partition": part, "clients": clients, "target_epsilon": eps, "setting": setting,
             "epsilon_max": eps_max, "epsilon_mean": eps_mean,
+            # audit runs: the largest empirical lower bound over seeds
+            "epsilon_lower_bound": max(bounds) if bounds else math.nan,
             "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
             "best_accuracy_mean": best[0], "best_accuracy_std": best[1],
             "seeds": len(summaries), "points": len(members),
@@ -163,10 +166,12 @@ def _fmt_acc(mean: float, std: float, seeds: int) -> str:
 
 def results_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     with_setting = any(r["setting"] for r in rows)
+    audited = any(not math.isnan(r.get("epsilon_lower_bound", math.nan)) for r in rows)
     head = ("| partition | clients | " + ("setting | " if with_setting else "")
-            + "target ε | achieved ε max | ε mean | final accuracy | best accuracy | seeds | "
+            + "target ε | achieved ε max | ε mean | " + ("ε lower bound (audit) | " if audited else "")
+            + "final accuracy | best accuracy | seeds | "
             "rounds | wall time | status |\n|---|---|" + ("---|" if with_setting else "")
-            + "---|---|---|---|---|---|---|---|---|\n")
+            + ("---|" if audited else "") + "---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         wall = "-" if math.isnan(r["wall_seconds"]) else f"{r['wall_seconds'] / 60:.1f} min"
@@ -174,7 +179,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             f"| {r['partition']} | {r['clients']} | " + (f"{r['setting']} | " if with_setting else "")
             + f"{_fmt_eps(r['target_epsilon'])} | "
             f"{_fmt_eps(r['epsilon_max'])} | {_fmt_eps(r['epsilon_mean'])} | "
-            f"{_fmt_acc(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} | "
+            + (f"{_fmt_eps(r.get('epsilon_lower_bound', math.nan))} | " if audited else "")
+            + f"{_fmt_acc(r['final_accuracy_mean'], r['final_accuracy_std'], r['seeds'])} | "
             f"{_fmt_acc(r['best_accuracy_mean'], r['best_accuracy_std'], r['seeds'])} | "
             f"{r['seeds']} | {r['rounds']} | {wall} | {r['status']} |"
         )

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import privacy
+from common import audit, privacy
 from common.config import (
     NODE_CONFIG_ENV,
     ConfigError,
@@ -102,6 +102,9 @@ def check(cfg: ExperimentConfig) -> RunDir:
 def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> ExperimentConfig:
     """Defaults + `overrides`, validated, named and checked (see `check`)."""
     cfg = named(resolve_config(overrides), output_dir)
+    if cfg.data.data_dir and not Path(cfg.data.data_dir).expanduser().is_absolute():
+        # the apps run from Flower's copy of the project, not from here
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
     check(cfg)
     return cfg
 
@@ -109,14 +112,16 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> Expe
 def check_partitions(cfg: ExperimentConfig) -> None:
     """Every virtual client must hold data, and delta must be below 1/n for the smallest."""
     d = cfg.data
-    sizes = [len(p) for p in partitions_of(d, cfg.federation.num_partitions)]
-    smallest = min(sizes)
-    if smallest == 0:
+    parts = cfg.federation.num_partitions
+    sizes = [len(p) for p in partitions_of(d, parts)]
+    if min(sizes) == 0:
         raise ConfigError(
             f"num-partitions={cfg.federation.num_partitions}: partition {sizes.index(0)} of "
             f"the {d.partitioner} split has no records"
         )
-    cfg.privacy.check_delta(smallest, client=f"the smallest client (partition {sizes.index(smallest)})")
+    n = [size + audit.slot_count(cfg.audit.audit_canaries, parts, i)  # with canary slots
+         for i, size in enumerate(sizes)]
+    cfg.privacy.check_delta(min(n), client=f"the smallest client (partition {n.index(min(n))})")
 
 
 def simulate(
