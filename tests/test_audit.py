@@ -196,3 +196,17 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != BROKEN_NOISE_ENV}
+
+
+def test_the_report_puts_the_lower_bound_beside_epsilon_only_for_audits():
+    from simulations.report import results_markdown
+
+    row = {"partition": "IID", "clients": 100, "target_epsilon": 3.0, "setting": "",
+           "epsilon_max": 2.99, "epsilon_mean": 2.98, "epsilon_lower_bound": 0.41,
+           "final_accuracy_mean": 0.85, "final_accuracy_std": 0.0, "best_accuracy_mean": 0.85,
+           "best_accuracy_std": 0.0, "seeds": 1, "points": 1, "rounds": 150,
+           "wall_seconds": 90.0, "status": "done", "runs": "x"}
+    audited = results_markdown([row])
+    assert "ε lower bound (audit)" in audited and "| 2.99 | 2.98 | 0.41 | 85.0% |" in audited
+    plain = results_markdown([{**row, "epsilon_lower_bound": math.nan}])
+    assert "lower bound" not in plain and "| 2.99 | 2.98 | 85.0% |" in plain
