@@ -283,39 +283,48 @@ def integer_gradient_sum(
     to integers by randomized rounding, plus this client's Skellam share of variance
     `mu_share` per coordinate (one record moves the rounded sum by at most
     `encoding.rounded_l2_bound`; common/ddp.py). A record whose gradient is not finite
-    contributes zero (the null record of zero-out adjacency). Per-sample gradients come
-    from Opacus' GradSampleModule; rounding and noise draw from OS entropy. Returns the
-    flat int64 vector in the model's parameter order (`common.models.parameter_names`). Its caller
-    plans and records the release in the ledger before sending it (`plan_release`)."""
-    from opacus import GradSampleModule
+    contributes zero (the null record of zero-out adjacency). Computed in float64 with
+    Opacus' ghost clipping (GradSampleModuleFastGradientClipping): a first backward pass
+    gives each record's gradient norm without materialising per-record gradients, a
+    second one the sum of the gradients weighted by their clipping factors. Rounding and
+    noise draw from OS entropy. Returns the flat int64 vector in the model's parameter
+    order (`common.models.parameter_names`). Its caller plans and records the release in
+    the ledger before sending it (`plan_release`)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     model = build_model(model_name)
     set_weights(model, weights)
-    gsm = GradSampleModule(model.to(torch.device(device)), batch_first=True, loss_reduction="sum")
-    params = [p for p in gsm.parameters() if p.requires_grad]
-    if sum(p.numel() for p in params) != encoding.dim:
+    model = model.double().to(torch.device(device))
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="sum", max_grad_norm=encoding.clip,
+        use_ghost_clipping=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    if sum(params[n].numel() for n in names) != encoding.dim:
         raise ValueError(f"encoding.dim={encoding.dim} but the model has "
-                         f"{sum(p.numel() for p in params)} parameters")
+                         f"{sum(params[n].numel() for n in names)} parameters")
     total = torch.zeros(encoding.dim, dtype=torch.float64)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
     for start in range(0, len(data), chunk):
-        x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float64)).to(device)
         y = torch.from_numpy(data.labels[start:start + chunk]).to(device)
-        gsm.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # inputs need no gradient: Opacus hooks say so
             warnings.simplefilter("ignore")
-            criterion(gsm(x), y).backward()
-        rows = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
-        rows = rows.detach().cpu()
-        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
-        bad = ~torch.isfinite(norms)  # a non-finite value makes the norm inf or nan
-        if bool(bad.any()):
-            rows[bad] = 0.0
-            norms[bad] = 0.0
-        factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0)
-        total += factor @ rows.double()
-        for p in params:
-            p.grad_sample = None  # type: ignore[attr-defined]
+            gsm.zero_grad(set_to_none=True)
+            gsm.enable_hooks()
+            nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+            norms = gsm.get_norm_sample().detach().double()
+            good = torch.isfinite(norms)  # a non-finite value makes the norm inf or nan
+            if not bool(good.all()):
+                x, y, norms = x[good], y[good], norms[good]
+            if not len(y):
+                continue
+            factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0)
+            gsm.zero_grad(set_to_none=True)
+            gsm.disable_hooks()  # the weighted pass: plain gradients of sum_i factor_i loss_i
+            losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
+            (factor.to(losses.device) * losses).sum().backward()
+        total += torch.cat([params[n].grad.reshape(-1).detach().cpu() for n in names])
+    gsm.zero_grad(set_to_none=True)
     gsm.remove_hooks()
     rng = np.random.default_rng(secrets.randbits(128))
     release = ddp.randomized_round(total.numpy() * encoding.scale, rng)

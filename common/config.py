@@ -306,7 +306,7 @@ class AuditConfig:
                f"must be in [0, {MAX_CANARIES}] (0: no audit)")
 
 
-MAX_CANARIES = 100_000
+MAX_CANARIES = 20_000  # the auditor holds every canary input in memory
 
 
 # The data holder's side: node config. In deployment it is Flower's node config
