@@ -211,3 +211,67 @@ def test_a_masked_request_that_cannot_complete_spends_nothing():
     reply = grid.send_and_receive([_message(1000, "secagg_masked", config, to_array_record(model))])
     assert reply[0].has_error() and "fewer than the threshold" in reply[0].error.reason
     assert {p: _ledger(grid, p).history for p in range(6)} == before
+
+
+def test_a_secure_run_cut_off_mid_round_resumes_and_every_release_stays_accounted(tmp_path):
+    """The ServerApp is stopped after round 3's masked releases were sent (the clients
+    have spent) but before they were unmasked; the run resumes from round 2's checkpoint
+    and redoes round 3 as a new protocol run. The rounds before the cut are kept, and
+    each client's ledger holds every release it made, the lost one included: a resumed
+    secure round is a second release, never a free replay."""
+    from flwr.app import Context, RecordDict
+
+    from common.records import RunDir
+    from server import app as server_app
+    from tests.helpers import run_config
+
+    over = {**SECURE, "fraction-train": 0.5, "num-partitions": 6, "num-rounds": 4,
+            "output-dir": str(tmp_path), "run-name": "cut"}
+
+    class Cut(Exception):
+        pass
+
+    class CutGrid(LocalGrid):
+        cut = True
+
+        def send_and_receive(self, messages, timeout=None):
+            if self.cut and any(m.metadata.message_type.endswith("secagg_unmask")
+                                and m.content["config"]["server-round"] == 3 for m in messages):
+                self.cut = False
+                raise Cut()
+            return super().send_and_receive(messages, timeout)
+
+    grid = CutGrid(6, **over)
+
+    def main(**extra):
+        rc = {**run_config(**over), **extra}
+        server_app.main(grid, Context(run_id=9, node_id=0, node_config={}, state=RecordDict(),
+                                      run_config=rc))
+
+    with pytest.raises(Cut):
+        main()
+    run = RunDir(tmp_path / "cut")
+    before = run.rounds()
+    assert [r.round for r in before] == [1, 2] and run.summary() is None
+    def releases(p):  # the ledger merges equal consecutive releases: count their steps
+        return sum(int(e[-1]) for e in _ledger(grid, p).history)
+
+    spent_in_cut = {p: releases(p) for p in range(6)}
+
+    main(resume=True)
+    rows, summary = run.rounds(), run.summary()
+    assert [r.round for r in rows] == [1, 2, 3, 4] and summary.resumed
+    assert [r.to_json() for r in rows[:2]] == [r.to_json() for r in before]
+    released = {p: 0 for p in range(6)}
+    for r in rows:
+        for p in r.partitions_trained:
+            released[p] += 1
+    lost = [p for p in range(6) if spent_in_cut[p] > sum(
+        p in r.partitions_trained for r in before)]
+    assert lost, "some client released in the round that was cut off"
+    for p in range(6):
+        # every completed release, plus the one sent in the cut-off round
+        assert releases(p) == released[p] + (p in lost)
+    assert summary.epsilon_max <= 3.0
+    # the lost release cost those clients a participation: their budget is spent earlier
+    assert any("would reach epsilon" in reason for r in rows[2:] for reason in r.reasons)
