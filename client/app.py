@@ -33,7 +33,7 @@ from common.config import (
     parse_config,
     parse_node_config,
 )
-from common.data import Split, load_split, partition_of, partitions_of
+from common.data import DataError, Split, input_spec, load_split, partition_of, partitions_of
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
 
@@ -57,15 +57,23 @@ def _node(context: Context) -> NodeConfig:
 
 
 @lru_cache(maxsize=8)
-def _template(model: str) -> dict[str, np.ndarray]:
-    return dict(get_weights(build_model(model, seed=0)))
+def _template(model: str, shape: tuple[int, ...], classes: int) -> dict[str, np.ndarray]:
+    return dict(get_weights(build_model(model, seed=0, shape=shape, classes=classes)))
+
+
+def template(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The global model's names, shapes and dtypes for this run's model and dataset."""
+    return _template(cfg.train.model, *input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, "")))
 
 
 def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
     features = MODEL_FEATURES.get(cfg.train.model, "")
     if node.data_dir:
+        if cfg.data.dataset != "fashion-mnist":
+            raise DataError(f"this node's data-dir holds Fashion-MNIST IDX files; the run "
+                            f"trains dataset={cfg.data.dataset!r}")
         split = load_split("train", node.data_dir, features)
-        split = Split(np.asarray(split.images, dtype=np.float32), split.labels)
+        split = split.with_records(split.images, split.labels)
     else:
         split = partition_of(cfg.data, node.partition_id, node.num_partitions, features)
     return with_canaries(cfg, node, split)
@@ -77,9 +85,9 @@ def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Spli
     if not cfg.audit.audit_canaries:
         return split
     canaries = audit.Canaries(cfg.audit.audit_canaries, cfg.federation.num_partitions,
-                              tuple(split.images.shape[1:]), cfg.data.seed)
+                              split.shape, cfg.data.seed, split.num_classes)
     x, y = canaries.slots(node.partition_id)
-    return Split(np.concatenate([split.images, x]), np.concatenate([split.labels, y]))
+    return split.with_records(np.concatenate([split.images, x]), np.concatenate([split.labels, y]))
 
 
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
@@ -128,7 +136,7 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
     if cfg.attack.mode_for(node.partition_id) and not node.simulated_attacks:
         return (f"the run config asks this node to misbehave (attack={cfg.attack.attack!r}); "
                 "only a simulation harness may enable that (node config simulated-attacks)")
-    return model_problem(_template(cfg.train.model), request.weights, max_norm=node.max_model_norm)
+    return model_problem(template(cfg), request.weights, max_norm=node.max_model_norm)
 
 
 def refusal(msg: Message, ledger: Ledger, cfg: ExperimentConfig, node: NodeConfig,

@@ -205,7 +205,7 @@ def train_round(
     if private:
         seed = secrets.randbits(63)
     torch.manual_seed(seed)
-    model = build_model(train.model)
+    model = build_model(train.model, shape=data.shape, classes=data.num_classes)
     set_weights(model, weights)
     model.to(device)
     model.train()
@@ -274,6 +274,13 @@ def train_round(
     )
 
 
+def _flat_grad(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient, flat, float64 on the CPU (zeros if the loss does not reach it)."""
+    g = p.grad
+    return torch.zeros(p.numel(), dtype=torch.float64) if g is None else \
+        g.detach().reshape(-1).to("cpu", torch.float64)
+
+
 def integer_gradient_sum(
     weights: dict[str, np.ndarray], data: Split, *, model_name: str, encoding: ddp.Encoding,
     mu_share: float, chunk: int = 256, device: str = "cpu",
@@ -292,7 +299,7 @@ def integer_gradient_sum(
     the ledger before sending it (`plan_release`)."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    model = build_model(model_name)
+    model = build_model(model_name, shape=data.shape, classes=data.num_classes)
     set_weights(model, weights)
     model = model.double().to(torch.device(device))
     gsm = GradSampleModuleFastGradientClipping(
@@ -323,7 +330,7 @@ def integer_gradient_sum(
             gsm.disable_hooks()  # the weighted pass: plain gradients of sum_i factor_i loss_i
             losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
             (factor.to(losses.device) * losses).sum().backward()
-        total += torch.cat([params[n].grad.reshape(-1).detach().cpu() for n in names])
+        total += torch.cat([_flat_grad(params[n]) for n in names])
     gsm.zero_grad(set_to_none=True)
     gsm.remove_hooks()
     rng = np.random.default_rng(secrets.randbits(128))

@@ -41,9 +41,10 @@ class Canaries:
     partitions: int
     shape: tuple[int, ...]
     seed: int
+    classes: int = NUM_CLASSES
 
     def __post_init__(self) -> None:
-        if self.count < 0 or self.partitions < 1:
+        if self.count < 0 or self.partitions < 1 or self.classes < 2:
             raise ValueError(f"bad canaries {self}")
 
     def inputs(self, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -57,7 +58,7 @@ class Canaries:
 
     def labels(self, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         rng = np.random.default_rng([self.seed, _DESIGN])
-        every = rng.integers(0, NUM_CLASSES, size=self.count).astype(np.int64)
+        every = rng.integers(0, self.classes, size=self.count).astype(np.int64)
         return every if ids is None else every[np.asarray(ids, dtype=np.int64)]
 
     def partition(self) -> np.ndarray:

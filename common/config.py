@@ -25,6 +25,7 @@ CLIENT_SAMPLING = ("cohorts", "random")
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 SECURE_AGGREGATION = ("none", "secagg+")
+AUTO_MODEL = "auto"  # the dataset's default model (common.models.default_model)
 NOISE_PLACEMENTS = ("local", "distributed")
 ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wrong-shape")
 
@@ -126,6 +127,8 @@ class FederationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    dataset: str  # common/data.py: fashion-mnist, digits, breast-cancer, csv:PATH, parquet:PATH
+    label_column: str  # a table's label column
     partitioner: str
     dirichlet_alpha: float
     labels_per_client: int
@@ -133,6 +136,11 @@ class DataConfig:
     data_dir: str
 
     def __post_init__(self) -> None:
+        from common.data import dataset_problem
+
+        problem = dataset_problem(self.dataset)
+        _check(problem is None, "dataset", self.dataset, problem or "")
+        _check(bool(self.label_column), "label-column", self.label_column, "must not be empty")
         _check(
             self.partitioner in PARTITIONERS, "partitioner", self.partitioner,
             f"must be one of {', '.join(PARTITIONERS)}",
@@ -160,7 +168,8 @@ class TrainConfig:
         from common.models import MODELS  # local import: models pulls in torch
 
         _check(
-            self.model in MODELS, "model", self.model, f"must be one of {', '.join(MODELS)}"
+            self.model in MODELS or self.model == AUTO_MODEL, "model", self.model,
+            f"must be {AUTO_MODEL} or one of {', '.join(MODELS)}"
         )
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
@@ -491,6 +500,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         fed = self.federation
+        self._resolve_model()
         if self.secure.enabled:
             self._check_secure()
         _check(
@@ -508,6 +518,17 @@ class ExperimentConfig:
                 fed.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
                 fed.krum_select, "must be <= the clients sampled per round",
             )
+
+    def _resolve_model(self) -> None:
+        """model=auto becomes the dataset's default model; a model that cannot take the
+        dataset's records is refused by name."""
+        from common.models import default_model, model_problem_for
+
+        data, train = self.data, self.train
+        if train.model == AUTO_MODEL:
+            object.__setattr__(self, "train", replace(train, model=default_model(data.dataset)))
+        problem = model_problem_for(self.train.model, data.dataset)
+        _check(problem is None, "model", self.train.model, problem or "")
 
     def _check_secure(self) -> None:
         """What secure aggregation's integer release needs: one accounted full-batch

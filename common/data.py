@@ -1,4 +1,13 @@
-"""Fashion-MNIST: find, verify, download, load and partition.
+"""Datasets: find, verify, download, load and partition.
+
+`dataset` (run config) picks the source: `fashion-mnist` (the default, below),
+`digits` and `breast-cancer` (real data bundled with scikit-learn: offline), or a user's
+table, `csv:PATH` / `parquet:PATH`, with a label column (`label-column`) and numeric
+feature columns. Datasets without a test split of their own get one carved out: 20% of
+the records, drawn with the fixed seed TEST_SEED (the same split in every run);
+features are standardised with the training part's mean and standard deviation.
+
+Fashion-MNIST:
 
 Files are looked up in this order: an explicit `data-dir`, the system datasets folder of
 the Debian package `dataset-fashion-mnist`, the user cache; otherwise they are downloaded
@@ -50,6 +59,21 @@ FILES: dict[str, tuple[str, int, tuple[int, ...]]] = {
 }
 MEAN, STD = 0.2860, 0.3530
 NUM_CLASSES = 10
+DEFAULT_DATASET = "fashion-mnist"
+BUNDLED = ("digits", "breast-cancer")  # scikit-learn's, offline
+TABLE_FORMATS = ("csv", "parquet")
+TEST_FRACTION, TEST_SEED = 0.2, 0
+
+
+def dataset_problem(dataset: str) -> str | None:
+    """Why `dataset` is not a dataset name dpfl knows (syntax only; files are read later)."""
+    if dataset == DEFAULT_DATASET or dataset in BUNDLED:
+        return None
+    kind, _, path = dataset.partition(":")
+    if kind in TABLE_FORMATS and path:
+        return None
+    return (f"must be {DEFAULT_DATASET}, {', '.join(BUNDLED)}, or "
+            f"{' / '.join(f'{k}:PATH' for k in TABLE_FORMATS)}")
 
 
 class DataError(RuntimeError):
@@ -139,11 +163,22 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # float32, N x 1 x 28 x 28, normalised
-    labels: np.ndarray  # int64, N
+    images: np.ndarray  # float32, N x input shape (Fashion-MNIST: 1 x 28 x 28), normalised
+    labels: np.ndarray  # int64, N, in [0, num_classes)
+    num_classes: int = NUM_CLASSES  # of the dataset (not only the classes present here)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One record's input shape."""
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def with_records(self, images: np.ndarray, labels: np.ndarray) -> Split:
+        """Other records of the same dataset."""
+        return Split(np.asarray(images, dtype=np.float32), np.asarray(labels, dtype=np.int64),
+                     self.num_classes)
 
 
 def _normalise(images: np.ndarray) -> np.ndarray:
@@ -151,9 +186,16 @@ def _normalise(images: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def load_split(split: str, data_dir: str = "", features: str = "") -> Split:
+def load_split(split: str, data_dir: str = "", features: str = "",
+               dataset: str = DEFAULT_DATASET, label_column: str = "label") -> Split:
     """`split` is "train" or "test"; arrays are cached per process. With `features`, the
-    images are replaced by that fixed transform of them (common.features), memory mapped."""
+    images are replaced by that fixed transform of them (common.features), memory mapped.
+    `data_dir` is Fashion-MNIST's folder; other datasets name their own source."""
+    if dataset != DEFAULT_DATASET:
+        if features:
+            raise DataError(f"{features} features are computed from 28x28 Fashion-MNIST images, "
+                            f"not from dataset={dataset!r}: choose another model")
+        return _carved(dataset, label_column)[{"train": 0, "test": 1}[split]]
     if features:
         from common.features import cached_features
 
@@ -171,6 +213,69 @@ def load_split(split: str, data_dir: str = "", features: str = "") -> Split:
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise DataError(f"{folder}: {prefix} labels hold values >= {NUM_CLASSES}")
     return Split(_normalise(images), labels.astype(np.int64))
+
+
+@lru_cache(maxsize=4)
+def _carved(dataset: str, label_column: str) -> tuple[Split, Split]:
+    """(train, test) of a dataset without its own test split: 20% carved out with
+    TEST_SEED, features standardised with the training part's statistics."""
+    x, labels, where = _read_table(dataset, label_column)
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise DataError(f"{where}: the label column holds one class ({classes[0]!r}); "
+                        "a classifier needs at least two")
+    if len(y) < 10:
+        raise DataError(f"{where}: {len(y)} records are too few to carve a test split from")
+    order = np.random.default_rng(TEST_SEED).permutation(len(y))
+    cut = int(round(len(y) * TEST_FRACTION))
+    test, train = order[:cut], order[cut:]
+    flat = x.reshape(len(x), -1)
+    mean, std = flat[train].mean(axis=0), flat[train].std(axis=0)
+    std[std == 0] = 1.0  # a constant feature stays constant (0)
+    x = ((flat - mean) / std).reshape(x.shape).astype(np.float32)
+    k = len(classes)
+    return (Split(x[train], y[train].astype(np.int64), k), Split(x[test], y[test].astype(np.int64), k))
+
+
+def _read_table(dataset: str, label_column: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(features, raw labels, a name for errors) of a bundled dataset or a user's table."""
+    if dataset in BUNDLED:
+        from sklearn import datasets as bundled
+
+        loaded = bundled.load_digits() if dataset == "digits" else bundled.load_breast_cancer()
+        x = np.asarray(loaded.data, dtype=np.float64)
+        if dataset == "digits":
+            x = x.reshape(len(x), 1, 8, 8)  # 8x8 images
+        return x, np.asarray(loaded.target), f"dataset={dataset}"
+    kind, _, path = dataset.partition(":")
+    where = f"{kind} file {path}"
+    if not Path(path).expanduser().is_file():
+        raise DataError(f"{where}: no such file")
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    except Exception as exc:  # the readers raise many types for a bad file
+        raise DataError(f"{where}: unreadable as {kind} ({type(exc).__name__}: {exc})") from exc
+    if label_column not in table.columns:
+        raise DataError(f"{where}: no label column {label_column!r} (columns: "
+                        f"{', '.join(map(str, table.columns))}); set label-column")
+    features = table.drop(columns=[label_column])
+    if features.shape[1] == 0:
+        raise DataError(f"{where}: no feature column besides the label {label_column!r}")
+    bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if bad:
+        raise DataError(f"{where}: column(s) {', '.join(bad)} are not numeric; dpfl reads "
+                        "numeric features (encode or drop the others)")
+    x = features.to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise DataError(f"{where}: {len(rows)} row(s) hold missing or non-finite values "
+                        f"(first: row {int(rows[0])})")
+    labels = table[label_column].to_numpy()
+    if pd.isna(labels).any():
+        raise DataError(f"{where}: the label column {label_column!r} has missing values")
+    return x, labels, where
 
 
 # ---------------------------------------------------------------- partitioning (pure)
@@ -234,9 +339,10 @@ def partition_indices(
 
 @lru_cache(maxsize=8)
 def cached_partitions(
-    data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int
+    data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int,
+    dataset: str = DEFAULT_DATASET, label_column: str = "label",
 ) -> tuple[np.ndarray, ...]:
-    labels = load_split("train", data_dir).labels
+    labels = load_split("train", data_dir, dataset=dataset, label_column=label_column).labels
     return tuple(partition_indices(
         labels, name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
     ))
@@ -245,26 +351,47 @@ def cached_partitions(
 def load_partition(
     partition_id: int, num_partitions: int, *, partitioner: str, seed: int,
     alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "", features: str = "",
+    dataset: str = DEFAULT_DATASET, label_column: str = "label",
 ) -> Split:
     """One client's share of the training set."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
     idx = cached_partitions(
-        data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client
+        data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client,
+        dataset, label_column,
     )[partition_id]
-    train = load_split("train", data_dir, features)
-    return Split(np.asarray(train.images[idx], dtype=np.float32), train.labels[idx])
+    train = load_split("train", data_dir, features, dataset, label_column)
+    return train.with_records(train.images[idx], train.labels[idx])
 
 
 def partitions_of(cfg: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     """Row indices of every partition of the shared training set under the run's data
     config (cached per process)."""
     return cached_partitions(cfg.data_dir, cfg.partitioner, num_partitions, cfg.seed,
-                             float(cfg.dirichlet_alpha), cfg.labels_per_client)
+                             float(cfg.dirichlet_alpha), cfg.labels_per_client, cfg.dataset,
+                             cfg.label_column)
 
 
 def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
     """One client's share of the shared training set under the run's data config."""
     return load_partition(partition_id, num_partitions, partitioner=cfg.partitioner, seed=cfg.seed,
                           alpha=cfg.dirichlet_alpha, labels_per_client=cfg.labels_per_client,
-                          data_dir=cfg.data_dir, features=features)
+                          data_dir=cfg.data_dir, features=features, dataset=cfg.dataset,
+                          label_column=cfg.label_column)
+
+
+def input_spec(cfg: DataConfig, features: str = "") -> tuple[tuple[int, ...], int]:
+    """(one record's input shape, number of classes) of the run's dataset, as a model
+    must take them (Fashion-MNIST's without reading it)."""
+    if cfg.dataset == DEFAULT_DATASET:
+        from common.models import IMAGE_28, SCATTER
+
+        return (SCATTER if features == "scatter" else IMAGE_28), NUM_CLASSES
+    train = load_split("train", cfg.data_dir, features, cfg.dataset, cfg.label_column)
+    return train.shape, train.num_classes
+
+
+def held_out_split(cfg: DataConfig, features: str = "") -> Split:
+    """The run's test set (the server's evaluation)."""
+    test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column)
+    return test.with_records(test.images, test.labels)

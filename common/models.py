@@ -7,15 +7,20 @@ parameters keep the noise added per step small relative to the signal.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+Shape = tuple[int, ...]
+IMAGE_28: Shape = (1, 28, 28)  # Fashion-MNIST
+SCATTER: Shape = (81, 7, 7)  # its scattering features (common.features)
 
-def _cnn() -> nn.Module:
+
+def _cnn(shape: Shape, classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=8, stride=2, padding=3),
         nn.Tanh(),
@@ -26,39 +31,65 @@ def _cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 32),
         nn.Tanh(),
-        nn.Linear(32, 10),
+        nn.Linear(32, classes),
     )
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 10))
+def _mlp(shape: Shape, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.Tanh(),
+                         nn.Linear(128, classes))
 
 
-def _logreg() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+def _logreg(shape: Shape, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
 
 
-def _scatter_linear() -> nn.Module:
+def _scatter_linear(shape: Shape, classes: int) -> nn.Module:
     # Tramèr & Boneh 2021: scattering features, GroupNorm (per sample, no parameters), linear.
-    return nn.Sequential(nn.GroupNorm(27, 81, affine=False), nn.Flatten(), nn.Linear(81 * 7 * 7, 10))
+    return nn.Sequential(nn.GroupNorm(27, 81, affine=False), nn.Flatten(),
+                         nn.Linear(81 * 7 * 7, classes))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
+MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "cnn": _cnn, "mlp": _mlp, "logreg": _logreg, "scatter-linear": _scatter_linear,
 }
 # Models that take fixed features (common.features) instead of raw images.
 MODEL_FEATURES: dict[str, str] = {"scatter-linear": "scatter"}
+# The input shape a model is built for when none is given (Fashion-MNIST's), and the
+# shapes it accepts (None: any).
+_DEFAULT_SHAPE: dict[str, Shape] = {"scatter-linear": SCATTER}
+_ONLY_SHAPE: dict[str, Shape] = {"cnn": IMAGE_28, "scatter-linear": SCATTER}
+_FASHION_ONLY = ("cnn", "scatter-linear")
 
 
-def build_model(name: str, *, seed: int | None = None) -> nn.Module:
-    """A fresh model; with `seed`, its initial weights are reproducible."""
+def default_model(dataset: str) -> str:
+    """What model=auto means: the scattering network on Fashion-MNIST, an MLP otherwise."""
+    return "scatter-linear" if dataset == "fashion-mnist" else "mlp"
+
+
+def model_problem_for(model: str, dataset: str) -> str | None:
+    """Why `model` cannot take `dataset`'s records (from names alone), or None."""
+    if model in _FASHION_ONLY and dataset != "fashion-mnist":
+        return (f"takes 28x28 images (Fashion-MNIST), not dataset={dataset!r}: use mlp or "
+                "logreg (or model=auto)")
+    return None
+
+
+def build_model(name: str, *, seed: int | None = None, shape: Sequence[int] | None = None,
+                classes: int = 10) -> nn.Module:
+    """A fresh model for records of `shape` (default: Fashion-MNIST's for this model) and
+    `classes` labels; with `seed`, its initial weights are reproducible."""
     if name not in MODELS:
         raise ValueError(f"model={name!r} must be one of {', '.join(MODELS)}")
+    dims: Shape = tuple(int(d) for d in shape) if shape is not None else \
+        _DEFAULT_SHAPE.get(name, IMAGE_28)
+    if name in _ONLY_SHAPE and dims != _ONLY_SHAPE[name]:
+        raise ValueError(f"model={name} takes records of shape {_ONLY_SHAPE[name]}, not {dims}")
     if seed is None:
-        return MODELS[name]()
+        return MODELS[name](dims, classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name]()
+        return MODELS[name](dims, classes)
 
 
 def get_weights(model: nn.Module) -> OrderedDict[str, np.ndarray]:

@@ -10,14 +10,13 @@ import logging
 import sys
 import time
 
-import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import audit
 from common.config import ExperimentConfig, parse_config
-from common.data import DataError, Split, load_split, partitions_of
+from common.data import DataError, Split, held_out_split, partitions_of
 from common.models import (
     MODEL_FEATURES,
     build_model,
@@ -57,11 +56,6 @@ def partition_sizes(cfg: ExperimentConfig) -> dict[int, int]:
             for i, p in enumerate(parts)}
 
 
-def test_split(cfg: ExperimentConfig) -> Split:
-    test = load_split("test", cfg.data.data_dir, MODEL_FEATURES.get(cfg.train.model, ""))
-    return Split(np.asarray(test.images, dtype=np.float32), test.labels)
-
-
 def evaluator(test: Split, model: torch.nn.Module) -> loop.Evaluate:
     """Global model weights -> (loss, accuracy) on the test set."""
 
@@ -92,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.data.seed)
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
-    model = build_model(cfg.train.model, seed=cfg.data.seed)
+    test = held_out_split(cfg.data, MODEL_FEATURES.get(cfg.train.model, ""))
+    model = build_model(cfg.train.model, seed=cfg.data.seed, shape=test.shape,
+                        classes=test.num_classes)
     parameters = count_parameters(model)
     strategy = CohortFedAvg(cfg, partition_sizes=partition_sizes(cfg))
     if ckpt is not None:
@@ -101,10 +97,9 @@ def main(grid: Grid, context: Context) -> None:
         state = loop.start(grid, cfg, strategy, run, model=get_weights(model),
                            run_id=context.run_id, model_parameters=parameters)
     describe(cfg, state, run, parameters)
-    test = test_split(cfg)
     scorer = None
     if cfg.audit.audit_canaries:
-        scorer = CanaryScorer(cfg, tuple(test.images.shape[1:]))
+        scorer = CanaryScorer(cfg, test.shape, test.num_classes)
         if ckpt is not None:
             scorer.load(run.canary_scores())
         log.info("privacy audit: %d canaries, each in training with probability 1/2",

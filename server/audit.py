@@ -36,7 +36,7 @@ from common import audit, keys
 from common.config import ExperimentConfig
 from common.models import build_model, parameter_names, set_weights
 from common.records import PrivacyRecord, RunDir
-from server.replies import Accepted, classify
+from server.replies import Accepted
 
 log = logging.getLogger("dpfl.server")
 
@@ -44,14 +44,14 @@ log = logging.getLogger("dpfl.server")
 class CanaryScorer:
     """Accumulates white-box canary scores round by round (state in canary-scores.npz)."""
 
-    def __init__(self, cfg: ExperimentConfig, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, cfg: ExperimentConfig, input_shape: tuple[int, ...], classes: int) -> None:
         self.cfg = cfg
         self.canaries = audit.Canaries(cfg.audit.audit_canaries, cfg.federation.num_partitions,
-                                       tuple(input_shape), cfg.data.seed)
+                                       tuple(input_shape), cfg.data.seed, classes)
         self.x = torch.from_numpy(self.canaries.inputs())
         self.y = torch.from_numpy(self.canaries.labels())
         self.names = parameter_names(cfg.train.model)
-        self.model = build_model(cfg.train.model)
+        self.model = build_model(cfg.train.model, shape=input_shape, classes=classes)
         m = self.canaries.count
         self.scores = np.zeros(m)  # per-client mode: sum over participations of own - others
         self.sum_in, self.n_in = np.zeros(m), np.zeros(m)  # cohort-sum mode
@@ -63,14 +63,14 @@ class CanaryScorer:
 
     def directions(self, weights: Mapping[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
         """Unit per-sample gradient directions of canaries `ids` at `weights` (rows)."""
-        set_weights(self.model, weights)
+        set_weights(self.model, dict(weights))
         params = dict(self.model.named_parameters())
         rows = []
         for i in ids:
             self.model.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.model(self.x[i:i + 1]), self.y[i:i + 1])
             loss.backward()
-            g = torch.cat([params[n].grad.reshape(-1) for n in self.names]).double()
+            g = torch.cat([_grad(params[n]) for n in self.names]).double()
             rows.append(g / g.norm().clamp_min(1e-300))
         if not rows:
             return np.zeros((0, sum(np.asarray(weights[n]).size for n in self.names)))
@@ -144,7 +144,7 @@ class CanaryScorer:
 
     @torch.no_grad()
     def black_box(self, final: Mapping[str, np.ndarray]) -> np.ndarray:
-        set_weights(self.model, final)
+        set_weights(self.model, dict(final))
         losses = nn.functional.cross_entropy(self.model(self.x), self.y, reduction="none")
         return -np.nan_to_num(losses.double().numpy(), nan=1e300, posinf=1e300)
 
@@ -168,6 +168,11 @@ class CanaryScorer:
             "white_box": white, "black_box": {**black, "score": "minus the final model's loss"},
             "scoring_seconds": self.seconds,
         }
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient, flat (zeros if the loss does not reach it)."""
+    return p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
 
 
 def finish(scorer: CanaryScorer, run: RunDir, final: Mapping[str, np.ndarray],

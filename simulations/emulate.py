@@ -125,9 +125,9 @@ def _integer_sum(g: np.ndarray, x: np.ndarray, sizes: list[int], *, clip: float,
         total += ddp.randomized_round(s * scale, rng)
     # k shares of mu / (t k) each: Skellam is closed under summation
     total += ddp.skellam(mu * k / max(math.ceil(t * k), 1), dim, rng)
-    total = ddp.wrap(total, bits).astype(np.float64) / scale
+    centred = ddp.wrap(total, bits).astype(np.float64) / scale
     nw = g.shape[1] * x.shape[1]
-    return total[:nw].reshape(g.shape[1], x.shape[1]), total[nw:]
+    return centred[:nw].reshape(g.shape[1], x.shape[1]), centred[nw:]
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_a_null_record_contributes_nothing_to_a_non_private_step():
     grads = [p.grad.clone() for p in model.parameters()]
     assert len(used) == 5
     finite_step(model, opt, torch.nn.CrossEntropyLoss(), x, y)
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         assert torch.equal(g, p.grad)
 
 

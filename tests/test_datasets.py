@@ -1,0 +1,98 @@
+"""Datasets beyond Fashion-MNIST: scikit-learn's bundled sets (offline) and a user's
+CSV or Parquet table, read from files the tests write; bad tables are refused naming the
+file and the column; whole private runs on them (the real ServerApp loop and ClientApp)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Context, RecordDict
+
+from common.config import ConfigError, resolve_config
+from common.data import DataError, held_out_split, input_spec, load_split, partitions_of
+from common.models import build_model
+from common.records import RunDir
+from server import app as server_app
+from tests.helpers import run_config
+from tests.local_grid import LocalGrid
+
+
+def _table(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 5))
+    y = np.where(x[:, 0] + 0.5 * x[:, 1] > 0, "sick", "well")
+    df = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    df["diagnosis"] = y
+    return df
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_table_is_read_with_its_label_column_and_a_recorded_test_split(tmp_path, kind):
+    df = _table()
+    path = tmp_path / f"t.{kind}"
+    df.to_csv(path, index=False) if kind == "csv" else df.to_parquet(path)
+    cfg = resolve_config({"dataset": f"{kind}:{path}", "label-column": "diagnosis"})
+    assert cfg.train.model == "mlp"  # model=auto on a table
+    test, train = held_out_split(cfg.data), load_split("train", "", "", cfg.data.dataset, "diagnosis")
+    assert len(test) == 40 and len(train) == 160  # 20% carved out for the server's evaluation
+    assert train.shape == (5,) and train.num_classes == 2
+    assert set(np.unique(train.labels)) == {0, 1}  # "sick" -> 0, "well" -> 1 (sorted)
+    assert abs(float(train.images.mean())) < 0.1  # standardised with the training part
+    assert input_spec(cfg.data) == ((5,), 2)
+    again = held_out_split(cfg.data)
+    assert np.array_equal(again.labels, test.labels)  # the same split every time
+    parts = partitions_of(cfg.data, 4)
+    assert sum(len(p) for p in parts) == 160
+
+
+@pytest.mark.parametrize("mangle,message", [
+    (lambda df: df.drop(columns=["diagnosis"]), "no label column 'diagnosis'"),
+    (lambda df: df.assign(diagnosis="sick"), "one class"),
+    (lambda df: df.assign(f2=["x"] * len(df)), "column.*f2.*not numeric"),
+    (lambda df: df.assign(f3=[np.nan] + [1.0] * (len(df) - 1)), "missing or non-finite"),
+])
+def test_bad_tables_are_refused_naming_file_and_column(tmp_path, mangle, message):
+    path = tmp_path / "bad.csv"
+    mangle(_table()).to_csv(path, index=False)
+    with pytest.raises(DataError, match=message) as err:
+        load_split("train", "", "", f"csv:{path}", "diagnosis")
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_and_missing_files_and_unknown_datasets_are_named(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(DataError, match=f"{bad}.*unreadable as parquet"):
+        load_split("train", "", "", f"parquet:{bad}", "label")
+    with pytest.raises(DataError, match="no such file"):
+        load_split("train", "", "", f"csv:{tmp_path / 'none.csv'}", "label")
+    with pytest.raises(ConfigError, match="dataset"):
+        resolve_config({"dataset": "cifar10"})
+    with pytest.raises(ConfigError, match="model.*28x28"):
+        resolve_config({"dataset": "digits", "model": "cnn"})
+
+
+def test_bundled_datasets_are_real_and_offline():
+    digits = load_split("train", "", "", "digits")
+    cancer = load_split("test", "", "", "breast-cancer")
+    assert digits.shape == (1, 8, 8) and digits.num_classes == 10 and len(digits) == 1438
+    assert cancer.shape == (30,) and cancer.num_classes == 2 and len(cancer) == 114
+    model = build_model("mlp", shape=digits.shape, classes=digits.num_classes)
+    assert model(__import__("torch").from_numpy(digits.images[:3])).shape == (3, 10)
+
+
+@pytest.mark.parametrize("dataset,floor", [("digits", 0.6), ("breast-cancer", 0.8)])
+def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, dataset, floor):
+    """10 clients, every one every round, epsilon 3: far above chance (10% / 63%)."""
+    over = {"dataset": dataset, "data-dir": "", "model": "auto", "num-rounds": 30,
+            "fraction-train": 1.0, "target-epsilon": 3.0}
+    grid = LocalGrid(10, **over)
+    rc = {**run_config(**over), "output-dir": str(tmp_path)}
+    server_app.main(grid, Context(run_id=3, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = RunDir(path).summary()
+    assert summary.final_accuracy > floor and summary.epsilon_max <= 3.0
+    config = json.loads((path / "config.json").read_text())["run_config"]
+    assert config["dataset"] == dataset and config["model"] == "mlp"  # auto, resolved
