@@ -71,14 +71,16 @@ class FederationConfig:
             0.0 < self.fraction_train <= 1.0,
             "fraction-train", self.fraction_train, "must be in (0, 1]",
         )
-        _check(self.num_partitions >= 1, "num-partitions", self.num_partitions, "must be >= 1")
+        _check(self.num_partitions >= 0, "num-partitions", self.num_partitions,
+               "must be >= 1 (or 0: the dataset's default)")
+        top = self.num_partitions or math.inf  # 0: checked again once resolved
         _check(
-            1 <= self.min_train_clients <= self.num_partitions,
+            1 <= self.min_train_clients <= top,
             "min-train-clients", self.min_train_clients,
             f"must be in [1, num-partitions={self.num_partitions}]",
         )
         _check(
-            1 <= self.min_available_clients <= self.num_partitions,
+            1 <= self.min_available_clients <= top,
             "min-available-clients", self.min_available_clients,
             f"must be in [1, num-partitions={self.num_partitions}]",
         )
@@ -499,8 +501,8 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(compare=False)
 
     def __post_init__(self) -> None:
-        fed = self.federation
         self._resolve_model()
+        fed = self.federation
         if self.secure.enabled:
             self._check_secure()
         _check(
@@ -520,11 +522,15 @@ class ExperimentConfig:
             )
 
     def _resolve_model(self) -> None:
-        """model=auto becomes the dataset's default model; a model that cannot take the
-        dataset's records is refused by name."""
+        """model=auto and num-partitions=0 become the dataset's defaults; a model that
+        cannot take the dataset's records is refused by name."""
+        from common.data import default_partitions
         from common.models import default_model, model_problem_for
 
         data, train = self.data, self.train
+        if self.federation.num_partitions == 0:
+            object.__setattr__(self, "federation", replace(
+                self.federation, num_partitions=default_partitions(data.dataset)))
         if train.model == AUTO_MODEL:
             object.__setattr__(self, "train", replace(train, model=default_model(data.dataset)))
         problem = model_problem_for(self.train.model, data.dataset)
