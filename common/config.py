@@ -167,11 +167,12 @@ class TrainConfig:
     momentum: float
 
     def __post_init__(self) -> None:
-        from common.models import MODELS  # local import: models pulls in torch
+        from common.models import MODELS, is_import_path  # local import: models pulls in torch
 
         _check(
-            self.model in MODELS or self.model == AUTO_MODEL, "model", self.model,
-            f"must be {AUTO_MODEL} or one of {', '.join(MODELS)}"
+            self.model in MODELS or self.model == AUTO_MODEL or is_import_path(self.model),
+            "model", self.model,
+            f"must be {AUTO_MODEL}, one of {', '.join(MODELS)}, or 'package.module:builder'"
         )
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")

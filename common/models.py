@@ -7,6 +7,8 @@ parameters keep the noise added per step small relative to the signal.
 
 from __future__ import annotations
 
+import copy
+import importlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -75,21 +77,62 @@ def model_problem_for(model: str, dataset: str) -> str | None:
     return None
 
 
+def is_import_path(name: str) -> bool:
+    """`package.module:builder`: a user's model builder, called as builder(shape, classes)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and attr.isidentifier()
+                and all(part.isidentifier() for part in module.split(".")))
+
+
+def _builder(name: str) -> Callable[[Shape, int], nn.Module]:
+    if name in MODELS:
+        return MODELS[name]
+    if not is_import_path(name):
+        raise ValueError(f"model={name!r} must be one of {', '.join(MODELS)}, or "
+                         "'package.module:builder' (a function of (input shape, classes))")
+    module, _, attr = name.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model={name!r}: cannot import it ({type(exc).__name__}: {exc})") from exc
+    if not callable(found):
+        raise ValueError(f"model={name!r}: {attr} is not callable")
+    return found  # type: ignore[no-any-return]
+
+
 def build_model(name: str, *, seed: int | None = None, shape: Sequence[int] | None = None,
                 classes: int = 10) -> nn.Module:
     """A fresh model for records of `shape` (default: Fashion-MNIST's for this model) and
-    `classes` labels; with `seed`, its initial weights are reproducible."""
-    if name not in MODELS:
-        raise ValueError(f"model={name!r} must be one of {', '.join(MODELS)}")
+    `classes` labels; with `seed`, its initial weights are reproducible. `name` is a
+    registry name or a user's builder, `package.module:builder`."""
+    builder = _builder(name)
     dims: Shape = tuple(int(d) for d in shape) if shape is not None else \
         _DEFAULT_SHAPE.get(name, IMAGE_28)
     if name in _ONLY_SHAPE and dims != _ONLY_SHAPE[name]:
         raise ValueError(f"model={name} takes records of shape {_ONLY_SHAPE[name]}, not {dims}")
-    if seed is None:
-        return MODELS[name](dims, classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](dims, classes)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = builder(dims, classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def dp_problem(model: nn.Module, name: str) -> str | None:
+    """Why Opacus cannot train `model` with DP-SGD (its ModuleValidator), with the fix it
+    offers, or None."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return None
+    first = str(errors[0]).split(". ")[0]
+    fixable = ModuleValidator.is_valid(ModuleValidator.fix(copy.deepcopy(model)))
+    return (f"model={name!r} cannot be trained with DP-SGD: {first} ({len(errors)} problem(s))"
+            + ("; Opacus can fix it: build it with "
+               "opacus.validators.ModuleValidator.fix(model) (e.g. BatchNorm -> GroupNorm)"
+               if fixable else ""))
 
 
 def get_weights(model: nn.Module) -> OrderedDict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from common.models import (
     MODEL_FEATURES,
     build_model,
     count_parameters,
+    dp_problem,
     evaluate,
     get_weights,
     set_weights,
@@ -89,6 +90,9 @@ def main(grid: Grid, context: Context) -> None:
     test = held_out_split(cfg.data, MODEL_FEATURES.get(cfg.train.model, ""))
     model = build_model(cfg.train.model, seed=cfg.data.seed, shape=test.shape,
                         classes=test.num_classes)
+    problem = dp_problem(model, cfg.train.model) if cfg.privacy.private else None
+    if problem:
+        raise ValueError(problem)
     parameters = count_parameters(model)
     strategy = CohortFedAvg(cfg, partition_sizes=partition_sizes(cfg))
     if ckpt is not None:

@@ -30,7 +30,8 @@ from common.config import (
     project_root,
     resolve_config,
 )
-from common.data import locate, partitions_of
+from common.data import DEFAULT_DATASET, input_spec, locate, partitions_of
+from common.models import MODEL_FEATURES, build_model, dp_problem
 from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
 
@@ -86,8 +87,10 @@ def check(cfg: ExperimentConfig) -> RunDir:
     run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
     if run.holds_run():
         raise ConfigError(f"run-name={cfg.runtime.run_name!r}: {run.path} already holds a run")
-    locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
+    if cfg.data.dataset == DEFAULT_DATASET:
+        locate(cfg.data.data_dir or None)  # data problems are reported before any process starts
     check_partitions(cfg)
+    check_model(cfg)
     if cfg.runtime.device == "cuda":
         import torch
 
@@ -107,6 +110,19 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> Expe
         cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
     check(cfg)
     return cfg
+
+
+def check_model(cfg: ExperimentConfig) -> None:
+    """The model builds for the dataset's records and, in a private run, Opacus can train
+    it (its ModuleValidator, with the fix Opacus suggests)."""
+    shape, classes = input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, ""))
+    try:
+        model = build_model(cfg.train.model, shape=shape, classes=classes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    problem = dp_problem(model, cfg.train.model) if cfg.privacy.private else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_partitions(cfg: ExperimentConfig) -> None:

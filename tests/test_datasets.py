@@ -96,3 +96,36 @@ def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, datas
     assert summary.final_accuracy > floor and summary.epsilon_max <= 3.0
     config = json.loads((path / "config.json").read_text())["run_config"]
     assert config["dataset"] == dataset and config["model"] == "mlp"  # auto, resolved
+
+
+def test_a_user_model_by_import_path_trains_privately_end_to_end(tmp_path):
+    over = {"dataset": "digits", "data-dir": "", "model": "tests.user_models:small",
+            "num-rounds": 10, "fraction-train": 1.0, "target-epsilon": 3.0}
+    grid = LocalGrid(10, **over)
+    rc = {**run_config(**over), "output-dir": str(tmp_path)}
+    server_app.main(grid, Context(run_id=4, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = RunDir(path).summary()
+    assert summary.final_accuracy > 0.3 and summary.epsilon_max <= 3.0
+    weights = np.load(path / "model.npz")
+    assert weights["2.weight"].shape == (32,)  # the user's GroupNorm, trained and saved
+
+
+@pytest.mark.parametrize("model,message", [
+    ("tests.user_models:with_batchnorm", "BatchNorm.*ModuleValidator.fix"),
+    ("tests.user_models:not_a_model", "not a torch.nn.Module"),
+    ("tests.user_models:missing", "cannot import it"),
+    ("no_such_package.models:build", "cannot import it"),
+])
+def test_a_bad_user_model_is_refused_before_anything_starts(tmp_path, model, message):
+    from simulations.simulate import prepare
+
+    with pytest.raises(ConfigError, match=message):
+        prepare({"dataset": "digits", "model": model}, output_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing created
+
+
+def test_a_model_name_that_is_neither_registered_nor_a_path_is_refused():
+    with pytest.raises(ConfigError, match="package.module:builder"):
+        resolve_config({"model": "resnet"})
