@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 CALIBRATE_FOR = ("run", "participations")
@@ -131,6 +131,7 @@ class FederationConfig:
 class DataConfig:
     dataset: str  # common/data.py: fashion-mnist, digits, breast-cancer, csv:PATH, parquet:PATH
     label_column: str  # a table's label column
+    partition_by: str  # partitioner=natural: the table's column whose values are the clients
     partitioner: str
     dirichlet_alpha: float
     labels_per_client: int
@@ -143,6 +144,14 @@ class DataConfig:
         problem = dataset_problem(self.dataset)
         _check(problem is None, "dataset", self.dataset, problem or "")
         _check(bool(self.label_column), "label-column", self.label_column, "must not be empty")
+        natural = self.partitioner == "natural"
+        _check(not natural or (bool(self.partition_by) and ":" in self.dataset), "partitioner",
+               self.partitioner, "needs a table (dataset=csv:PATH or parquet:PATH) and "
+               "partition-by=COLUMN, the column whose values are the clients")
+        _check(not self.partition_by or natural, "partition-by", self.partition_by,
+               "needs partitioner=natural")
+        _check(self.partition_by != self.label_column, "partition-by", self.partition_by,
+               "must not be the label column")
         _check(
             self.partitioner in PARTITIONERS, "partitioner", self.partitioner,
             f"must be one of {', '.join(PARTITIONERS)}",

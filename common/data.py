@@ -194,7 +194,8 @@ def _normalise(images: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def load_split(split: str, data_dir: str = "", features: str = "",
-               dataset: str = DEFAULT_DATASET, label_column: str = "label") -> Split:
+               dataset: str = DEFAULT_DATASET, label_column: str = "label",
+               partition_by: str = "") -> Split:
     """`split` is "train" or "test"; arrays are cached per process. With `features`, the
     images are replaced by that fixed transform of them (common.features), memory mapped.
     `data_dir` is Fashion-MNIST's folder; other datasets name their own source."""
@@ -202,7 +203,8 @@ def load_split(split: str, data_dir: str = "", features: str = "",
         if features:
             raise DataError(f"{features} features are computed from 28x28 Fashion-MNIST images, "
                             f"not from dataset={dataset!r}: choose another model")
-        return _carved(dataset, label_column)[{"train": 0, "test": 1}[split]]
+        train, test, _ = _carved(dataset, label_column, partition_by)
+        return {"train": train, "test": test}[split]
     if features:
         from common.features import cached_features
 
@@ -223,10 +225,12 @@ def load_split(split: str, data_dir: str = "", features: str = "",
 
 
 @lru_cache(maxsize=4)
-def _carved(dataset: str, label_column: str) -> tuple[Split, Split]:
-    """(train, test) of a dataset without its own test split: 20% carved out with
-    TEST_SEED, features standardised with the training part's statistics."""
-    x, labels, where = _read_table(dataset, label_column)
+def _carved(dataset: str, label_column: str, partition_by: str = ""
+            ) -> tuple[Split, Split, np.ndarray]:
+    """(train, test, the training records' ids) of a dataset without its own test split:
+    20% carved out with TEST_SEED, features standardised with the training part's
+    statistics; ids: the `partition_by` column (natural partitions), else empty."""
+    x, labels, ids, where = _read_table(dataset, label_column, partition_by)
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise DataError(f"{where}: the label column holds one class ({classes[0]!r}); "
@@ -241,19 +245,25 @@ def _carved(dataset: str, label_column: str) -> tuple[Split, Split]:
     std[std == 0] = 1.0  # a constant feature stays constant (0)
     x = ((flat - mean) / std).reshape(x.shape).astype(np.float32)
     k = len(classes)
-    return (Split(x[train], y[train].astype(np.int64), k), Split(x[test], y[test].astype(np.int64), k))
+    return (Split(x[train], y[train].astype(np.int64), k), Split(x[test], y[test].astype(np.int64), k),
+            ids[train] if ids is not None else np.zeros(0))
 
 
-def _read_table(dataset: str, label_column: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(features, raw labels, a name for errors) of a bundled dataset or a user's table."""
+def _read_table(dataset: str, label_column: str, partition_by: str = ""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """(features, raw labels, the partition_by column or None, a name for errors) of a
+    bundled dataset or a user's table."""
     if dataset in BUNDLED:
+        if partition_by:
+            raise DataError(f"dataset={dataset} has no id column to partition by "
+                            f"(partition-by={partition_by!r})")
         from sklearn import datasets as bundled
 
         loaded = bundled.load_digits() if dataset == "digits" else bundled.load_breast_cancer()
         x = np.asarray(loaded.data, dtype=np.float64)
         if dataset == "digits":
             x = x.reshape(len(x), 1, 8, 8)  # 8x8 images
-        return x, np.asarray(loaded.target), f"dataset={dataset}"
+        return x, np.asarray(loaded.target), None, f"dataset={dataset}"
     kind, _, path = dataset.partition(":")
     where = f"{kind} file {path}"
     if not Path(path).expanduser().is_file():
@@ -267,7 +277,15 @@ def _read_table(dataset: str, label_column: str) -> tuple[np.ndarray, np.ndarray
     if label_column not in table.columns:
         raise DataError(f"{where}: no label column {label_column!r} (columns: "
                         f"{', '.join(map(str, table.columns))}); set label-column")
-    features = table.drop(columns=[label_column])
+    ids = None
+    if partition_by:
+        if partition_by not in table.columns:
+            raise DataError(f"{where}: no column {partition_by!r} to partition by (columns: "
+                            f"{', '.join(map(str, table.columns))})")
+        ids = table[partition_by].to_numpy()
+        if pd.isna(ids).any():
+            raise DataError(f"{where}: the partition-by column {partition_by!r} has missing values")
+    features = table.drop(columns=[c for c in (label_column, partition_by) if c])
     if features.shape[1] == 0:
         raise DataError(f"{where}: no feature column besides the label {label_column!r}")
     bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
@@ -282,7 +300,7 @@ def _read_table(dataset: str, label_column: str) -> tuple[np.ndarray, np.ndarray
     labels = table[label_column].to_numpy()
     if pd.isna(labels).any():
         raise DataError(f"{where}: the label column {label_column!r} has missing values")
-    return x, labels, where
+    return x, labels, ids, where
 
 
 # ---------------------------------------------------------------- partitioning (pure)
@@ -347,27 +365,40 @@ def partition_indices(
 @lru_cache(maxsize=8)
 def cached_partitions(
     data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int,
-    dataset: str = DEFAULT_DATASET, label_column: str = "label",
+    dataset: str = DEFAULT_DATASET, label_column: str = "label", partition_by: str = "",
 ) -> tuple[np.ndarray, ...]:
+    if name == "natural":
+        return natural_partitions(_carved(dataset, label_column, partition_by)[2], num_partitions,
+                                  f"{dataset} column {partition_by!r}")
     labels = load_split("train", data_dir, dataset=dataset, label_column=label_column).labels
     return tuple(partition_indices(
         labels, name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
     ))
 
 
+def natural_partitions(ids: np.ndarray, num_partitions: int, where: str) -> tuple[np.ndarray, ...]:
+    """One partition per distinct id (sorted), as flwr-datasets' NaturalIdPartitioner: the
+    data's own owners (a writer, a hospital) are the clients."""
+    distinct = np.unique(ids)
+    if len(distinct) != num_partitions:
+        raise DataError(f"partitioner=natural: {where} holds {len(distinct)} distinct ids in "
+                        f"the training part; set num-partitions={len(distinct)}")
+    return tuple(np.flatnonzero(ids == d) for d in distinct)
+
+
 def load_partition(
     partition_id: int, num_partitions: int, *, partitioner: str, seed: int,
     alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "", features: str = "",
-    dataset: str = DEFAULT_DATASET, label_column: str = "label",
+    dataset: str = DEFAULT_DATASET, label_column: str = "label", partition_by: str = "",
 ) -> Split:
     """One client's share of the training set."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
     idx = cached_partitions(
         data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client,
-        dataset, label_column,
+        dataset, label_column, partition_by,
     )[partition_id]
-    train = load_split("train", data_dir, features, dataset, label_column)
+    train = load_split("train", data_dir, features, dataset, label_column, partition_by)
     return train.with_records(train.images[idx], train.labels[idx])
 
 
@@ -376,7 +407,7 @@ def partitions_of(cfg: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...
     config (cached per process)."""
     return cached_partitions(cfg.data_dir, cfg.partitioner, num_partitions, cfg.seed,
                              float(cfg.dirichlet_alpha), cfg.labels_per_client, cfg.dataset,
-                             cfg.label_column)
+                             cfg.label_column, cfg.partition_by)
 
 
 def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
@@ -384,7 +415,7 @@ def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, featur
     return load_partition(partition_id, num_partitions, partitioner=cfg.partitioner, seed=cfg.seed,
                           alpha=cfg.dirichlet_alpha, labels_per_client=cfg.labels_per_client,
                           data_dir=cfg.data_dir, features=features, dataset=cfg.dataset,
-                          label_column=cfg.label_column)
+                          label_column=cfg.label_column, partition_by=cfg.partition_by)
 
 
 def input_spec(cfg: DataConfig, features: str = "") -> tuple[tuple[int, ...], int]:
@@ -394,11 +425,13 @@ def input_spec(cfg: DataConfig, features: str = "") -> tuple[tuple[int, ...], in
         from common.models import IMAGE_28, SCATTER
 
         return (SCATTER if features == "scatter" else IMAGE_28), NUM_CLASSES
-    train = load_split("train", cfg.data_dir, features, cfg.dataset, cfg.label_column)
+    train = load_split("train", cfg.data_dir, features, cfg.dataset, cfg.label_column,
+                       cfg.partition_by)
     return train.shape, train.num_classes
 
 
 def held_out_split(cfg: DataConfig, features: str = "") -> Split:
     """The run's test set (the server's evaluation)."""
-    test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column)
+    test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column,
+                      cfg.partition_by)
     return test.with_records(test.images, test.labels)

@@ -129,3 +129,37 @@ def test_a_bad_user_model_is_refused_before_anything_starts(tmp_path, model, mes
 def test_a_model_name_that_is_neither_registered_nor_a_path_is_refused():
     with pytest.raises(ConfigError, match="package.module:builder"):
         resolve_config({"model": "resnet"})
+
+
+def test_natural_partitions_make_each_id_a_client_end_to_end(tmp_path):
+    """A table whose `hospital` column says who holds each record: one client per
+    hospital, holding exactly that hospital's training records."""
+    df = _table(n=300, seed=1)
+    df["hospital"] = np.random.default_rng(2).choice(["north", "south", "east", "west"], 300)
+    path = tmp_path / "h.csv"
+    df.to_csv(path, index=False)
+    over = {"dataset": f"csv:{path}", "label-column": "diagnosis", "partitioner": "natural",
+            "partition-by": "hospital", "num-partitions": 4, "data-dir": "", "model": "auto"}
+    cfg = resolve_config(over)
+    parts = partitions_of(cfg.data, 4)
+    train = load_split("train", "", "", cfg.data.dataset, "diagnosis", "hospital")
+    assert train.shape == (5,)  # the id column is not a feature
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(train)))
+    carved = df.iloc[np.random.default_rng(0).permutation(300)[60:]]  # the carved training part
+    for p, name in zip(parts, ["east", "north", "south", "west"], strict=True):
+        assert len(p) == int((carved["hospital"] == name).sum())
+    with pytest.raises(DataError, match="4 distinct ids.*num-partitions=4"):
+        partitions_of(resolve_config({**over, "num-partitions": 3}).data, 3)
+    with pytest.raises(ConfigError, match="partitioner"):
+        resolve_config({"partitioner": "natural", "partition-by": "hospital"})
+
+    run_over = {**over, "num-rounds": 5, "fraction-train": 1.0, "target-epsilon": 3.0,
+                "min-train-clients": 2, "min-available-clients": 2}
+    grid = LocalGrid(4, **run_over)
+    rc = {**run_config(**run_over), "output-dir": str(tmp_path / "runs")}
+    server_app.main(grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (run,) = [RunDir(p) for p in (tmp_path / "runs").iterdir()]
+    rows = run.rounds()
+    assert all(sorted(r.partitions_trained) == [0, 1, 2, 3] for r in rows)
+    assert run.summary().epsilon_max <= 3.0
