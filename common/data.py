@@ -30,7 +30,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,7 @@ NUM_CLASSES = 10
 DEFAULT_DATASET = "fashion-mnist"
 BUNDLED = ("digits", "breast-cancer")  # scikit-learn's, offline
 TABLE_FORMATS = ("csv", "parquet")
+HF_SOURCES = ("hf", "disk", "imagefolder")  # Hugging Face datasets: by name, saved, a folder
 TEST_FRACTION, TEST_SEED = 0.2, 0
 
 
@@ -77,10 +78,10 @@ def dataset_problem(dataset: str) -> str | None:
     if dataset == DEFAULT_DATASET or dataset in BUNDLED:
         return None
     kind, _, path = dataset.partition(":")
-    if kind in TABLE_FORMATS and path:
+    if kind in TABLE_FORMATS + HF_SOURCES and path:
         return None
-    return (f"must be {DEFAULT_DATASET}, {', '.join(BUNDLED)}, or "
-            f"{' / '.join(f'{k}:PATH' for k in TABLE_FORMATS)}")
+    return (f"must be {DEFAULT_DATASET}, {', '.join(BUNDLED)}, csv:PATH, parquet:PATH, "
+            "hf:NAME, disk:PATH or imagefolder:PATH")
 
 
 class DataError(RuntimeError):
@@ -224,35 +225,60 @@ def load_split(split: str, data_dir: str = "", features: str = "",
     return Split(_normalise(images), labels.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A dataset as read: features, raw labels, the partition-by ids (or None), a name for
+    errors, and its own test split when it has one."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray | None
+    where: str
+    test: tuple[np.ndarray, np.ndarray] | None = None
+
+
 @lru_cache(maxsize=4)
 def _carved(dataset: str, label_column: str, partition_by: str = ""
             ) -> tuple[Split, Split, np.ndarray]:
-    """(train, test, the training records' ids) of a dataset without its own test split:
-    20% carved out with TEST_SEED, features standardised with the training part's
-    statistics; ids: the `partition_by` column (natural partitions), else empty."""
-    x, labels, ids, where = _read_table(dataset, label_column, partition_by)
-    classes, y = np.unique(labels, return_inverse=True)
+    """(train, test, the training records' ids) of a dataset other than Fashion-MNIST:
+    its own test split, or 20% carved out with TEST_SEED; features standardised with the
+    training part's statistics; ids: the `partition_by` column (natural partitions), else
+    empty."""
+    src = _read_source(dataset, label_column, partition_by)
+    where = src.where
+    if src.test is not None:
+        x_train, l_train, ids = src.x, src.labels, src.ids
+        x_test, l_test = src.test
+        if x_test.shape[1:] != x_train.shape[1:]:
+            raise DataError(f"{where}: test records have shape {x_test.shape[1:]}, training "
+                            f"records {x_train.shape[1:]}")
+    else:
+        if len(src.labels) < 10:
+            raise DataError(f"{where}: {len(src.labels)} records are too few to carve a test "
+                            "split from")
+        order = np.random.default_rng(TEST_SEED).permutation(len(src.labels))
+        cut = int(round(len(order) * TEST_FRACTION))
+        test, train = order[:cut], order[cut:]
+        x_train, l_train, x_test, l_test = src.x[train], src.labels[train], src.x[test], src.labels[test]
+        ids = src.ids[train] if src.ids is not None else None
+    classes = np.unique(np.concatenate([l_train, l_test]))
     if len(classes) < 2:
         raise DataError(f"{where}: the label column holds one class ({classes[0]!r}); "
                         "a classifier needs at least two")
-    if len(y) < 10:
-        raise DataError(f"{where}: {len(y)} records are too few to carve a test split from")
-    order = np.random.default_rng(TEST_SEED).permutation(len(y))
-    cut = int(round(len(y) * TEST_FRACTION))
-    test, train = order[:cut], order[cut:]
-    flat = x.reshape(len(x), -1)
-    mean, std = flat[train].mean(axis=0), flat[train].std(axis=0)
+    flat = x_train.reshape(len(x_train), -1)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
     std[std == 0] = 1.0  # a constant feature stays constant (0)
-    x = ((flat - mean) / std).reshape(x.shape).astype(np.float32)
-    k = len(classes)
-    return (Split(x[train], y[train].astype(np.int64), k), Split(x[test], y[test].astype(np.int64), k),
-            ids[train] if ids is not None else np.zeros(0))
+
+    def split(x: np.ndarray, labels: np.ndarray) -> Split:
+        z = ((x.reshape(len(x), -1) - mean) / std).reshape(x.shape).astype(np.float32)
+        return Split(z, np.searchsorted(classes, labels).astype(np.int64), len(classes))
+
+    return split(x_train, l_train), split(x_test, l_test), ids if ids is not None else np.zeros(0)
 
 
-def _read_table(dataset: str, label_column: str, partition_by: str = ""
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
-    """(features, raw labels, the partition_by column or None, a name for errors) of a
-    bundled dataset or a user's table."""
+def _read_source(dataset: str, label_column: str, partition_by: str = "") -> _Source:
+    """A bundled dataset, a user's table, or a Hugging Face dataset (by name, saved to
+    disk, or an image folder)."""
     if dataset in BUNDLED:
         if partition_by:
             raise DataError(f"dataset={dataset} has no id column to partition by "
@@ -263,8 +289,10 @@ def _read_table(dataset: str, label_column: str, partition_by: str = ""
         x = np.asarray(loaded.data, dtype=np.float64)
         if dataset == "digits":
             x = x.reshape(len(x), 1, 8, 8)  # 8x8 images
-        return x, np.asarray(loaded.target), None, f"dataset={dataset}"
+        return _Source(x, np.asarray(loaded.target), None, f"dataset={dataset}")
     kind, _, path = dataset.partition(":")
+    if kind in HF_SOURCES:
+        return _read_hf(kind, path, label_column, partition_by)
     where = f"{kind} file {path}"
     if not Path(path).expanduser().is_file():
         raise DataError(f"{where}: no such file")
@@ -274,6 +302,13 @@ def _read_table(dataset: str, label_column: str, partition_by: str = ""
         table = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     except Exception as exc:  # the readers raise many types for a bad file
         raise DataError(f"{where}: unreadable as {kind} ({type(exc).__name__}: {exc})") from exc
+    return _from_table(table, label_column, partition_by, where)
+
+
+def _from_table(table: Any, label_column: str, partition_by: str, where: str) -> _Source:
+    """A pandas table: a label column, numeric feature columns, an optional id column."""
+    import pandas as pd
+
     if label_column not in table.columns:
         raise DataError(f"{where}: no label column {label_column!r} (columns: "
                         f"{', '.join(map(str, table.columns))}); set label-column")
@@ -291,7 +326,7 @@ def _read_table(dataset: str, label_column: str, partition_by: str = ""
     bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if bad:
         raise DataError(f"{where}: column(s) {', '.join(bad)} are not numeric; dpfl reads "
-                        "numeric features (encode or drop the others)")
+                        "numeric features or one image column (encode or drop the others)")
     x = features.to_numpy(dtype=np.float64)
     if not np.isfinite(x).all():
         rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
@@ -300,7 +335,68 @@ def _read_table(dataset: str, label_column: str, partition_by: str = ""
     labels = table[label_column].to_numpy()
     if pd.isna(labels).any():
         raise DataError(f"{where}: the label column {label_column!r} has missing values")
-    return x, labels, ids, where
+    return _Source(x, labels, ids, where)
+
+
+def _read_hf(kind: str, arg: str, label_column: str, partition_by: str) -> _Source:
+    """`hf:NAME` (datasets.load_dataset: the Hub when online, or a local dataset folder),
+    `disk:PATH` (datasets.load_from_disk), `imagefolder:PATH` (one folder per class).
+    Its own "test" split is used when it has one."""
+    import datasets
+
+    where = f"{kind} dataset {arg}"
+    datasets.disable_progress_bars()
+    try:
+        if kind == "disk":
+            loaded = datasets.load_from_disk(arg)
+        elif kind == "imagefolder":
+            if not Path(arg).expanduser().is_dir():
+                raise DataError(f"{where}: no such folder")
+            loaded = datasets.load_dataset("imagefolder", data_dir=arg)
+        else:
+            loaded = datasets.load_dataset(arg)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types (missing, offline, corrupt)
+        raise DataError(f"{where}: cannot load it ({type(exc).__name__}: {exc})") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        train = loaded["train"] if "train" in loaded else loaded[names[0]]
+        test = loaded["test"] if "test" in loaded else None
+    else:
+        train, test = loaded, None
+    src = _from_hf(train, label_column, partition_by, where)
+    if test is None:
+        return src
+    own = _from_hf(test, label_column, "", f"{where} (test split)")
+    return _Source(src.x, src.labels, src.ids, where, (own.x, own.labels))
+
+
+def _from_hf(ds: Any, label_column: str, partition_by: str, where: str) -> _Source:
+    """One split of a Hugging Face dataset: one image column (decoded, same size for every
+    record), or numeric columns as a table."""
+    import datasets
+
+    if label_column not in ds.column_names:
+        raise DataError(f"{where}: no label column {label_column!r} (columns: "
+                        f"{', '.join(ds.column_names)}); set label-column")
+    images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if not images:
+        return _from_table(ds.to_pandas(), label_column, partition_by, where)
+    if len(images) > 1:
+        raise DataError(f"{where}: several image columns ({', '.join(images)}); dpfl reads one")
+    arrays = [np.asarray(img) for img in ds[images[0]]]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        first = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
+        raise DataError(f"{where}: images of mixed shapes ({arrays[0].shape} and, at record "
+                        f"{first}, {arrays[first].shape}); resize them to one size")
+    x = np.stack(arrays).astype(np.float64)
+    x = x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)  # N x C x H x W
+    ids = np.asarray(ds[partition_by]) if partition_by else None
+    if partition_by and partition_by not in ds.column_names:
+        raise DataError(f"{where}: no column {partition_by!r} to partition by")
+    return _Source(x / 255.0, np.asarray(ds[label_column]), ids, where)
 
 
 # ---------------------------------------------------------------- partitioning (pure)

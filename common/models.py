@@ -61,7 +61,7 @@ MODEL_FEATURES: dict[str, str] = {"scatter-linear": "scatter"}
 # shapes it accepts (None: any).
 _DEFAULT_SHAPE: dict[str, Shape] = {"scatter-linear": SCATTER}
 _ONLY_SHAPE: dict[str, Shape] = {"cnn": IMAGE_28, "scatter-linear": SCATTER}
-_FASHION_ONLY = ("cnn", "scatter-linear")
+_FASHION_ONLY = ("scatter-linear",)  # features computed from Fashion-MNIST's images
 
 
 def default_model(dataset: str) -> str:
@@ -72,8 +72,8 @@ def default_model(dataset: str) -> str:
 def model_problem_for(model: str, dataset: str) -> str | None:
     """Why `model` cannot take `dataset`'s records (from names alone), or None."""
     if model in _FASHION_ONLY and dataset != "fashion-mnist":
-        return (f"takes 28x28 images (Fashion-MNIST), not dataset={dataset!r}: use mlp or "
-                "logreg (or model=auto)")
+        return (f"takes Fashion-MNIST's scattering features, not dataset={dataset!r}: use "
+                "mlp, logreg or cnn (28x28 images), or model=auto")
     return None
 
 

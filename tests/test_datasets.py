@@ -69,8 +69,8 @@ def test_unreadable_and_missing_files_and_unknown_datasets_are_named(tmp_path):
         load_split("train", "", "", f"csv:{tmp_path / 'none.csv'}", "label")
     with pytest.raises(ConfigError, match="dataset"):
         resolve_config({"dataset": "cifar10"})
-    with pytest.raises(ConfigError, match="model.*28x28"):
-        resolve_config({"dataset": "digits", "model": "cnn"})
+    with pytest.raises(ConfigError, match="model.*scattering"):
+        resolve_config({"dataset": "digits", "model": "scatter-linear"})
 
 
 def test_bundled_datasets_are_real_and_offline():
@@ -113,6 +113,7 @@ def test_a_user_model_by_import_path_trains_privately_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("model,message", [
+    ("cnn", r"takes records of shape \(1, 28, 28\), not \(1, 8, 8\)"),
     ("tests.user_models:with_batchnorm", "BatchNorm.*ModuleValidator.fix"),
     ("tests.user_models:not_a_model", "not a torch.nn.Module"),
     ("tests.user_models:missing", "cannot import it"),
@@ -163,3 +164,55 @@ def test_natural_partitions_make_each_id_a_client_end_to_end(tmp_path):
     rows = run.rounds()
     assert all(sorted(r.partitions_trained) == [0, 1, 2, 3] for r in rows)
     assert run.summary().epsilon_max <= 3.0
+
+
+def _image_folder(root, sizes=((12, 12),) * 30):
+    """Class folders of small grayscale PNGs: bright images are class 'light'."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        cls = "light" if i % 2 else "dark"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        base = 200 if cls == "light" else 40
+        pixels = np.clip(base + rng.normal(0, 20, size), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(root / cls / f"{i}.png")
+
+
+def test_an_image_folder_is_read_with_its_classes_and_refused_with_mixed_sizes(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    train = load_split("train", "", "", f"imagefolder:{tmp_path / 'imgs'}")
+    assert train.shape == (1, 12, 12) and train.num_classes == 2 and len(train) == 24
+    bright = train.images.reshape(len(train), -1).mean(axis=1)
+    assert bright[train.labels == 1].min() > bright[train.labels == 0].max()  # 'light' after 'dark'
+    _image_folder(tmp_path / "mixed", sizes=[(12, 12)] * 5 + [(10, 12)] + [(12, 12)] * 10)
+    with pytest.raises(DataError, match="mixed shapes"):
+        load_split("train", "", "", f"imagefolder:{tmp_path / 'mixed'}")
+    with pytest.raises(DataError, match="no such folder"):
+        load_split("train", "", "", f"imagefolder:{tmp_path / 'none'}")
+
+
+def test_a_saved_hugging_face_dataset_uses_its_own_test_split(tmp_path):
+    import datasets
+
+    df = _table(n=120)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(df[:100]),
+                               "test": datasets.Dataset.from_pandas(df[100:])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    ds = f"disk:{tmp_path / 'saved'}"
+    train = load_split("train", "", "", ds, "diagnosis")
+    test = load_split("test", "", "", ds, "diagnosis")
+    assert len(train) == 100 and len(test) == 20 and train.shape == (5,)  # nothing carved
+
+
+def test_hf_names_load_a_local_dataset_folder_and_fail_clearly_offline(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # hermetic: never the Hub
+    folder = tmp_path / "local"
+    folder.mkdir()
+    _table(n=150).to_csv(folder / "train.csv", index=False)
+    train = load_split("train", "", "", f"hf:{folder}", "diagnosis")
+    assert len(train) == 120 and train.num_classes == 2  # one split: 20% carved out
+    with pytest.raises(DataError, match="hf dataset no-such-user/no-such-dataset: cannot load"):
+        load_split("train", "", "", "hf:no-such-user/no-such-dataset", "label")
