@@ -62,19 +62,26 @@ class CanaryScorer:
     # ---- what the server saw ----------------------------------------------------------
 
     def directions(self, weights: Mapping[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-        """Unit per-sample gradient directions of canaries `ids` at `weights` (rows)."""
-        set_weights(self.model, dict(weights))
-        params = dict(self.model.named_parameters())
+        """Unit per-sample gradient directions of canaries `ids` at `weights` (rows),
+        computed for all of them at once (torch.func: vmap of the per-record gradient)."""
+        from torch.func import functional_call, grad, vmap
+
+        dim = sum(np.asarray(weights[n]).size for n in self.names)
+        if not len(ids):
+            return np.zeros((0, dim))
+        params = {n: torch.from_numpy(np.asarray(weights[n], dtype=np.float32)) for n in self.names}
+
+        def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(self.model, p, (x[None],))
+            return nn.functional.cross_entropy(out, y[None])
+
         rows = []
-        for i in ids:
-            self.model.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(self.x[i:i + 1]), self.y[i:i + 1])
-            loss.backward()
-            g = torch.cat([_grad(params[n]) for n in self.names]).double()
-            rows.append(g / g.norm().clamp_min(1e-300))
-        if not rows:
-            return np.zeros((0, sum(np.asarray(weights[n]).size for n in self.names)))
-        return torch.stack(rows).numpy()
+        for start in range(0, len(ids), 256):
+            chunk = torch.from_numpy(np.asarray(ids[start:start + 256], dtype=np.int64))
+            g = vmap(grad(loss), in_dims=(None, 0, 0))(params, self.x[chunk], self.y[chunk])
+            flat = torch.cat([g[n].reshape(len(chunk), -1) for n in self.names], dim=1).double()
+            rows.append(flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300))
+        return torch.cat(rows).numpy()
 
     def flat(self, weights: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([np.asarray(weights[n], dtype=np.float64).ravel() for n in self.names])
@@ -168,11 +175,6 @@ class CanaryScorer:
             "white_box": white, "black_box": {**black, "score": "minus the final model's loss"},
             "scoring_seconds": self.seconds,
         }
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's gradient, flat (zeros if the loss does not reach it)."""
-    return p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
 
 
 def finish(scorer: CanaryScorer, run: RunDir, final: Mapping[str, np.ndarray],
