@@ -216,3 +216,16 @@ def test_hf_names_load_a_local_dataset_folder_and_fail_clearly_offline(tmp_path,
     assert len(train) == 120 and train.num_classes == 2  # one split: 20% carved out
     with pytest.raises(DataError, match="hf dataset no-such-user/no-such-dataset: cannot load"):
         load_split("train", "", "", "hf:no-such-user/no-such-dataset", "label")
+
+
+def test_the_groupnorm_resnet_takes_colour_images_and_opacus_accepts_it():
+    import torch
+
+    from common.models import dp_problem
+
+    model = build_model("resnet-gn", seed=0, shape=(3, 32, 32), classes=10)
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    assert dp_problem(model, "resnet-gn") is None
+    assert build_model("resnet-gn", shape=(1, 8, 8), classes=10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="takes images"):
+        build_model("resnet-gn", shape=(30,), classes=2)
