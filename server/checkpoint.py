@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, ExperimentConfig
+from common.config import ConfigError, ExperimentConfig, default_run_config
 from common.files import atomic_write
 from common.records import CHECKPOINT_FILE, encode, run_status
 
@@ -71,7 +71,11 @@ def check_matches(ckpt: Checkpoint, run_config: dict[str, Any]) -> None:
     """A run resumes with the config it started with (only `resume` may differ)."""
     saved = {k: v for k, v in ckpt.meta["run_config"].items() if k != "resume"}
     now = encode({k: v for k, v in run_config.items() if k != "resume"})
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # A key this dpfl added after the checkpoint was written is no difference when the
+    # run has it at its default (an older run resumes after an upgrade).
+    defaults = encode(default_run_config())
+    added = {k for k in set(now) - set(saved) if now[k] == defaults.get(k)}
+    diff = sorted(k for k in (set(saved) | set(now)) - added if saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(
             "the checkpoint was written with another config; differing keys: "

@@ -154,6 +154,10 @@ def test_checkpoint_refuses_other_config_finished_and_unreadable_runs(tmp_path):
     checkpoint.check_matches(ck, {"seed": 7, "resume": True})
     with pytest.raises(ConfigError, match=r"seed \(7 then, 8 now\)"):
         checkpoint.check_matches(ck, {"seed": 8, "resume": True})
+    # a key added by a later dpfl is no difference at its default, and one otherwise
+    checkpoint.check_matches(ck, {"seed": 7, "dataset": "fashion-mnist", "resume": True})
+    with pytest.raises(ConfigError, match=r"dataset \(None then, 'digits' now\)"):
+        checkpoint.check_matches(ck, {"seed": 7, "dataset": "digits", "resume": True})
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"torn")
     with pytest.raises(ConfigError, match="unreadable"):
         checkpoint.load(tmp_path)
