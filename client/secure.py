@@ -103,7 +103,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     participant.receive({int(i): ct.encode() for i, ct in shares.items()})
     participant.check_ready()  # before any data is read or budget spent
     data = data_of(cfg, node)
-    names = parameter_names(cfg.train.model)
+    names = parameter_names(cfg.train.model, data.shape, data.num_classes)
     encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,
                             dim=sum(request.weights[n].size for n in names))
     try:

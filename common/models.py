@@ -173,10 +173,12 @@ def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     inner.load_state_dict(state, strict=True)
 
 
-def parameter_names(model_name: str) -> list[str]:
-    """The order of an integer release's coordinates: the model's parameters, each
-    flattened. Every named weight must be a parameter (no buffers) to be released."""
-    model = build_model(model_name)
+def parameter_names(model_name: str, shape: Sequence[int] | None = None,
+                    classes: int = 10) -> list[str]:
+    """The order of an integer release's coordinates: the model's parameters (built for
+    records of `shape` and `classes` labels), each flattened. Every named weight must be a
+    parameter (no buffers) to be released."""
+    model = build_model(model_name, shape=shape, classes=classes)
     names = [n for n, _ in model.named_parameters()]
     if names != list(model.state_dict()):
         raise ValueError(f"model {model_name} has buffers; its weights cannot all be released")

@@ -50,7 +50,7 @@ class CanaryScorer:
                                        tuple(input_shape), cfg.data.seed, classes)
         self.x = torch.from_numpy(self.canaries.inputs())
         self.y = torch.from_numpy(self.canaries.labels())
-        self.names = parameter_names(cfg.train.model)
+        self.names = parameter_names(cfg.train.model, input_shape, classes)
         self.model = build_model(cfg.train.model, shape=input_shape, classes=classes)
         m = self.canaries.count
         self.scores = np.zeros(m)  # per-client mode: sum over participations of own - others

@@ -27,7 +27,8 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import ExperimentConfig
-from common.models import parameter_names
+from common.data import input_spec
+from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
 from server import optimizer
 from server.audit import CanaryScorer
@@ -92,7 +93,8 @@ class SecureRound:
     def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg,
                  scorer: CanaryScorer | None = None) -> None:
         self.cfg, self.strategy, self.scorer = cfg, strategy, scorer
-        self.names = parameter_names(cfg.train.model)
+        self.names = parameter_names(
+            cfg.train.model, *input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, "")))
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
 

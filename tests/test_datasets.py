@@ -229,3 +229,20 @@ def test_the_groupnorm_resnet_takes_colour_images_and_opacus_accepts_it():
     assert build_model("resnet-gn", shape=(1, 8, 8), classes=10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(ValueError, match="takes images"):
         build_model("resnet-gn", shape=(30,), classes=2)
+
+
+def test_secure_aggregation_and_an_audit_run_on_another_dataset(tmp_path):
+    """The integer release, the server's decoding and the auditor take the dataset's
+    shape and classes (breast-cancer: 30 features, 2 classes)."""
+    over = {"dataset": "breast-cancer", "data-dir": "", "model": "auto", "num-rounds": 6,
+            "fraction-train": 1.0, "target-epsilon": 3.0, "secure-aggregation": "secagg+",
+            "noise": "distributed", "audit-canaries": 40}
+    grid = LocalGrid(10, **over)
+    rc = {**run_config(**over), "output-dir": str(tmp_path)}
+    server_app.main(grid, Context(run_id=6, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = RunDir(path)
+    assert all(r.aggregated for r in run.rounds()) and run.summary().epsilon_max <= 3.0
+    assert run.summary().final_accuracy > 0.7
+    assert run.audit()["canaries"] == 40
