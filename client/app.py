@@ -91,6 +91,9 @@ def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Spli
 
 
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
+    problem = node.data_problem(cfg.data)
+    if problem:  # before any file is opened
+        raise DataError(problem)
     slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
                              node.partition_id)
     if node.data_dir:
@@ -127,7 +130,7 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
     """Why this node refuses the request before touching any data, or None. Every reason
     depends only on the run config, the node config and the global weights, all of them
     known to the server: a refusal reveals nothing about the records."""
-    problem = node.policy_problem(cfg.privacy)
+    problem = node.data_problem(cfg.data) or node.policy_problem(cfg.privacy)
     if problem:
         return problem
     planned = request.planned_rounds

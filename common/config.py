@@ -361,6 +361,10 @@ class NodeConfig:
     min_share_noise_multiplier: float = 0.0
     max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
     simulated_attacks: bool = False  # only a simulation harness sets this
+    # only a simulation harness sets this: read the files (or download the dataset) that
+    # the run config names in dataset= and data-dir=. A deployed node reads its own
+    # data-dir or a bundled dataset, never a path the server chose.
+    read_named_files: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_partitions >= 1, "node config num-partitions", self.num_partitions,
@@ -385,6 +389,22 @@ class NodeConfig:
             return Path(self.ledger_path).expanduser()
         if self.ledger_dir:
             return Path(self.ledger_dir).expanduser() / f"partition-{self.partition_id}.json"
+        return None
+
+    def data_problem(self, data: DataConfig) -> str | None:
+        """Why this node will not read the data the run config names, or None. A path or
+        download chosen by the server would let it make the node read any file (and learn
+        of it from errors); decided from the two configs alone, before any file is opened."""
+        if self.read_named_files:
+            return None
+        if ":" in data.dataset and not self.data_dir:
+            return (f"the run config names a file or download for the data "
+                    f"(dataset={data.dataset!r}); this node reads only its own data-dir or a "
+                    "bundled dataset (node config read-named-files is for simulation harnesses)")
+        if data.data_dir:
+            return (f"the run config names a data folder on this node (data-dir="
+                    f"{data.data_dir!r}); this node reads only its own data-dir (node config) "
+                    "(read-named-files is for simulation harnesses)")
         return None
 
     def policy_problem(self, priv: PrivacyConfig) -> str | None:
@@ -438,6 +458,7 @@ def node_policy_for(cfg: ExperimentConfig) -> dict[str, Any]:
         "max-delta": priv.target_delta,
         "min-noise-multiplier": priv.noise_multiplier,
         "simulated-attacks": bool(cfg.attack.modes),
+        "read-named-files": ":" in cfg.data.dataset or bool(cfg.data.data_dir),
     }
 
 

@@ -12,24 +12,31 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
+from flwr.app.message.message import make_message
 
+from client.app import query as client_query
 from client.app import train as client_train
 from client.ledger import Ledger, load_ledger
 from client.trainer import train_round
 from common import keys, privacy
 from common.config import ConfigError, parse_node_config, resolve_config
-from common.data import Split
+from common.data import DataError, Split
 from common.models import build_model, get_weights
-from tests.helpers import context, new_strategy, train_message, weights_of
+from tests.helpers import context, metadata, new_strategy, train_message, weights_of
 
 GLOBAL = get_weights(build_model("logreg", seed=0))
 BUDGET = 3.0
 
 
+# The fast tests' run config names the tiny data folder (data-dir): a node reads it only
+# with the harness's permission, which these nodes get (their data is not what is tested).
+TINY_DATA_OK = {"read-named-files": True}
+
+
 def _node(tmp_path, pid=3, **policy):
     """A data holder's node config: its ledger file and (defaults, or) its policy."""
-    return {keys.NODE_LEDGER_PATH: str(tmp_path / f"node-{pid}.json"), **policy}
+    return {keys.NODE_LEDGER_PATH: str(tmp_path / f"node-{pid}.json"), **TINY_DATA_OK, **policy}
 
 
 def _ask(ctx, server_round, *, weights=GLOBAL, view=None, planned=15):
@@ -69,7 +76,7 @@ def test_a_borrowed_cheap_history_never_resets_or_replaces_the_ledger(tmp_path, 
     for r in range(1, 41):
         ctx = _ctx(tmp_path) if with_file else context(
             partition_id=3, harness_policy=False, model="logreg", target_epsilon=BUDGET,
-            node_extra={"max-epsilon": BUDGET}, state=state)
+            node_extra={"max-epsilon": BUDGET, **TINY_DATA_OK}, state=state)
         state = ctx.state
         # A view that keeps growing and drops the client's own entries.
         _, m = _ask(ctx, r, view=[[1e6, 1.0, 1000 * r]] if r > 1 else cheap)
@@ -156,6 +163,33 @@ def test_a_planned_round_count_that_cannot_calibrate_is_refused(tmp_path, planne
     reply, m = _ask(_ctx(tmp_path), 1, planned=planned)
     assert int(m[keys.REFUSED]) == 1 and "planned-rounds" in str(reply.content[keys.PRIVACY][keys.REASON])
     assert not (tmp_path / "node-3.json").exists()
+
+
+def test_a_node_never_reads_a_file_or_folder_the_server_names(tmp_path):
+    """A hostile run config points the node at a file of its own (here one the test
+    writes, standing for a private table): the node refuses before opening it, and the
+    reason is the same whether the file exists or not, so it reveals nothing of it."""
+    secret = tmp_path / "patients.csv"
+    secret.write_text("name,diagnosis\nalice,sick\nbob,well\n" * 10)
+    reasons = []
+    for dataset in (f"csv:{secret}", f"csv:{tmp_path / 'none.csv'}", f"imagefolder:{tmp_path}"):
+        ctx = context(partition_id=3, harness_policy=False, model="logreg", data_dir="",
+                      dataset=dataset, target_epsilon=BUDGET,
+                      node_extra={keys.NODE_LEDGER_PATH: str(tmp_path / "n.json")})
+        reply, m = _ask(ctx, 1)
+        reason = str(reply.content[keys.PRIVACY][keys.REASON])
+        assert int(m[keys.REFUSED]) == 1 and "read-named-files" in reason
+        assert "alice" not in reason and "diagnosis" not in reason  # nothing of the file
+        reasons.append(reason.replace(dataset, "X"))
+        with pytest.raises(DataError, match="read-named-files"):  # discovery, too
+            client_query(make_message(metadata(message_type="query"),
+                                      content=RecordDict({"config": ConfigRecord({})})), ctx)
+    assert len(set(reasons)) == 1  # the file's existence changes nothing
+    # a run-config data-dir is refused the same way; the node's own data-dir is its choice
+    ctx = context(partition_id=3, harness_policy=False, model="logreg", target_epsilon=BUDGET,
+                  node_extra={keys.NODE_LEDGER_PATH: str(tmp_path / "n2.json")})
+    reply, m = _ask(ctx, 1)
+    assert int(m[keys.REFUSED]) == 1 and "data-dir" in str(reply.content[keys.PRIVACY][keys.REASON])
 
 
 def test_simulated_attacks_need_the_nodes_own_switch(tmp_path):
