@@ -401,7 +401,7 @@ class NodeConfig:
             return (f"the run config names a file or download for the data "
                     f"(dataset={data.dataset!r}); this node reads only its own data-dir or a "
                     "bundled dataset (node config read-named-files is for simulation harnesses)")
-        if data.data_dir:
+        if data.data_dir and not self.data_dir:
             return (f"the run config names a data folder on this node (data-dir="
                     f"{data.data_dir!r}); this node reads only its own data-dir (node config) "
                     "(read-named-files is for simulation harnesses)")
