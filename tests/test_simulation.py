@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
+import psutil
 import pytest
 
 from common.records import read_json
@@ -24,11 +26,26 @@ SMALL = {"num-rounds": 30, "target-epsilon": 0.25}
 
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation",
                     "ray::ClientAppActor", "raylet", "gcs_server")
+# Every process this test session starts inherits this mark (Ray's actors too, though
+# they are re-parented to init), so leftovers are told apart from other runs on a
+# shared machine.
+SESSION = os.environ.setdefault("DPFL_TEST_SESSION", uuid.uuid4().hex)
 
 
 def _no_leftover_flower_processes():
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if any(p in line for p in FLOWER_PROCESSES)]
+    """Flower and Ray processes started by this test session that are still alive."""
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if not any(p in line for p in FLOWER_PROCESSES):
+            continue
+        try:
+            ours = proc.environ().get("DPFL_TEST_SESSION") == SESSION
+            if ours and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(line)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return left
 
 
 @pytest.fixture(scope="module")
