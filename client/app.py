@@ -91,7 +91,7 @@ def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Spli
 
 
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
-    problem = node.data_problem(cfg.data)
+    problem = node.named_source_problem(cfg.data, cfg.train.model)
     if problem:  # before any file is opened
         raise DataError(problem)
     slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
@@ -130,7 +130,8 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
     """Why this node refuses the request before touching any data, or None. Every reason
     depends only on the run config, the node config and the global weights, all of them
     known to the server: a refusal reveals nothing about the records."""
-    problem = node.data_problem(cfg.data) or node.policy_problem(cfg.privacy)
+    problem = node.named_source_problem(cfg.data, cfg.train.model) or \
+        node.policy_problem(cfg.privacy)
     if problem:
         return problem
     planned = request.planned_rounds

@@ -362,8 +362,9 @@ class NodeConfig:
     max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
     simulated_attacks: bool = False  # only a simulation harness sets this
     # only a simulation harness sets this: read the files (or download the dataset) that
-    # the run config names in dataset= and data-dir=. A deployed node reads its own
-    # data-dir or a bundled dataset, never a path the server chose.
+    # the run config names in dataset= and data-dir=, and import the model code it names
+    # in model=. A deployed node reads its own data-dir or a bundled dataset and builds a
+    # registered model, never a path or module the server chose.
     read_named_files: bool = False
 
     def __post_init__(self) -> None:
@@ -391,12 +392,19 @@ class NodeConfig:
             return Path(self.ledger_dir).expanduser() / f"partition-{self.partition_id}.json"
         return None
 
-    def data_problem(self, data: DataConfig) -> str | None:
-        """Why this node will not read the data the run config names, or None. A path or
-        download chosen by the server would let it make the node read any file (and learn
-        of it from errors); decided from the two configs alone, before any file is opened."""
+    def named_source_problem(self, data: DataConfig, model: str) -> str | None:
+        """Why this node will not read the data or import the model code the run config
+        names, or None. A path, download or module chosen by the server would let it make
+        the node read any file (and learn of it from errors) or run any importable code;
+        decided from the two configs alone, before any file is opened."""
+        from common.models import is_import_path
+
         if self.read_named_files:
             return None
+        if is_import_path(model):
+            return (f"the run config names code to import on this node (model={model!r}); "
+                    "this node builds only registered models (node config read-named-files "
+                    "is for simulation harnesses)")
         if ":" in data.dataset and not self.data_dir:
             return (f"the run config names a file or download for the data "
                     f"(dataset={data.dataset!r}); this node reads only its own data-dir or a "
@@ -458,7 +466,8 @@ def node_policy_for(cfg: ExperimentConfig) -> dict[str, Any]:
         "max-delta": priv.target_delta,
         "min-noise-multiplier": priv.noise_multiplier,
         "simulated-attacks": bool(cfg.attack.modes),
-        "read-named-files": ":" in cfg.data.dataset or bool(cfg.data.data_dir),
+        "read-named-files": ":" in cfg.data.dataset or bool(cfg.data.data_dir)
+                            or ":" in cfg.train.model,
     }
 
 

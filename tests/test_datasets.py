@@ -3,6 +3,7 @@ CSV or Parquet table, read from files the tests write; bad tables are refused na
 file and the column; whole private runs on them (the real ServerApp loop and ClientApp)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,17 @@ def _table(n=200, seed=0):
     df = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
     df["diagnosis"] = y
     return df
+
+
+def _run(out, num_nodes=10, **over):
+    """A whole run: the real ServerApp loop against the real ClientApp of `num_nodes`
+    nodes, in process; its run directory."""
+    grid = LocalGrid(num_nodes, **over)
+    rc = {**run_config(**over), "output-dir": str(out)}
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (path,) = [p for p in Path(out).iterdir() if p.is_dir()]
+    return RunDir(path)
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
@@ -87,12 +99,9 @@ def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, datas
     """10 clients, every one every round, epsilon 3: far above chance (10% / 63%)."""
     over = {"dataset": dataset, "data-dir": "", "model": "auto", "num-rounds": 30,
             "fraction-train": 1.0, "target-epsilon": 3.0}
-    grid = LocalGrid(10, **over)
-    rc = {**run_config(**over), "output-dir": str(tmp_path)}
-    server_app.main(grid, Context(run_id=3, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=rc))
-    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    summary = RunDir(path).summary()
+    run = _run(tmp_path, **over)
+    path = run.path
+    summary = run.summary()
     assert summary.final_accuracy > floor and summary.epsilon_max <= 3.0
     config = json.loads((path / "config.json").read_text())["run_config"]
     assert config["dataset"] == dataset and config["model"] == "mlp"  # auto, resolved
@@ -101,11 +110,7 @@ def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, datas
 def test_a_user_model_by_import_path_trains_privately_end_to_end(tmp_path):
     over = {"dataset": "digits", "data-dir": "", "model": "tests.user_models:small",
             "num-rounds": 10, "fraction-train": 1.0, "target-epsilon": 3.0}
-    grid = LocalGrid(10, **over)
-    rc = {**run_config(**over), "output-dir": str(tmp_path)}
-    server_app.main(grid, Context(run_id=4, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=rc))
-    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    path = _run(tmp_path, **over).path
     summary = RunDir(path).summary()
     assert summary.final_accuracy > 0.3 and summary.epsilon_max <= 3.0
     weights = np.load(path / "model.npz")
@@ -156,11 +161,7 @@ def test_natural_partitions_make_each_id_a_client_end_to_end(tmp_path):
 
     run_over = {**over, "num-rounds": 5, "fraction-train": 1.0, "target-epsilon": 3.0,
                 "min-train-clients": 2, "min-available-clients": 2}
-    grid = LocalGrid(4, **run_over)
-    rc = {**run_config(**run_over), "output-dir": str(tmp_path / "runs")}
-    server_app.main(grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=rc))
-    (run,) = [RunDir(p) for p in (tmp_path / "runs").iterdir()]
+    run = _run(tmp_path / "runs", 4, **run_over)
     rows = run.rounds()
     assert all(sorted(r.partitions_trained) == [0, 1, 2, 3] for r in rows)
     assert run.summary().epsilon_max <= 3.0
@@ -237,12 +238,7 @@ def test_secure_aggregation_and_an_audit_run_on_another_dataset(tmp_path):
     over = {"dataset": "breast-cancer", "data-dir": "", "model": "auto", "num-rounds": 6,
             "fraction-train": 1.0, "target-epsilon": 3.0, "secure-aggregation": "secagg+",
             "noise": "distributed", "audit-canaries": 40}
-    grid = LocalGrid(10, **over)
-    rc = {**run_config(**over), "output-dir": str(tmp_path)}
-    server_app.main(grid, Context(run_id=6, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=rc))
-    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    run = RunDir(path)
+    run = _run(tmp_path, **over)
     assert all(r.aggregated for r in run.rounds()) and run.summary().epsilon_max <= 3.0
     assert run.summary().final_accuracy > 0.7
     assert run.audit()["canaries"] == 40

@@ -190,6 +190,16 @@ def test_a_node_never_reads_a_file_or_folder_the_server_names(tmp_path):
                   node_extra={keys.NODE_LEDGER_PATH: str(tmp_path / "n2.json")})
     reply, m = _ask(ctx, 1)
     assert int(m[keys.REFUSED]) == 1 and "data-dir" in str(reply.content[keys.PRIVACY][keys.REASON])
+    # and so is code: a module the server names is never imported on the node
+    ctx = context(partition_id=3, harness_policy=False, model="tests.user_models:small",
+                  data_dir="", target_epsilon=BUDGET,
+                  node_extra={keys.NODE_LEDGER_PATH: str(tmp_path / "n3.json")})
+    import sys
+
+    sys.modules.pop("tests.user_models", None)
+    reply, m = _ask(ctx, 1)
+    assert int(m[keys.REFUSED]) == 1 and "code to import" in str(reply.content[keys.PRIVACY][keys.REASON])
+    assert "tests.user_models" not in sys.modules  # refused before importing it
 
 
 def test_simulated_attacks_need_the_nodes_own_switch(tmp_path):
