@@ -393,9 +393,9 @@ def _from_hf(ds: Any, label_column: str, partition_by: str, where: str) -> _Sour
                         f"{first}, {arrays[first].shape}); resize them to one size")
     x = np.stack(arrays).astype(np.float64)
     x = x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)  # N x C x H x W
-    ids = np.asarray(ds[partition_by]) if partition_by else None
     if partition_by and partition_by not in ds.column_names:
         raise DataError(f"{where}: no column {partition_by!r} to partition by")
+    ids = np.asarray(ds[partition_by]) if partition_by else None
     return _Source(x / 255.0, np.asarray(ds[label_column]), ids, where)
 
 

@@ -242,3 +242,9 @@ def test_secure_aggregation_and_an_audit_run_on_another_dataset(tmp_path):
     assert all(r.aggregated for r in run.rounds()) and run.summary().epsilon_max <= 3.0
     assert run.summary().final_accuracy > 0.7
     assert run.audit()["canaries"] == 40
+
+
+def test_an_image_folder_without_the_partition_column_is_named(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match="no column 'hospital' to partition by"):
+        load_split("train", "", "", f"imagefolder:{tmp_path / 'imgs'}", "label", "hospital")
