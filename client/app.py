@@ -14,7 +14,10 @@ import hashlib
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
@@ -33,7 +36,17 @@ from common.config import (
     parse_config,
     parse_node_config,
 )
-from common.data import DataError, Split, input_spec, load_split, partition_of, partitions_of
+from common.data import (
+    DataError,
+    Split,
+    class_list,
+    input_spec,
+    load_split,
+    own_spec,
+    own_split,
+    partition_of,
+    partitions_of,
+)
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
 
@@ -61,14 +74,56 @@ def _template(model: str, shape: tuple[int, ...], classes: int) -> dict[str, np.
     return dict(get_weights(build_model(model, seed=0, shape=shape, classes=classes)))
 
 
-def template(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
-    """The global model's names, shapes and dtypes for this run's model and dataset."""
-    return _template(cfg.train.model, *input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, "")))
+def template(cfg: ExperimentConfig, node: NodeConfig) -> dict[str, np.ndarray]:
+    """The global model's names, shapes and dtypes for this run's model and dataset (a
+    node with its own records in a table or image format: their shape, the run's
+    classes)."""
+    features = MODEL_FEATURES.get(cfg.train.model, "")
+    if node.dataset:
+        return _template(cfg.train.model, *_own(node, lambda: own_spec(
+            node.dataset, node.label_column, node.classes, features)))
+    return _template(cfg.train.model, *input_spec(cfg.data, features))
+
+
+def own_data_problem(cfg: ExperimentConfig, node: NodeConfig) -> str | None:
+    """Why this node's own records (node config dataset) cannot serve this run, from the
+    two configs alone, before any file is read. The data holder owns the schema (source,
+    label column, classes): a run can only agree with it, never probe the records with
+    other class lists or columns."""
+    if not node.dataset:
+        return None
+    if list(class_list(cfg.data.classes)) != list(class_list(node.classes)):
+        return (f"this node's records take the classes {node.classes!r} (node config classes); "
+                f"the run config must state the same (classes={cfg.data.classes!r})")
+    if cfg.data.standardize:
+        return ("this node uses its own records as given; the run standardises its data "
+                "with statistics of the server's copy (standardize=true): set standardize=false "
+                "and give every party's features on one public scale")
+    return None
+
+
+def _own(node: NodeConfig, read: Callable[[], Any]) -> Any:
+    """`read()` of the node's own records. What is wrong with them goes to the node's own
+    log, not to the server: the reply says only that they cannot be read."""
+    try:
+        return read()
+    except DataError as exc:
+        print(f"dpfl node: its own records (node config dataset) cannot be used: {exc}",
+              file=sys.stderr, flush=True)
+        raise DataError("this node's own records (node config dataset) cannot be used for "
+                        "this run; the reason is in the node's log") from None
 
 
 def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
     features = MODEL_FEATURES.get(cfg.train.model, "")
-    if node.data_dir:
+    if node.dataset:
+        problem = own_data_problem(cfg, node)
+        if problem:
+            raise DataError(problem)
+        split = _own(node, lambda: own_split(node.dataset, node.label_column, node.classes,
+                                             features))
+        split = split.with_records(split.images, split.labels)
+    elif node.data_dir:
         if cfg.data.dataset != "fashion-mnist":
             raise DataError(f"this node's data-dir holds Fashion-MNIST IDX files; the run "
                             f"trains dataset={cfg.data.dataset!r}")
@@ -96,6 +151,12 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
         raise DataError(problem)
     slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
                              node.partition_id)
+    if node.dataset:
+        problem = own_data_problem(cfg, node)
+        if problem:
+            raise DataError(problem)
+        return len(_own(node, lambda: own_split(node.dataset, node.label_column,
+                                                node.classes))) + slots
     if node.data_dir:
         return len(load_split("train", node.data_dir).labels) + slots
     return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
@@ -105,7 +166,7 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
 def query(msg: Message, context: Context) -> Message:
     cfg, node = _config(context), _node(context)
     return wire.query_reply(msg, partition_id=node.partition_id,
-                            num_examples=_num_examples(cfg, node), own_data=bool(node.data_dir))
+                            num_examples=_num_examples(cfg, node), own_data=node.own_data)
 
 
 def request_key(cfg: ExperimentConfig, context: Context, request: wire.TrainRequest) -> str:
@@ -129,9 +190,11 @@ MAX_PLANNED_ROUNDS = 1_000_000
 def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.TrainRequest) -> str | None:
     """Why this node refuses the request before touching any data, or None. Every reason
     depends only on the run config, the node config and the global weights, all of them
-    known to the server: a refusal reveals nothing about the records."""
+    known to the server (and, for a node with its own table or images, their record
+    shape: one fact of its schema, the same for every record): a refusal reveals nothing
+    about the records."""
     problem = node.named_source_problem(cfg.data, cfg.train.model) or \
-        node.policy_problem(cfg.privacy)
+        node.policy_problem(cfg.privacy) or own_data_problem(cfg, node)
     if problem:
         return problem
     planned = request.planned_rounds
@@ -140,7 +203,7 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
     if cfg.attack.mode_for(node.partition_id) and not node.simulated_attacks:
         return (f"the run config asks this node to misbehave (attack={cfg.attack.attack!r}); "
                 "only a simulation harness may enable that (node config simulated-attacks)")
-    return model_problem(template(cfg), request.weights, max_norm=node.max_model_norm)
+    return model_problem(template(cfg, node), request.weights, max_norm=node.max_model_norm)
 
 
 def refusal(msg: Message, ledger: Ledger, cfg: ExperimentConfig, node: NodeConfig,

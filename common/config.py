@@ -137,12 +137,16 @@ class DataConfig:
     labels_per_client: int
     seed: int
     data_dir: str
+    standardize: bool  # a table's features standardised with the training part's statistics
+    classes: str  # the federation's class list, public ('a,b,c'); "": the labels, sorted
 
     def __post_init__(self) -> None:
-        from common.data import dataset_problem
+        from common.data import classes_problem, dataset_problem
 
         problem = dataset_problem(self.dataset)
         _check(problem is None, "dataset", self.dataset, problem or "")
+        problem = classes_problem(self.classes)
+        _check(problem is None, "classes", self.classes, problem or "")
         _check(bool(self.label_column), "label-column", self.label_column, "must not be empty")
         natural = self.partitioner == "natural"
         _check(not natural or (bool(self.partition_by) and ":" in self.dataset), "partitioner",
@@ -350,6 +354,9 @@ class NodeConfig:
     partition_id: int
     num_partitions: int
     data_dir: str = ""  # the node's own records (IDX files), used whole
+    dataset: str = ""  # or in a table or Hugging Face format (csv:PATH, ...), used whole
+    label_column: str = "label"  # its label column
+    classes: str = ""  # the classes its labels take, in the federation's order ('a,b,c')
     ledger_path: str = ""  # this node's ledger file
     ledger_dir: str = ""  # simulation: one ledger file per partition in this folder
     require_dp: bool = True
@@ -383,6 +390,27 @@ class NodeConfig:
                "must be >= 0 and finite")
         _check(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
                "must be > 0 (inf: no bound)")
+        if self.dataset:
+            from common.data import classes_problem, own_data_problem
+
+            problem = own_data_problem(self.dataset)
+            _check(problem is None, "node config dataset", self.dataset, problem or "")
+            _check(not self.data_dir, "node config dataset", self.dataset,
+                   "and data-dir both name the node's records: set one")
+            _check(bool(self.label_column), "node config label-column", self.label_column,
+                   "must not be empty")
+            problem = classes_problem(self.classes)
+            _check(problem is None and bool(self.classes), "node config classes", self.classes,
+                   problem or "must list the classes of the node's labels, in the federation's "
+                   "order ('a,b,...'), with node config dataset")
+        else:
+            _check(not self.classes, "node config classes", self.classes,
+                   "goes with node config dataset (the node's own records)")
+
+    @property
+    def own_data(self) -> bool:
+        """This node trains on its own records (data-dir or dataset), not a partition."""
+        return bool(self.data_dir or self.dataset)
 
     @property
     def ledger_file(self) -> Path | None:
@@ -405,11 +433,12 @@ class NodeConfig:
             return (f"the run config names code to import on this node (model={model!r}); "
                     "this node builds only registered models (node config read-named-files "
                     "is for simulation harnesses)")
-        if ":" in data.dataset and not self.data_dir:
+        if ":" in data.dataset and not self.own_data:
             return (f"the run config names a file or download for the data "
-                    f"(dataset={data.dataset!r}); this node reads only its own data-dir or a "
-                    "bundled dataset (node config read-named-files is for simulation harnesses)")
-        if data.data_dir and not self.data_dir:
+                    f"(dataset={data.dataset!r}); this node reads only its own records (node "
+                    "config data-dir or dataset) or a bundled dataset (node config "
+                    "read-named-files is for simulation harnesses)")
+        if data.data_dir and not self.own_data:
             return (f"the run config names a data folder on this node (data-dir="
                     f"{data.data_dir!r}); this node reads only its own data-dir (node config) "
                     "(read-named-files is for simulation harnesses)")

@@ -5,7 +5,12 @@
 table, `csv:PATH` / `parquet:PATH`, with a label column (`label-column`) and numeric
 feature columns. Datasets without a test split of their own get one carved out: 20% of
 the records, drawn with the fixed seed TEST_SEED (the same split in every run);
-features are standardised with the training part's mean and standard deviation.
+features are standardised with the training part's mean and standard deviation
+(`standardize=true`) or used as given (`standardize=false`; image pixels are scaled to
+[0, 1] either way). Classes are the label values in sorted order, or in the order of the
+run's public class list (`classes='a,b,c'`). A deployed node reads its own records
+(node config `dataset`, the same formats) with `own_split`: never standardised with its
+own statistics, its labels mapped through the run's class list.
 
 Fashion-MNIST:
 
@@ -27,7 +32,7 @@ import tempfile
 import urllib.request
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +76,34 @@ def default_partitions(dataset: str) -> int:
     a smaller dataset (digits: 1,438 training records, breast-cancer: 455), so that each
     client holds enough records for its own DP-SGD noise."""
     return 100 if dataset == DEFAULT_DATASET else 10
+
+
+def class_list(classes: str) -> tuple[str, ...]:
+    """The run's public class list (`classes='a,b,c'`), in class order; () when unset."""
+    return tuple(c.strip() for c in classes.split(",")) if classes.strip() else ()
+
+
+def classes_problem(classes: str) -> str | None:
+    """Why `classes` is not a class list, or None."""
+    names = class_list(classes)
+    if not names:
+        return None
+    if any(not c for c in names):
+        return "holds an empty class name"
+    if len(set(names)) != len(names):
+        return "names a class twice"
+    if len(names) < 2:
+        return "must name at least two classes"
+    return None
+
+
+def own_data_problem(dataset: str) -> str | None:
+    """Why `dataset` (node config) is not a source a node can hold its own records in."""
+    kind, _, path = dataset.partition(":")
+    if kind in TABLE_FORMATS + HF_SOURCES and path:
+        return None
+    return ("must be csv:PATH, parquet:PATH, disk:PATH, imagefolder:PATH or hf:NAME (the "
+            "node's own records; Fashion-MNIST IDX files go in data-dir)")
 
 
 def dataset_problem(dataset: str) -> str | None:
@@ -193,24 +226,35 @@ def _normalise(images: np.ndarray) -> np.ndarray:
     return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None, :, :]
 
 
+def _with_features(split: Split, features: str, where: str) -> Split:
+    """The records with their images replaced by `features` of them (common.features),
+    computed once and memory mapped."""
+    from common.features import cached_features, feature_problem
+
+    problem = feature_problem(features, split.shape)
+    if problem:
+        raise DataError(f"{where}: {problem}; choose a model that takes the records as they are")
+    return Split(cached_features(features, split.images, cache_dir() / "features"), split.labels,
+                 split.num_classes)
+
+
 @lru_cache(maxsize=4)
 def load_split(split: str, data_dir: str = "", features: str = "",
                dataset: str = DEFAULT_DATASET, label_column: str = "label",
-               partition_by: str = "") -> Split:
+               partition_by: str = "", standardize: bool = True, classes: str = "") -> Split:
     """`split` is "train" or "test"; arrays are cached per process. With `features`, the
     images are replaced by that fixed transform of them (common.features), memory mapped.
     `data_dir` is Fashion-MNIST's folder; other datasets name their own source."""
     if dataset != DEFAULT_DATASET:
         if features:
-            raise DataError(f"{features} features are computed from 28x28 Fashion-MNIST images, "
-                            f"not from dataset={dataset!r}: choose another model")
-        train, test, _ = _carved(dataset, label_column, partition_by)
+            raw = load_split(split, data_dir, "", dataset, label_column, partition_by,
+                             standardize, classes)
+            return _with_features(raw, features, f"dataset={dataset}")
+        train, test, _ = _carved(dataset, label_column, partition_by, standardize, classes)
         return {"train": train, "test": test}[split]
     if features:
-        from common.features import cached_features
-
         raw = load_split(split, data_dir)
-        return Split(cached_features(features, raw.images, cache_dir() / "features"), raw.labels)
+        return _with_features(raw, features, f"Fashion-MNIST {split}")
     prefix = {"train": "train", "test": "t10k"}[split]
     folder = locate(data_dir or None)
     verify = not data_dir  # a user's own folder may hold their own data in the same format
@@ -235,15 +279,54 @@ class _Source:
     ids: np.ndarray | None
     where: str
     test: tuple[np.ndarray, np.ndarray] | None = None
+    label_names: tuple[str, ...] = ()  # a Hugging Face ClassLabel's names (labels index them)
+    images: bool = False  # image pixels (scaled to [0, 1]), not table columns
+
+
+def _class_order(src: _Source, labels: np.ndarray, classes: str) -> np.ndarray:
+    """The class order: the run's public list, else the label values present, sorted."""
+    if classes:
+        return np.asarray(class_list(classes), dtype=object)
+    order = np.unique(labels)
+    if len(order) < 2:
+        raise DataError(f"{src.where}: the label column holds one class ({order[0]!r}); "
+                        "a classifier needs at least two")
+    return order
+
+
+def _encode(src: _Source, labels: np.ndarray, order: np.ndarray, classes: str) -> np.ndarray:
+    """Labels as class indices (int64) in `order`; a label outside the run's class list
+    is named."""
+    if not classes:
+        return np.searchsorted(order, labels).astype(np.int64)
+    names = src.label_names
+    as_text = [names[int(v)] if names else str(v) for v in labels]
+    index = {c: i for i, c in enumerate(order)}
+    unknown = sorted(set(as_text) - set(index))
+    if unknown:
+        raise DataError(f"{src.where}: label(s) {', '.join(map(repr, unknown[:5]))} are not in "
+                        f"the run's classes ({', '.join(order)})")
+    return np.fromiter((index[t] for t in as_text), dtype=np.int64, count=len(as_text))
+
+
+def _scaler(x_train: np.ndarray, standardize: bool):
+    """x -> float32 features: standardised with the training part's per-feature mean and
+    standard deviation, or as given."""
+    if not standardize:
+        return lambda x: np.asarray(x, dtype=np.float32)
+    flat = x_train.reshape(len(x_train), -1)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std[std == 0] = 1.0  # a constant feature stays constant (0)
+    return lambda x: ((x.reshape(len(x), -1) - mean) / std).reshape(x.shape).astype(np.float32)
 
 
 @lru_cache(maxsize=4)
-def _carved(dataset: str, label_column: str, partition_by: str = ""
-            ) -> tuple[Split, Split, np.ndarray]:
+def _carved(dataset: str, label_column: str, partition_by: str = "", standardize: bool = True,
+            classes: str = "") -> tuple[Split, Split, np.ndarray]:
     """(train, test, the training records' ids) of a dataset other than Fashion-MNIST:
     its own test split, or 20% carved out with TEST_SEED; features standardised with the
-    training part's statistics; ids: the `partition_by` column (natural partitions), else
-    empty."""
+    training part's statistics (or as given); ids: the `partition_by` column (natural
+    partitions), else empty."""
     src = _read_source(dataset, label_column, partition_by)
     where = src.where
     if src.test is not None:
@@ -261,17 +344,11 @@ def _carved(dataset: str, label_column: str, partition_by: str = ""
         test, train = order[:cut], order[cut:]
         x_train, l_train, x_test, l_test = src.x[train], src.labels[train], src.x[test], src.labels[test]
         ids = src.ids[train] if src.ids is not None else None
-    classes = np.unique(np.concatenate([l_train, l_test]))
-    if len(classes) < 2:
-        raise DataError(f"{where}: the label column holds one class ({classes[0]!r}); "
-                        "a classifier needs at least two")
-    flat = x_train.reshape(len(x_train), -1)
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
-    std[std == 0] = 1.0  # a constant feature stays constant (0)
+    order = _class_order(src, np.concatenate([l_train, l_test]), classes)
+    scale = _scaler(x_train, standardize)
 
     def split(x: np.ndarray, labels: np.ndarray) -> Split:
-        z = ((x.reshape(len(x), -1) - mean) / std).reshape(x.shape).astype(np.float32)
-        return Split(z, np.searchsorted(classes, labels).astype(np.int64), len(classes))
+        return Split(scale(x), _encode(src, labels, order, classes), len(order))
 
     return split(x_train, l_train), split(x_test, l_test), ids if ids is not None else np.zeros(0)
 
@@ -287,8 +364,9 @@ def _read_source(dataset: str, label_column: str, partition_by: str = "") -> _So
 
         loaded = bundled.load_digits() if dataset == "digits" else bundled.load_breast_cancer()
         x = np.asarray(loaded.data, dtype=np.float64)
-        if dataset == "digits":
-            x = x.reshape(len(x), 1, 8, 8)  # 8x8 images
+        if dataset == "digits":  # 8x8 images of 17 grey levels
+            return _Source(x.reshape(len(x), 1, 8, 8) / 16.0, np.asarray(loaded.target), None,
+                           f"dataset={dataset}", images=True)
         return _Source(x, np.asarray(loaded.target), None, f"dataset={dataset}")
     kind, _, path = dataset.partition(":")
     if kind in HF_SOURCES:
@@ -369,7 +447,7 @@ def _read_hf(kind: str, arg: str, label_column: str, partition_by: str) -> _Sour
     if test is None:
         return src
     own = _from_hf(test, label_column, "", f"{where} (test split)")
-    return _Source(src.x, src.labels, src.ids, where, (own.x, own.labels))
+    return replace(src, test=(own.x, own.labels))
 
 
 def _from_hf(ds: Any, label_column: str, partition_by: str, where: str) -> _Source:
@@ -380,9 +458,12 @@ def _from_hf(ds: Any, label_column: str, partition_by: str, where: str) -> _Sour
     if label_column not in ds.column_names:
         raise DataError(f"{where}: no label column {label_column!r} (columns: "
                         f"{', '.join(ds.column_names)}); set label-column")
+    label = ds.features[label_column]
+    names = tuple(label.names) if isinstance(label, datasets.ClassLabel) else ()
     images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
     if not images:
-        return _from_table(ds.to_pandas(), label_column, partition_by, where)
+        return replace(_from_table(ds.to_pandas(), label_column, partition_by, where),
+                       label_names=names)
     if len(images) > 1:
         raise DataError(f"{where}: several image columns ({', '.join(images)}); dpfl reads one")
     arrays = [np.asarray(img) for img in ds[images[0]]]
@@ -396,7 +477,8 @@ def _from_hf(ds: Any, label_column: str, partition_by: str, where: str) -> _Sour
     if partition_by and partition_by not in ds.column_names:
         raise DataError(f"{where}: no column {partition_by!r} to partition by")
     ids = np.asarray(ds[partition_by]) if partition_by else None
-    return _Source(x / 255.0, np.asarray(ds[label_column]), ids, where)
+    return _Source(x / 255.0, np.asarray(ds[label_column]), ids, where, label_names=names,
+                   images=True)
 
 
 # ---------------------------------------------------------------- partitioning (pure)
@@ -462,11 +544,13 @@ def partition_indices(
 def cached_partitions(
     data_dir: str, name: str, num_partitions: int, seed: int, alpha: float, labels_per_client: int,
     dataset: str = DEFAULT_DATASET, label_column: str = "label", partition_by: str = "",
+    classes: str = "",
 ) -> tuple[np.ndarray, ...]:
     if name == "natural":
-        return natural_partitions(_carved(dataset, label_column, partition_by)[2], num_partitions,
-                                  f"{dataset} column {partition_by!r}")
-    labels = load_split("train", data_dir, dataset=dataset, label_column=label_column).labels
+        return natural_partitions(_carved(dataset, label_column, partition_by, True, classes)[2],
+                                  num_partitions, f"{dataset} column {partition_by!r}")
+    labels = load_split("train", data_dir, dataset=dataset, label_column=label_column,
+                        classes=classes).labels
     return tuple(partition_indices(
         labels, name, num_partitions, seed=seed, alpha=alpha, labels_per_client=labels_per_client
     ))
@@ -486,15 +570,17 @@ def load_partition(
     partition_id: int, num_partitions: int, *, partitioner: str, seed: int,
     alpha: float = 0.5, labels_per_client: int = 2, data_dir: str = "", features: str = "",
     dataset: str = DEFAULT_DATASET, label_column: str = "label", partition_by: str = "",
+    standardize: bool = True, classes: str = "",
 ) -> Split:
     """One client's share of the training set."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
     idx = cached_partitions(
         data_dir, partitioner, num_partitions, seed, float(alpha), labels_per_client,
-        dataset, label_column, partition_by,
+        dataset, label_column, partition_by, classes,
     )[partition_id]
-    train = load_split("train", data_dir, features, dataset, label_column, partition_by)
+    train = load_split("train", data_dir, features, dataset, label_column, partition_by,
+                       standardize, classes)
     return train.with_records(train.images[idx], train.labels[idx])
 
 
@@ -503,7 +589,7 @@ def partitions_of(cfg: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...
     config (cached per process)."""
     return cached_partitions(cfg.data_dir, cfg.partitioner, num_partitions, cfg.seed,
                              float(cfg.dirichlet_alpha), cfg.labels_per_client, cfg.dataset,
-                             cfg.label_column, cfg.partition_by)
+                             cfg.label_column, cfg.partition_by, cfg.classes)
 
 
 def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
@@ -511,23 +597,66 @@ def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, featur
     return load_partition(partition_id, num_partitions, partitioner=cfg.partitioner, seed=cfg.seed,
                           alpha=cfg.dirichlet_alpha, labels_per_client=cfg.labels_per_client,
                           data_dir=cfg.data_dir, features=features, dataset=cfg.dataset,
-                          label_column=cfg.label_column, partition_by=cfg.partition_by)
+                          label_column=cfg.label_column, partition_by=cfg.partition_by,
+                          standardize=cfg.standardize, classes=cfg.classes)
 
 
 def input_spec(cfg: DataConfig, features: str = "") -> tuple[tuple[int, ...], int]:
     """(one record's input shape, number of classes) of the run's dataset, as a model
     must take them (Fashion-MNIST's without reading it)."""
-    if cfg.dataset == DEFAULT_DATASET:
-        from common.models import IMAGE_28, SCATTER
+    from common.features import feature_shape
 
-        return (SCATTER if features == "scatter" else IMAGE_28), NUM_CLASSES
-    train = load_split("train", cfg.data_dir, features, cfg.dataset, cfg.label_column,
-                       cfg.partition_by)
-    return train.shape, train.num_classes
+    if cfg.dataset == DEFAULT_DATASET:
+        from common.models import IMAGE_28
+
+        return (feature_shape(features, IMAGE_28) if features else IMAGE_28), NUM_CLASSES
+    train = load_split("train", cfg.data_dir, "", cfg.dataset, cfg.label_column,
+                       cfg.partition_by, cfg.standardize, cfg.classes)
+    return _spec(train, features, f"dataset={cfg.dataset}")
+
+
+def _spec(split: Split, features: str, where: str) -> tuple[tuple[int, ...], int]:
+    if not features:
+        return split.shape, split.num_classes
+    from common.features import feature_problem, feature_shape
+
+    problem = feature_problem(features, split.shape)
+    if problem:
+        raise DataError(f"{where}: {problem}; choose a model that takes the records as they are")
+    return feature_shape(features, split.shape), split.num_classes
 
 
 def held_out_split(cfg: DataConfig, features: str = "") -> Split:
     """The run's test set (the server's evaluation)."""
     test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column,
-                      cfg.partition_by)
+                      cfg.partition_by, cfg.standardize, cfg.classes)
     return test.with_records(test.images, test.labels)
+
+
+# ---------------------------------------------------------------- a node's own records
+
+
+@lru_cache(maxsize=2)
+def own_split(dataset: str, label_column: str, classes: str, features: str = "") -> Split:
+    """A deployed node's own records (node config `dataset`), used whole: its training
+    split when the source has several. Features as given (image pixels in [0, 1]): a
+    standardisation with the node's own statistics would make its update depend on every
+    one of its records outside the DP mechanism. Labels mapped through the node's public
+    class list (the federation's, in its order: the labels present in a node's records
+    are not the federation's classes)."""
+    if not class_list(classes):
+        raise DataError(f"{dataset}: a node's own records need its class list (node config "
+                        "classes='a,b,...') to map their labels")
+    src = _read_source(dataset, label_column)
+    order = _class_order(src, src.labels, classes)
+    split = Split(np.asarray(src.x, dtype=np.float32), _encode(src, src.labels, order, classes),
+                  len(order))
+    if len(split) == 0:
+        raise DataError(f"{src.where}: no records")
+    return _with_features(split, features, src.where) if features else split
+
+
+def own_spec(dataset: str, label_column: str, classes: str, features: str = ""
+             ) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) a model takes for this node's own records."""
+    return _spec(own_split(dataset, label_column, classes), features, dataset)

@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app.message.message import make_message
 
-from common.config import ConfigError, resolve_config
+from client.app import query as client_query
+from common import keys
+from common.config import ConfigError, parse_node_config, resolve_config
 from common.data import DataError, held_out_split, input_spec, load_split, partitions_of
 from common.models import build_model
 from common.records import RunDir
 from server import app as server_app
-from tests.helpers import run_config
+from tests.helpers import context, metadata, run_config
 from tests.local_grid import LocalGrid
 
 
@@ -45,7 +48,7 @@ def test_a_table_is_read_with_its_label_column_and_a_recorded_test_split(tmp_pat
     path = tmp_path / f"t.{kind}"
     df.to_csv(path, index=False) if kind == "csv" else df.to_parquet(path)
     cfg = resolve_config({"dataset": f"{kind}:{path}", "label-column": "diagnosis"})
-    assert cfg.train.model == "mlp"  # model=auto on a table
+    assert cfg.train.model == "logreg"  # model=auto on a table
     test, train = held_out_split(cfg.data), load_split("train", "", "", cfg.data.dataset, "diagnosis")
     assert len(test) == 40 and len(train) == 160  # 20% carved out for the server's evaluation
     assert train.shape == (5,) and train.num_classes == 2
@@ -81,8 +84,12 @@ def test_unreadable_and_missing_files_and_unknown_datasets_are_named(tmp_path):
         load_split("train", "", "", f"csv:{tmp_path / 'none.csv'}", "label")
     with pytest.raises(ConfigError, match="dataset"):
         resolve_config({"dataset": "cifar10"})
-    with pytest.raises(ConfigError, match="model.*scattering"):
-        resolve_config({"dataset": "digits", "model": "scatter-linear"})
+    with pytest.raises(ConfigError, match="model.*scattering.*table"):
+        resolve_config({"dataset": "breast-cancer", "model": "scatter-linear"})
+    table = tmp_path / "t.csv"
+    _table().to_csv(table, index=False)
+    with pytest.raises(DataError, match=f"{table}.*computed from images"):
+        load_split("train", "", "scatter", f"csv:{table}", "diagnosis")
 
 
 def test_bundled_datasets_are_real_and_offline():
@@ -104,7 +111,7 @@ def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, datas
     summary = run.summary()
     assert summary.final_accuracy > floor and summary.epsilon_max <= 3.0
     config = json.loads((path / "config.json").read_text())["run_config"]
-    assert config["dataset"] == dataset and config["model"] == "mlp"  # auto, resolved
+    assert config["dataset"] == dataset and config["model"] == "logreg"  # auto, resolved
 
 
 def test_a_user_model_by_import_path_trains_privately_end_to_end(tmp_path):
@@ -248,3 +255,145 @@ def test_an_image_folder_without_the_partition_column_is_named(tmp_path):
     _image_folder(tmp_path / "imgs")
     with pytest.raises(DataError, match="no column 'hospital' to partition by"):
         load_split("train", "", "", f"imagefolder:{tmp_path / 'imgs'}", "label", "hospital")
+
+
+def test_scattering_features_for_images_of_any_size_and_channels():
+    from common.features import feature_shape, scattering
+
+    assert feature_shape("scatter", (1, 28, 28)) == (81, 7, 7)
+    assert feature_shape("scatter", (3, 32, 32)) == (243, 8, 8)
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 16)).astype(np.float32)
+    f = scattering(x)
+    assert f.shape == (4, 243, 3, 4)
+    # channel-major: channel 1's 81 coefficients are the transform of channel 1 alone
+    assert np.allclose(scattering(x[:, 1:2]), f[:, 81:162], atol=1e-5)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        feature_shape("scatter", (1, 4, 4))
+    cfg = resolve_config({"dataset": "digits", "model": "scatter-linear"})
+    assert input_spec(cfg.data, "scatter") == ((81, 2, 2), 10)
+    train = load_split("train", "", "scatter", "digits")
+    assert train.shape == (81, 2, 2) and len(train) == 1438 and train.num_classes == 10
+    model = build_model("scatter-linear", shape=(243, 8, 8), classes=10)
+    assert model(__import__("torch").zeros(2, 243, 8, 8)).shape == (2, 10)
+
+
+def test_scattering_trains_privately_on_another_image_dataset(tmp_path):
+    over = {"dataset": "digits", "data-dir": "", "model": "scatter-linear", "num-rounds": 30,
+            "fraction-train": 1.0, "target-epsilon": 3.0, "learning-rate": 2.0}
+    run = _run(tmp_path, **over)
+    summary = run.summary()
+    assert summary.final_accuracy > 0.6 and summary.epsilon_max <= 3.0
+
+
+def test_the_class_list_and_standardisation_are_the_run_s_choice(tmp_path):
+    df = _table()
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    ds = f"csv:{path}"
+    standardised = load_split("train", "", "", ds, "diagnosis")
+    given = load_split("train", "", "", ds, "diagnosis", "", False)
+    carved = df.iloc[np.random.default_rng(0).permutation(len(df))[40:]]
+    assert np.allclose(given.images, carved[[f"f{i}" for i in range(5)]].to_numpy(), atol=1e-6)
+    assert np.abs(standardised.images.mean(axis=0)).max() < 1e-5
+    assert not np.allclose(standardised.images, given.images)
+    reordered = load_split("train", "", "", ds, "diagnosis", "", True, "well,sick")
+    assert (reordered.labels == 1 - standardised.labels).all()  # sorted: sick, well
+    with pytest.raises(DataError, match=r"'sick' are not in the run's classes \(well, ill\)"):
+        load_split("train", "", "", ds, "diagnosis", "", True, "well,ill")
+    for bad, message in [("sick", "at least two"), ("a,,b", "empty"), ("a,b,a", "twice")]:
+        with pytest.raises(ConfigError, match=f"classes.*{message}"):
+            resolve_config({"classes": bad})
+
+
+def _own_tables(tmp_path, sizes=(150, 120, 90)):
+    """The server's copy (its evaluation data) and one table per node, of one schema."""
+    df = _table(n=200 + sum(sizes), seed=3)
+    df[:200].to_csv(tmp_path / "server.csv", index=False)
+    paths, start = [], 200
+    for i, n in enumerate(sizes):
+        paths.append(tmp_path / f"node{i}.csv")
+        df[start:start + n].to_csv(paths[-1], index=False)
+        start += n
+    return paths
+
+
+def _own_node(path, **extra):
+    return {"dataset": f"csv:{path}", "label-column": "diagnosis", "classes": "sick,well",
+            **extra}
+
+
+def test_a_deployed_node_trains_on_its_own_table(tmp_path):
+    """Deployment: each node reads its own table (node config dataset, label-column,
+    classes: the data holder's), used whole and as given; the server evaluates on its own
+    copy. The nodes keep their default policy and never read what the run config names."""
+    paths = _own_tables(tmp_path)
+    over = {"dataset": f"csv:{tmp_path / 'server.csv'}", "label-column": "diagnosis",
+            "classes": "sick,well", "standardize": False, "data-dir": "", "model": "auto",
+            "num-partitions": 3, "num-rounds": 15, "fraction-train": 1.0,
+            "target-epsilon": 3.0}
+    grid = LocalGrid(3, **over)
+    for p, path in enumerate(paths):
+        grid.contexts[1000 + p] = context(
+            partition_id=p, num_partitions=3, harness_policy=False, **over,
+            node_extra=_own_node(path, **{"ledger-path": str(tmp_path / f"ledger{p}.json")}))
+    rc = {**run_config(**over), "output-dir": str(tmp_path / "runs")}
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=rc))
+    (path,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    run = RunDir(path)
+    assert run.summary().final_accuracy > 0.8 and run.summary().epsilon_max <= 3.0
+    assert all(sorted(r.partitions_trained) == [0, 1, 2] for r in run.rounds())
+    for p, n in enumerate((150, 120, 90)):  # each node declares its own records, whole
+        reply = client_query(make_message(metadata(message_type="query"), content=RecordDict(
+            {"config": ConfigRecord({})})), grid.contexts[1000 + p])
+        assert int(reply.content[keys.METRICS][keys.NUM_EXAMPLES]) == n
+        assert json.loads((tmp_path / f"ledger{p}.json").read_text())["history"]  # spent, kept
+
+
+def test_a_server_cannot_probe_a_node_s_own_records(tmp_path, capsys):
+    """The node owns its schema: a run with other classes or standardisation is refused
+    from the configs alone (the same reason whatever the file holds, or whether it
+    exists); what is wrong with the node's own file goes to the node's log, and the
+    server learns only that it cannot be used."""
+    from tests.test_hostile_server import BUDGET, _ask
+
+    (path, *_) = _own_tables(tmp_path)
+    bad = tmp_path / "bad.csv"
+    pd.concat([_table(n=50), pd.DataFrame({"f0": [0.0], "f1": [0.0], "f2": [0.0], "f3": [0.0],
+                                          "f4": [0.0], "diagnosis": ["HIV+"]})]
+              ).to_csv(bad, index=False)
+    run = {"model": "logreg", "data_dir": "", "dataset": f"csv:{tmp_path / 'server.csv'}",
+           "label_column": "diagnosis", "classes": "well,sick", "standardize": False,
+           "target_epsilon": BUDGET}
+    reasons = set()
+    for node_file in (path, bad, tmp_path / "none.csv"):
+        ctx = context(partition_id=0, harness_policy=False, **run, node_extra=_own_node(
+            node_file, **{"ledger-path": str(tmp_path / "n.json"), "max-epsilon": BUDGET}))
+        reply, m = _ask(ctx, 1)
+        assert int(m[keys.REFUSED]) == 1
+        reasons.add(str(reply.content[keys.PRIVACY][keys.REASON]))
+    assert len(reasons) == 1 and "classes" in reasons.pop()  # the file changes nothing
+    ctx = context(partition_id=0, harness_policy=False, **{**run, "classes": "sick,well",
+                                                           "standardize": True},
+                  node_extra=_own_node(path, **{"ledger-path": str(tmp_path / "n.json"),
+                                                "max-epsilon": BUDGET}))
+    reply, m = _ask(ctx, 1)
+    assert int(m[keys.REFUSED]) == 1
+    assert "standardize=false" in str(reply.content[keys.PRIVACY][keys.REASON])
+    # the configs agree, the node's own file holds a label outside its classes
+    ctx = context(partition_id=0, harness_policy=False, **{**run, "classes": "sick,well"},
+                  node_extra=_own_node(bad, **{"ledger-path": str(tmp_path / "n2.json"),
+                                               "max-epsilon": BUDGET}))
+    capsys.readouterr()
+    with pytest.raises(DataError) as caught:
+        _ask(ctx, 1)
+    assert "HIV" not in str(caught.value) and "node's log" in str(caught.value)
+    assert "'HIV+' are not in the run's classes" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="node config classes"):
+        parse_node_config({"partition-id": 0, "num-partitions": 1, "dataset": f"csv:{path}"})
+    with pytest.raises(ConfigError, match="node config dataset.*data-dir"):
+        parse_node_config({"partition-id": 0, "num-partitions": 1, "dataset": f"csv:{path}",
+                           "classes": "a,b", "data-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="node config dataset"):
+        parse_node_config({"partition-id": 0, "num-partitions": 1, "dataset": "digits",
+                           "classes": "a,b"})
