@@ -118,16 +118,20 @@ def superlink_command(*, host: str, port: int, certs: str, database: str,
 
 def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, state_dir: str,
                       port: int, data_dir: str = "", insecure: bool = False,
-                      max_epsilon: float = 8.0, max_delta: float = 1e-5) -> list[str]:
+                      max_epsilon: float = 8.0, max_delta: float = 1e-5,
+                      own_data: str = "") -> list[str]:
     """SuperNode `i`: its partition of the data (or its own `data_dir`), its privacy ledger
     in `state_dir` (a file that outlives restarts and runs), its privacy policy (DP
     required, at most `max_epsilon` at `max_delta`: runs asking for less privacy are
-    refused), its authentication key."""
+    refused), its authentication key. `own_data`: node config for records of its own in a
+    table or image format (`dataset=... label-column=... classes=...`)."""
     node_config = (f"partition-id={i} num-partitions={num_nodes} "
                    f"ledger-path=\"{state_dir}/ledger.json\" require-dp=true "
                    f"max-epsilon={max_epsilon!r} max-delta={max_delta!r}")
     if data_dir:
         node_config += f' data-dir="{data_dir}"'
+    if own_data:
+        node_config += f" {own_data}"
     cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
     if insecure:

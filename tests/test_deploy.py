@@ -91,12 +91,12 @@ class Cluster:
         runtime.wait_for_port(self.port, proc=proc, timeout=60, what="flower-superlink",
                               log_file=self.dir / "logs" / "superlink.log")
 
-    def start_node(self, i):
+    def start_node(self, i, own_data=""):
         state = self.dir / f"node-{i}"
         state.mkdir(exist_ok=True)
         return self._start(f"node-{i}", deploy.supernode_command(
             i, num_nodes=self.n, superlink=f"127.0.0.1:{self.port}", certs=str(self.certs),
-            state_dir=str(state), port=self.node_ports[i]))
+            state_dir=str(state), port=self.node_ports[i], own_data=own_data))
 
     def restart_node(self, i, *, within=300.0):
         """Start node i again, as a restart policy would: a node killed without saying
@@ -224,6 +224,42 @@ def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
         assert sum("would reach epsilon" in r for r in row["reasons"]) == len(full)
         assert all(c.ledger(i)["history"] == spent[i] for i in full)  # refusing spends nothing
         assert s2["stopped_early"] and s2["epsilon_max"] <= 3.0
+    finally:
+        c.close()
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
+    assert not leftovers
+
+
+@pytest.mark.slow
+def test_deployed_nodes_train_on_their_own_tables(tmp_path):
+    """Two SuperNodes, each with a CSV file of its own (node config dataset, label-column,
+    classes), a run naming the server's evaluation copy: real processes, TLS, node
+    authentication; every node trains on all its records within its budget."""
+    from tests.test_datasets import _own_tables
+
+    paths = _own_tables(tmp_path, sizes=(160, 140))
+    c = Cluster(tmp_path, num_nodes=2)
+    runs = tmp_path / "runs"
+    try:
+        c.start_superlink()
+        for i in range(2):
+            reg = c.register(i)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            c.start_node(i, own_data=f'dataset="csv:{paths[i]}" label-column="diagnosis" '
+                                     'classes="sick,well"')
+        result = c.flwr("run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
+                        f'dataset="csv:{tmp_path / "server.csv"}" label-column="diagnosis" '
+                        'classes="sick,well" standardize=false num-partitions=2 num-rounds=3 '
+                        'fraction-train=1.0 target-epsilon=3.0 round-timeout=180.0 '
+                        f'output-dir="{runs}" run-name="own"', timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summary = read_json(runs / "own" / "summary.json")
+        rows = read_rounds(runs / "own" / "rounds.jsonl")
+        assert summary["rounds"] == 3 and summary["epsilon_max"] <= 3.0
+        assert all(sorted(r["partitions_trained"]) == [0, 1] for r in rows), rows
+        for i in range(2):  # one full-batch step a round on the node's own records
+            assert c.ledger(i)["history"][0][1:] == [1.0, 3]
     finally:
         c.close()
     leftovers = [p for p in psutil.process_iter(["cmdline"])
