@@ -22,6 +22,8 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 CALIBRATE_FOR = ("run", "participations")
 DEVICES = ("cpu", "cuda", "auto")
 CLIENT_SAMPLING = ("cohorts", "random")
+DISCOVERY = ("auto", "all", "lazy")
+FULL_DISCOVERY_LIMIT = 1000  # discovery=auto asks every node up to this many partitions
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 SECURE_AGGREGATION = ("none", "secagg+")
@@ -64,9 +66,12 @@ class FederationConfig:
     krum_select: int
     round_timeout: float
     node_wait_timeout: float
+    discovery: str  # all: every node asked at start; lazy: a node when first sampled
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        _check(self.discovery in DISCOVERY, "discovery", self.discovery,
+               f"must be one of {', '.join(DISCOVERY)}")
         _check(
             0.0 < self.fraction_train <= 1.0,
             "fraction-train", self.fraction_train, "must be in (0, 1]",
@@ -125,6 +130,13 @@ class FederationConfig:
 
     def clients_per_round(self, num_clients: int) -> int:
         return clients_per_round(num_clients, self.fraction_train, self.min_train_clients)
+
+    @property
+    def lazy_discovery(self) -> bool:
+        """Nodes are asked which partition they hold only when first sampled (never all at
+        once): discovery=lazy, or auto beyond FULL_DISCOVERY_LIMIT partitions."""
+        return self.discovery == "lazy" or (
+            self.discovery == "auto" and self.num_partitions > FULL_DISCOVERY_LIMIT)
 
 
 @dataclass(frozen=True, kw_only=True)

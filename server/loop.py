@@ -65,10 +65,10 @@ class RunState:
 
 def start(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, *,
           model: Weights, run_id: int, model_parameters: int) -> RunState:
-    """A new run: discover the nodes, plan each client's participations (from the clients
-    known at start), write config.json."""
+    """A new run: wait for the configured federation (num-partitions nodes; discovery
+    `all` asks every one), plan each client's participations for it, write config.json."""
     fed, priv = cfg.federation, cfg.privacy
-    num_clients = len(strategy.cohorts.discover(grid)) or fed.num_partitions
+    num_clients = strategy.cohorts.begin(grid)
     planned = privacy.planned_participations(
         num_rounds=fed.num_rounds, clients_per_round=strategy.cohorts.size(num_clients),
         num_clients=num_clients, calibrate_for=priv.calibrate_for, margin=priv.participation_margin)
@@ -94,7 +94,7 @@ def restore(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunD
     run.rewrite_rounds(state.history)
     log.info("resuming %s after round %d of %d", run.path, state.next_round - 1,
              cfg.federation.num_rounds)
-    strategy.cohorts.discover(grid)
+    strategy.cohorts.begin(grid)
     return state
 
 
