@@ -4,6 +4,8 @@
    through dpfl's own trainer on one real Fashion-MNIST partition.
 2. With --round: a short default simulation; seconds per round, the share of round wall
    time spent inside client training, and the machine-wide peak memory increase.
+3. With --scale N1,N2,...: a simulation of each many virtual clients (cohorts of
+   --cohort): time to the first round, seconds a round, peak memory of the process tree.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from common.config import resolve_config
 from common.data import partition_of
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import RunDir
+from simulations.runtime import Backend
 
 
 def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds: float) -> float:
@@ -54,7 +57,7 @@ def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds:
     return done / (time.perf_counter() - start)
 
 
-def round_figures(overrides: dict, client_cpus: float) -> dict:
+def round_figures(overrides: dict, backend: Backend | None = None) -> dict:
     """Run a short simulation and measure it."""
     import psutil
 
@@ -74,7 +77,7 @@ def round_figures(overrides: dict, client_cpus: float) -> dict:
     out = tempfile.mkdtemp(prefix="dpfl-bench-")
     t0 = time.time()
     try:
-        run_dir = simulate(overrides, output_dir=out, client_cpus=client_cpus, progress=None)
+        run_dir = simulate(overrides, output_dir=out, backend=backend, progress=None)
     finally:
         stop.set()
         watcher.join()
@@ -90,7 +93,97 @@ def round_figures(overrides: dict, client_cpus: float) -> dict:
     }
 
 
+class TreeMemory:
+    """Peak memory while a block runs, sampled every `every` seconds: machine-wide used
+    memory above the start, and the summed proportional set size (PSS: shared pages
+    split between their users) of this process and every descendant (the SuperLink,
+    the simulation, Ray's GCS, raylet and workers)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        import psutil
+
+        self._psutil, self.every = psutil, every
+        self.base = psutil.virtual_memory().used
+        self.peak_used, self.peak_tree, self.peak_processes = self.base, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _tree(self) -> tuple[int, int]:
+        me = self._psutil.Process()
+        total, count = 0, 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+            total += getattr(info, "pss", info.rss)
+            count += 1
+        return total, count
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_used = max(self.peak_used, self._psutil.virtual_memory().used)
+            tree, count = self._tree()
+            if tree > self.peak_tree:
+                self.peak_tree, self.peak_processes = tree, count
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict:
+        return {"peak_machine_used_increase_gib": (self.peak_used - self.base) / 2**30,
+                "peak_process_tree_pss_gib": self.peak_tree / 2**30,
+                "processes_at_peak": self.peak_processes}
+
+
+def scale_figures(num_clients: int, *, cohort: int, rounds: int,
+                  backend: Backend | None = None, extra: dict | None = None) -> dict:
+    """One simulation of `num_clients` virtual clients, `cohort` a round: time to the
+    first round, seconds a round after it, peak memory of the whole process tree."""
+    from simulations.simulate import simulate
+
+    overrides = {"num-partitions": num_clients, "fraction-train": cohort / num_clients,
+                 "min-train-clients": cohort, "num-rounds": rounds, **(extra or {})}
+    out = tempfile.mkdtemp(prefix="dpfl-bench-scale-")
+    first: list[float] = []
+    t0 = time.time()
+
+    def progress(line: str) -> None:
+        if line.startswith("round") and not first:
+            first.append(time.time() - t0)
+
+    with TreeMemory() as mem:
+        run_dir = simulate(overrides, output_dir=out, backend=backend, progress=progress)
+    rows = RunDir(run_dir).rounds()
+    later = rows[1:] or rows
+    return {"clients": num_clients, "cohort": cohort, "rounds": len(rows),
+            "wall_seconds_total": round(time.time() - t0, 1),
+            "first_round_after_seconds": round(first[0], 1) if first else None,
+            "seconds_round_1": round(rows[0].seconds, 2) if rows else None,
+            "seconds_per_round_after_1": round(sum(r.seconds for r in later) / len(later), 3),
+            **{k: round(v, 2) if isinstance(v, float) else v for k, v in mem.figures().items()},
+            "final_accuracy": rows[-1].test_accuracy if rows else None, "run_dir": str(run_dir)}
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.scale:
+        sizes = [int(n) for n in args.scale.split(",") if n.strip()]
+        print(f"dpfl bench --scale: {', '.join(map(str, sizes))} virtual clients, cohorts of "
+              f"{args.cohort}, {args.rounds} rounds, {os.cpu_count()} CPUs"
+              + (f", Ray cluster {args.ray_address}" if args.ray_address else ""))
+        for n in sizes:
+            figs = scale_figures(n, cohort=args.cohort, rounds=args.rounds,
+                                 backend=Backend(client_cpus=args.client_cpus,
+                                                 client_gpus=args.client_gpus,
+                                                 ray_address=args.ray_address))
+            print(json.dumps(figs), flush=True)
+        return 0
     cfg = resolve_config({})
     model = args.model or cfg.train.model
     batch = cfg.train.batch_size if args.batch_size is None else args.batch_size
@@ -104,6 +197,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"  DP-SGD {mode:<10}        {sps:9.0f} samples/s  ({base / sps:.2f}x slower)")
     if args.round:
         over = {"num-rounds": 20}
-        figs = round_figures(over, client_cpus=1.0)
+        figs = round_figures(over)
         print("  simulation (defaults, 20 rounds): " + json.dumps(figs, indent=2))
     return 0

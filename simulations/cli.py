@@ -10,6 +10,24 @@ from common.config import ConfigError, parse_overrides
 from common.data import DataError
 
 
+def _backend(args: argparse.Namespace):
+    """Where the virtual clients run (simulations.runtime.Backend), from the flags."""
+    from simulations.runtime import Backend
+
+    return Backend(client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+                   ray_address=args.ray_address)
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per virtual client (default 1: two at a time on 2 cores)")
+    p.add_argument("--client-gpus", type=float, default=0.0,
+                   help="GPUs (a fraction: of one GPU) Ray reserves per virtual client")
+    p.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                   help="run the virtual clients on this existing Ray cluster (its head's "
+                        "address; default: a Ray started on this machine)")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from common.records import RunDir
     from simulations.simulate import resume, simulate, summary_text
@@ -19,11 +37,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.run_config or args.output_dir:
             raise ConfigError("--resume continues a run with the config it started with: "
                               "--run-config and --output-dir cannot be given with it")
-        run_dir = resume(args.resume, client_cpus=args.client_cpus, progress=progress,
+        run_dir = resume(args.resume, backend=_backend(args), progress=progress,
                          ledger_dir=args.ledger_dir)
     else:
         overrides = parse_overrides(" ".join(args.run_config or []))
-        run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
+        run_dir = simulate(overrides, output_dir=args.output_dir, backend=_backend(args),
                            progress=progress, ledger_dir=args.ledger_dir)
     print(summary_text(run_dir))
     summary = RunDir(run_dir).summary()
@@ -44,7 +62,7 @@ def _audit(args: argparse.Namespace) -> int:
     if not (isinstance(overrides["audit-canaries"], int) and overrides["audit-canaries"] >= 1):
         raise ConfigError(f"--canaries / audit-canaries={overrides['audit-canaries']!r} must be "
                           "an integer >= 1 for an audit")
-    run_dir = simulate(overrides, output_dir=args.output_dir, client_cpus=args.client_cpus,
+    run_dir = simulate(overrides, output_dir=args.output_dir, backend=_backend(args),
                        progress=None if args.quiet else print, ledger_dir=None)
     print(summary_text(run_dir))
     result = RunDir(run_dir).audit()
@@ -81,7 +99,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = load_grid(args.grid_file, " ".join(args.grid or []), " ".join(args.run_config or []))
     if args.name:
         spec["name"] = args.name
-    sweep_dir = run_sweep(spec, args.output_dir, client_cpus=args.client_cpus)
+    sweep_dir = run_sweep(spec, args.output_dir, backend=_backend(args))
     print(f"report: {report(sweep_dir)}")
     return 0
 
@@ -159,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
                      help="override config keys (pyproject [tool.flwr.app.config]); repeatable")
     sim.add_argument("--output-dir", help="where run directories go (default: runs/)")
-    sim.add_argument("--client-cpus", type=float, default=1.0,
-                     help="CPUs Ray reserves per virtual client (default 1: two at a time on 2 cores)")
+    _backend_flags(sim)
     sim.add_argument("--quiet", action="store_true", help="no per-round progress")
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a killed run from its last complete round")
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     aud.add_argument("--canaries", type=int, default=None,
                      help="canary records, each in training with probability 1/2 (default 1000)")
     aud.add_argument("--output-dir", help="where run directories go (default: runs/)")
-    aud.add_argument("--client-cpus", type=float, default=1.0)
+    _backend_flags(aud)
     aud.add_argument("--quiet", action="store_true", help="no per-round progress")
     aud.set_defaults(func=_audit)
 
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="overrides for every point")
     sweep.add_argument("--name", help="the sweep directory's name (default: the grid's)")
     sweep.add_argument("--output-dir", default="sweeps", help="where sweep directories go (default: sweeps/)")
-    sweep.add_argument("--client-cpus", type=float, default=1.0)
+    _backend_flags(sweep)
     sweep.set_defaults(func=_sweep)
 
     rep = sub.add_parser("report", help="tables, plots and report.md of a sweep directory")
@@ -236,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--modes", default="hooks,functorch,ghost", help="grad-sample modes to time")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--round", action="store_true", help="also time a short simulation")
+    bench.add_argument("--scale", default="", metavar="N1,N2,...",
+                       help="instead: simulations of N virtual clients each (e.g. 1000,10000)")
+    bench.add_argument("--cohort", type=int, default=10, help="--scale: clients a round")
+    bench.add_argument("--rounds", type=int, default=10, help="--scale: rounds a run")
+    _backend_flags(bench)
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ ports with a private FLWR_HOME, and kills its whole process group when done.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,9 +17,72 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import FLOWER_ENV
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the virtual clients run and what each reserves: Flower's simulation engine
+    on Ray that it starts on this machine (default), or an existing Ray cluster
+    (`ray_address`, HOST:PORT of its head: `ray start --head` there, `ray start
+    --address HOST:PORT` on every other machine, each with the same Python environment
+    and dpfl installed at the same path). Never changes what a client computes."""
+
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        from common.config import ConfigError
+
+        if not 0 < self.client_cpus < 1e6:
+            raise ConfigError(f"--client-cpus={self.client_cpus!r} must be > 0")
+        if not 0 <= self.client_gpus < 1e6:
+            raise ConfigError(f"--client-gpus={self.client_gpus!r} must be >= 0")
+        if self.ray_address:
+            host, sep, port = self.ray_address.rpartition(":")
+            if not (sep and host and port.isdigit()) or "://" in self.ray_address:
+                raise ConfigError(f"--ray-address={self.ray_address!r} must be HOST:PORT of "
+                                  "a Ray cluster's head (as `ray start --head` prints it)")
+
+    def check(self) -> None:
+        """A clear error, before anything starts, when the cluster's head is unreachable."""
+        from common.config import ConfigError
+
+        if not self.ray_address:
+            return
+        host, _, port = self.ray_address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise ConfigError(f"--ray-address={self.ray_address}: no Ray head answers there "
+                              f"({exc}); start one with `ray start --head --port {port}`") from exc
+
+    def federation_config(self, num_supernodes: int) -> str:
+        """`flwr run --federation-config`: the federation size and each client's share."""
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+        text = f"num-supernodes={num_supernodes} client-resources-num-cpus={num(self.client_cpus)}"
+        if self.client_gpus:
+            text += f" client-resources-num-gpus={float(self.client_gpus)!r}"
+        return text
+
+    def env(self, client_env: dict[str, str]) -> dict[str, str]:
+        """What the simulation process needs. On this machine's own Ray, its workers
+        inherit the environment (`client_env` included). On an existing cluster
+        (RAY_ADDRESS) the workers are started by that cluster's nodes, so `client_env`
+        (the node config, Flower's switches, dpfl's own variables) travels in the job's
+        runtime environment, which Ray merges with the one Flower sets."""
+        if not self.ray_address:
+            return {}
+        env_vars = {**FLOWER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("DPFL_")},
+                    **client_env}
+        return {"RAY_ADDRESS": self.ray_address,
+                "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": env_vars}})}
 
 
 def free_port() -> int:

@@ -141,14 +141,16 @@ def check_partitions(cfg: ExperimentConfig) -> None:
 
 
 def simulate(
-    overrides: Mapping[str, Any], *, output_dir: str | None = None, client_cpus: float = 1.0,
+    overrides: Mapping[str, Any], *, output_dir: str | None = None,
+    backend: runtime.Backend | None = None,
     progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600,
     ledger_dir: str | Path | None = None,
 ) -> Path:
     """Run one experiment; returns its run directory (with summary.json). Every virtual
     client keeps its ledger in `ledger_dir` (default: the run's `ledgers/`), so a resumed
     run, or a later run given the same folder, continues its epsilon."""
-    return launch(prepare(overrides, output_dir), client_cpus=client_cpus, progress=progress,
+    (backend or runtime.Backend()).check()
+    return launch(prepare(overrides, output_dir), backend=backend, progress=progress,
                   timeout=timeout, ledger_dir=ledger_dir)
 
 
@@ -166,12 +168,13 @@ def resume_config(path: Path) -> ExperimentConfig:
                                         run_name=run.path.name))
 
 
-def resume(run_dir: Path, *, client_cpus: float = 1.0,
+def resume(run_dir: Path, *, backend: runtime.Backend | None = None,
            progress: Callable[[str], None] | None = print, timeout: float = 6 * 3600,
            ledger_dir: str | Path | None = None) -> Path:
     """Continue a killed `dpfl simulate` run from its last complete round (with the ledger
     folder it ran with: the run's `ledgers/` unless `ledger_dir` is given)."""
-    return launch(resume_config(run_dir), client_cpus=client_cpus, progress=progress,
+    (backend or runtime.Backend()).check()
+    return launch(resume_config(run_dir), backend=backend, progress=progress,
                   timeout=timeout, ledger_dir=ledger_dir)
 
 
@@ -216,9 +219,10 @@ def reconcile_privacy(run: RunDir, ledger_dir: Path, cfg: ExperimentConfig) -> N
                                   clients_unconfirmed=0))
 
 
-def launch(cfg: ExperimentConfig, *, client_cpus: float, progress: Callable[[str], None] | None,
-           timeout: float, ledger_dir: str | Path | None = None) -> Path:
+def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, timeout: float,
+           ledger_dir: str | Path | None = None, backend: runtime.Backend | None = None) -> Path:
     """Start a private SuperLink, submit the run, follow it; returns its run directory."""
+    backend = backend or runtime.Backend()
     run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
     ledgers = Path(ledger_dir).expanduser().resolve() if ledger_dir else run.ledgers
     flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
@@ -228,17 +232,18 @@ def launch(cfg: ExperimentConfig, *, client_cpus: float, progress: Callable[[str
         f"{cfg.federation.num_rounds} rounds, "
         + (f"target epsilon {cfg.privacy.target_epsilon}, delta {cfg.privacy.target_delta}"
            if cfg.privacy.private else "non-private baseline")
+        + (f" on the Ray cluster at {backend.ray_address}" if backend.ray_address else "")
         + f" -> {run.path}")
-    cpus = int(client_cpus) if float(client_cpus).is_integer() else float(client_cpus)
     t0 = time.time()
+    client_env = node_env(cfg, ledgers)
     try:
         with runtime.simulation_superlink(flwr_home, run.logs / "superlink.log",
-                                          extra_env=node_env(cfg, ledgers)) as connection:
+                                          extra_env={**client_env, **backend.env(client_env)}
+                                          ) as connection:
             cmd = [
                 runtime.tool("flwr"), "run", str(project_root()), connection,
                 "--run-config", format_overrides(cfg.to_run_config()),
-                "--federation-config",
-                f"num-supernodes={n} client-resources-num-cpus={toml_value(cpus)}",
+                "--federation-config", backend.federation_config(n),
                 "--stream",
             ]
             proc = runtime.start(cmd, env=runtime.flower_env(flwr_home),

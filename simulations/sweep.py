@@ -45,6 +45,7 @@ from common.records import (
     write_json,
 )
 from simulations import simulate as sim
+from simulations.runtime import Backend
 
 GRIDS = Path(__file__).resolve().parent / "grids"
 
@@ -195,9 +196,11 @@ class Progress:
             self.say(line)
 
 
-def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: float = 1.0,
+def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *,
+              backend: Backend | None = None,
               stream=sys.stdout) -> Path:
     """Run every point not yet finished; returns the sweep directory."""
+    (backend or Backend()).check()
     points = expand(spec)
     name = spec.get("name") or "sweep"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -243,11 +246,11 @@ def run_sweep(spec: Mapping[str, Any], output_dir: str | Path, *, client_cpus: f
 
         try:
             if status == "interrupted":
-                sim.resume(run_dir, client_cpus=client_cpus, progress=on_line)
+                sim.resume(run_dir, backend=backend, progress=on_line)
             else:
                 cfg = point.config_in(sweep_dir)
                 sim.check(cfg)
-                sim.launch(cfg, client_cpus=client_cpus, progress=on_line, timeout=6 * 3600)
+                sim.launch(cfg, backend=backend, progress=on_line, timeout=6 * 3600)
             on_line("")
             s = run.summary()
             assert s is not None  # launch raises when the run did not finish

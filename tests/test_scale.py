@@ -15,7 +15,7 @@ from common.data import partition_indices
 from common.records import RunDir
 from server import app as server_app
 from server.cohorts import FederationError
-from tests.helpers import run_config
+from tests.helpers import TINY_DATA, run_config
 from tests.local_grid import LocalGrid
 
 
@@ -86,3 +86,106 @@ def test_iid_partitions_are_flwr_datasets_shards_computed_at_once():
     parts = partition_indices(big, "iid", 10_000, seed=42)
     assert len(parts) == 10_000 and {len(p) for p in parts} == {6}
     assert sorted(np.concatenate(parts).tolist()) == list(range(60_000))
+
+
+# ---- an existing Ray cluster ---------------------------------------------------------
+
+
+def _ray_state(address, code):
+    """Run `code` in a fresh Ray driver connected to `address` (never in this process);
+    its printed last line, parsed as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, ray\n"
+              f"ray.init(address={address!r}, include_dashboard=False, logging_level='ERROR')\n"
+              + code)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_simulation_runs_on_an_existing_ray_cluster_of_two_nodes(tmp_path):
+    """A Ray head and a second Ray node, started here on loopback (one CPU each, stopped
+    by process id: never `ray stop`, which would stop any other Ray on the machine);
+    `dpfl simulate --ray-address` runs its virtual clients on both (Ray's actor table)."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    import psutil
+
+    from common.records import read_json
+    from simulations import runtime
+    from simulations.runtime import Backend
+    from simulations.simulate import simulate
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dpfl-ray-", dir="/tmp"))  # short: Ray's sockets
+    port = runtime.free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
+              "--object-store-memory", str(200 * 2**20), "--block"]
+    procs = []
+    try:
+        procs.append(runtime.start(
+            [runtime.tool("ray"), "start", "--head", "--port", str(port),
+             "--include-dashboard=false", "--temp-dir", str(ray_tmp), *common],
+            env=env, log_file=tmp_path / "ray-head.log"))
+        runtime.wait_for_port(port, proc=procs[0], timeout=120, what="ray head",
+                              log_file=tmp_path / "ray-head.log")
+        procs.append(runtime.start(
+            [runtime.tool("ray"), "start", "--address", address, *common],
+            env=env, log_file=tmp_path / "ray-worker.log"))
+        deadline = time.time() + 180
+        while _ray_state(address, "print(sum(n['Alive'] for n in ray.nodes()))") < 2:
+            assert time.time() < deadline, (tmp_path / "ray-worker.log").read_text()[-3000:]
+            time.sleep(2)
+
+        run = simulate({"num-partitions": 6, "num-rounds": 3, "fraction-train": 1.0,
+                        "model": "logreg", "data-dir": TINY_DATA, "target-epsilon": 3.0},
+                       output_dir=str(tmp_path / "runs"), progress=None,
+                       backend=Backend(ray_address=address))
+        summary = read_json(run / "summary.json")
+        assert summary["rounds"] == 3 and summary["epsilon_max"] <= 3.0
+        assert all(r["clients_trained"] == 6 for r in _rows(run))
+        nodes = _ray_state(address, (
+            "from ray._private.state import state\n"
+            "acts = [a for a in state.actor_table(None).values()"
+            " if a.get('ActorClassName') == 'ClientAppActor']\n"
+            "print(json.dumps(sorted({a['Address']['NodeID'] for a in acts})))\n"))
+        assert len(nodes) == 2, nodes  # the clients' actors ran on both Ray nodes
+    finally:
+        for proc in reversed(procs):
+            runtime.stop(proc, grace=20)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any(str(ray_tmp) in part for part in (p.info["cmdline"] or []))]
+    assert not leftovers
+
+
+def _rows(run):
+    from tests.helpers import read_rounds
+
+    return read_rounds(Path(run) / "rounds.jsonl")
+
+
+def test_a_bad_or_unreachable_ray_address_is_named_before_anything_starts(tmp_path):
+    from common.config import ConfigError
+    from simulations import runtime
+    from simulations.runtime import Backend
+    from simulations.simulate import simulate
+
+    for bad in ("localhost", "ray://host:10001", "host:port"):
+        with pytest.raises(ConfigError, match="--ray-address"):
+            Backend(ray_address=bad)
+    with pytest.raises(ConfigError, match="no Ray head answers there"):
+        simulate({}, output_dir=str(tmp_path),
+                 backend=Backend(ray_address=f"127.0.0.1:{runtime.free_port()}"))
+    assert not any(tmp_path.iterdir())
+    assert Backend(client_cpus=0.5, client_gpus=0.25).federation_config(10) == \
+        "num-supernodes=10 client-resources-num-cpus=0.5 client-resources-num-gpus=0.25"
