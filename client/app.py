@@ -10,6 +10,7 @@ secure-aggregation=secagg+ a round is four `train.secagg_*` messages (client/sec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,13 +40,14 @@ from common.config import (
 from common.data import (
     DataError,
     Split,
+    cached_split,
     class_list,
     input_spec,
     load_split,
     own_spec,
     own_split,
     partition_of,
-    partitions_of,
+    source_fingerprint,
 )
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
@@ -115,23 +117,47 @@ def _own(node: NodeConfig, read: Callable[[], Any]) -> Any:
 
 
 def _data(cfg: ExperimentConfig, node: NodeConfig) -> Split:
+    return with_canaries(cfg, node, _records(cfg, node))
+
+
+def _records(cfg: ExperimentConfig, node: NodeConfig) -> Split:
+    """This node's training records as the model takes them, from the node's cache when
+    an earlier message computed them (every message of a deployed node is a new
+    process, which would otherwise decompress, partition and transform its data again);
+    a simulation's actors keep them in memory as well."""
     features = MODEL_FEATURES.get(cfg.train.model, "")
+    key: dict[str, Any]
     if node.dataset:
         problem = own_data_problem(cfg, node)
         if problem:
             raise DataError(problem)
-        split = _own(node, lambda: own_split(node.dataset, node.label_column, node.classes,
-                                             features))
-        split = split.with_records(split.images, split.labels)
+        key = {"own": node.dataset, "label_column": node.label_column, "classes": node.classes}
+        fingerprint = _own(node, lambda: source_fingerprint(node.dataset))
     elif node.data_dir:
         if cfg.data.dataset != "fashion-mnist":
             raise DataError(f"this node's data-dir holds Fashion-MNIST IDX files; the run "
                             f"trains dataset={cfg.data.dataset!r}")
-        split = load_split("train", node.data_dir, features)
-        split = split.with_records(split.images, split.labels)
+        key = {"data_dir": node.data_dir}
+        fingerprint = source_fingerprint("fashion-mnist", node.data_dir)
     else:
-        split = partition_of(cfg.data, node.partition_id, node.num_partitions, features)
-    return with_canaries(cfg, node, split)
+        key = {"data": dataclasses.asdict(cfg.data), "partition": node.partition_id,
+               "num_partitions": node.num_partitions}
+        fingerprint = source_fingerprint(cfg.data.dataset, cfg.data.data_dir)
+    if fingerprint is None or not node.cache_records:  # a Hub name: no files to key by
+        return _load_records(cfg, node, features)
+    return cached_split({"v": 1, **key, "features": features, "source": fingerprint},
+                        lambda: _load_records(cfg, node, features))
+
+
+def _load_records(cfg: ExperimentConfig, node: NodeConfig, features: str) -> Split:
+    if node.dataset:
+        split = _own(node, lambda: own_split(node.dataset, node.label_column, node.classes,
+                                             features))
+    elif node.data_dir:
+        split = load_split("train", node.data_dir, features)
+    else:
+        return partition_of(cfg.data, node.partition_id, node.num_partitions, features)
+    return split.with_records(split.images, split.labels)
 
 
 def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Split:
@@ -151,15 +177,7 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
         raise DataError(problem)
     slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
                              node.partition_id)
-    if node.dataset:
-        problem = own_data_problem(cfg, node)
-        if problem:
-            raise DataError(problem)
-        return len(_own(node, lambda: own_split(node.dataset, node.label_column,
-                                                node.classes))) + slots
-    if node.data_dir:
-        return len(load_split("train", node.data_dir).labels) + slots
-    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
+    return len(_records(cfg, node)) + slots
 
 
 @app.query()

@@ -8,6 +8,8 @@ FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # A deployed node's SuperExec looks for a message to run every second by default.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 for _k, _v in FLOWER_ENV.items():
     os.environ.setdefault(_k, _v)

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
 
 NUM_CLASSES = 10
 SIGNIFICANCE = 0.05  # 95% confidence
@@ -99,6 +98,8 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """P[>= v correct of r guesses] under (epsilon, delta)-DP with m canaries (Steinke et
     al. 2023, Theorem with delta): P[Bin(r, q) >= v] + 2 m delta max_i (P[Bin(r, q) >=
     v - i] - P[Bin(r, q) >= v]) / i, q = e^eps / (1 + e^eps)."""
+    from scipy import stats  # here: a client imports this module, and needs none of SciPy
+
     if not (0 <= v <= r <= m and epsilon >= 0 and 0 <= delta <= 1):
         raise ValueError(f"p_value(m={m}, r={r}, v={v}, epsilon={epsilon}, delta={delta})")
     q = 1.0 / (1.0 + math.exp(-epsilon))
@@ -113,6 +114,8 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
 def refuted_epsilon(m: int, r: int, v: int, delta: float, significance: float) -> float:
     """The largest epsilon whose (epsilon, delta) claim v correct of r refutes at this
     significance (0 when none)."""
+    from scipy import optimize
+
     if r == 0 or p_value(m, r, v, 0.0, delta) > significance:
         return 0.0
     hi = 1.0
@@ -156,6 +159,8 @@ def epsilon_lower_bound(scores: np.ndarray, member: np.ndarray, delta: float,
 
 def auc(scores: np.ndarray, member: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for membership (ties count one half)."""
+    from scipy import stats
+
     scores, member = np.asarray(scores, dtype=np.float64), np.asarray(member, dtype=bool)
     pos, neg = int(member.sum()), int((~member).sum())
     if not pos or not neg:

@@ -385,6 +385,9 @@ class NodeConfig:
     # in model=. A deployed node reads its own data-dir or a bundled dataset and builds a
     # registered model, never a path or module the server chose.
     read_named_files: bool = False
+    # keep this node's prepared records in its cache folder (a deployed node runs every
+    # message in a new process); a simulation's actors keep them in memory instead
+    cache_records: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_partitions >= 1, "node config num-partitions", self.num_partitions,

@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from common.files import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from common.config import DataConfig
@@ -659,6 +663,59 @@ def held_out_split(cfg: DataConfig, features: str = "") -> Split:
     test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column,
                       cfg.partition_by, cfg.standardize, cfg.classes)
     return test.with_records(test.images, test.labels)
+
+
+# ---------------------------------------------------------------- a node's cache
+
+
+def source_fingerprint(dataset: str, data_dir: str = "") -> list | None:
+    """What identifies a dataset's files on disk (path, size and modification time of
+    each), or None when it cannot be told without reading them (a Hub name)."""
+    if dataset == DEFAULT_DATASET:
+        folder = locate(data_dir or None)
+        files = [folder / n for n in FILES]
+    elif dataset in BUNDLED:
+        import sklearn
+
+        return [dataset, sklearn.__version__]
+    else:
+        kind, _, path = dataset.partition(":")
+        root = Path(path).expanduser()
+        if kind == "hf" and not root.is_dir():
+            return None
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    out: list = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cached_split(key: dict, build: Callable[[], Split]) -> Split:
+    """`build()`, computed once and kept in this machine's cache folder as arrays that
+    later processes memory-map in milliseconds. A deployed node starts a fresh process
+    for every message, which would otherwise decompress, partition and transform its
+    data each time. `key` must name everything the split depends on, the files'
+    fingerprint included (a changed file is a new key)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    folder = cache_dir() / "splits"
+    x_path, y_path, meta = (folder / f"{digest}-x.npy", folder / f"{digest}-y.npy",
+                            folder / f"{digest}.json")
+    if meta.exists():
+        try:
+            classes = int(json.loads(meta.read_text())["num_classes"])
+            images = np.asarray(np.load(x_path, mmap_mode="r"), dtype=np.float32)
+            return Split(images, np.load(y_path), classes)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: built again below
+    split = build()
+    # Fixed features come from a float16 cache (common.features): kept at that precision.
+    stored = split.images.astype(np.float16) if key.get("features") else split.images
+    atomic_write(x_path, lambda tmp: np.save(tmp, np.ascontiguousarray(stored)))
+    atomic_write(y_path, lambda tmp: np.save(tmp, np.ascontiguousarray(split.labels)))
+    atomic_write_text(meta, json.dumps({"num_classes": split.num_classes, "key": key},
+                                       default=str))
+    return split
 
 
 # ---------------------------------------------------------------- a node's own records

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.config import FederationConfig
 from server.replies import NodeInfo, query_problem, short_error
-from server.wire import query_message
+from server.wire import query_message, send_and_receive
 
 log = logging.getLogger("dpfl.server")
 DISCOVERY_TIMEOUT = 120.0
@@ -101,7 +101,7 @@ class Cohorts:
         timeout = min(self.fed.round_timeout, DISCOVERY_TIMEOUT)
         for start in range(0, len(nodes), DISCOVERY_BATCH):
             batch = nodes[start : start + DISCOVERY_BATCH]
-            for reply in grid.send_and_receive([query_message(n) for n in batch], timeout=timeout):
+            for reply in send_and_receive(grid, [query_message(n) for n in batch], timeout=timeout):
                 node = reply.metadata.src_node_id
                 info, problem = _declaration(reply)
                 if info is None:

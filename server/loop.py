@@ -30,7 +30,7 @@ from common.records import (
     git_revision,
     library_versions,
 )
-from server import checkpoint
+from server import checkpoint, wire
 from server.audit import CanaryScorer
 from server.audit import finish as audit_finish
 from server.replies import classify
@@ -118,7 +118,7 @@ def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: R
     arrays = to_array_record(state.model)
     messages = strategy.configure_train(
         server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
-    replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
+    replies = wire.send_and_receive(grid, messages, timeout=timeout) if messages else []
     strategy.outcomes[server_round].bytes_up = sum(
         payload_bytes(r.content) for r in replies if not r.has_error())
     if scorer is not None:

@@ -30,7 +30,7 @@ from common.config import ExperimentConfig
 from common.data import input_spec
 from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
-from server import optimizer
+from server import optimizer, wire
 from server.audit import CanaryScorer
 from server.replies import judge_reply, read_privacy, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
@@ -105,7 +105,7 @@ class SecureRound:
         if not messages:
             return {}
         out.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
+        replies = wire.send_and_receive(grid, messages, timeout=self.cfg.federation.round_timeout)
         got: dict[int, Message] = {}
         for r in replies:
             node = r.metadata.src_node_id

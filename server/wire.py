@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -19,6 +21,29 @@ def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> ordered dict of named numpy arrays."""
     return {name: record[name].numpy() for name in record}
+
+
+POLL_SECONDS = 0.1
+
+
+def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    """Push `messages` and collect their replies until all are in or `timeout` passes,
+    polling every POLL_SECONDS. Flower's deployment grid sleeps 3 s between polls, so
+    every exchange of a deployed round waited up to 3 s for replies already there. A
+    grid without push/pull (a test's) is asked to send and receive itself."""
+    if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    return replies
 
 
 def query_message(node: int) -> Message:

@@ -4,7 +4,9 @@
    through dpfl's own trainer on one real Fashion-MNIST partition.
 2. With --round: a short default simulation; seconds per round, the share of round wall
    time spent inside client training, and the machine-wide peak memory increase.
-3. With --scale N1,N2,...: a simulation of each many virtual clients (cohorts of
+3. With --deploy N: a run on N local SuperNodes (real processes) against its simulated
+   twin: seconds a round each, and the ratio.
+4. With --scale N1,N2,...: a simulation of each many virtual clients (cohorts of
    --cohort): time to the first round, seconds a round, peak memory of the process tree.
 """
 
@@ -18,6 +20,7 @@ import threading
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -171,7 +174,78 @@ def scale_figures(num_clients: int, *, cohort: int, rounds: int,
             "final_accuracy": rows[-1].test_accuracy if rows else None, "run_dir": str(run_dir)}
 
 
+def deploy_figures(num_nodes: int, *, rounds: int, extra: dict | None = None) -> dict:
+    """The same run twice: on Flower's deployment runtime as real local processes (a
+    `flower-superlink` and `num_nodes` `flower-supernode`s on loopback, insecure: TLS
+    costs nothing measurable here), and as its simulated twin. Seconds a round after
+    round 1 for each, and their ratio."""
+    import shutil
+    import subprocess
+
+    from common.config import project_root
+    from simulations import deploy, runtime
+    from simulations.simulate import format_overrides, simulate
+
+    over = {"num-partitions": num_nodes, "num-rounds": rounds, "fraction-train": 1.0,
+            "min-available-clients": num_nodes, "min-train-clients": num_nodes, **(extra or {})}
+    work = Path(tempfile.mkdtemp(prefix="dpfl-bench-deploy-"))
+    home = work / "flwr-home"
+    home.mkdir()
+    port = runtime.free_port()
+    (home / "config.toml").write_text(deploy.connection_toml(f"127.0.0.1:{port}", "",
+                                                             insecure=True))
+    env = runtime.flower_env(home)
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(runtime.start(
+            [runtime.tool(c) if i == 0 else c for i, c in enumerate(deploy.superlink_command(
+                host="127.0.0.1", port=port, certs="", database=str(work / "superlink.db"),
+                insecure=True))], env=env, log_file=work / "superlink.log", cwd=work))
+        runtime.wait_for_port(port, proc=procs[0], timeout=60, what="flower-superlink",
+                              log_file=work / "superlink.log")
+        for i in range(num_nodes):
+            (work / f"node-{i}").mkdir()
+            cmd = deploy.supernode_command(i, num_nodes=num_nodes, superlink=f"127.0.0.1:{port}",
+                                           certs="", state_dir=str(work / f"node-{i}"),
+                                           port=runtime.free_port(), insecure=True)
+            procs.append(runtime.start([runtime.tool(cmd[0]), *cmd[1:]], env=env,
+                                       log_file=work / f"node-{i}.log", cwd=work))
+        t0 = time.time()
+        text = format_overrides({**over, "output-dir": str(work / "runs"), "run-name": "deploy"})
+        done = subprocess.run([runtime.tool("flwr"), "run", str(project_root()), deploy.CONNECTION,
+                               "--stream", "--run-config", text], env=env, cwd=project_root(),
+                              capture_output=True, text=True, timeout=3600)
+        deploy_wall = time.time() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"the deployment run failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        rows = RunDir(work / "runs" / "deploy").rounds()
+    finally:
+        for proc in reversed(procs):
+            runtime.stop(proc)
+    twin = RunDir(simulate(over, output_dir=str(work / "sim"), progress=None)).rounds()
+    if not os.environ.get("DPFL_BENCH_KEEP"):
+        shutil.rmtree(work, ignore_errors=True)
+
+    def after_1(rs: list) -> float:
+        later = rs[1:] or rs
+        return sum(r.seconds for r in later) / len(later)
+
+    dep, sim = after_1(rows), after_1(twin)
+    return {"nodes": num_nodes, "rounds": len(rows), "deployment_wall_seconds": round(deploy_wall, 1),
+            "deployment_seconds_round_1": round(rows[0].seconds, 2),
+            "deployment_seconds_per_round_after_1": round(dep, 2),
+            "simulation_seconds_round_1": round(twin[0].seconds, 2),
+            "simulation_seconds_per_round_after_1": round(sim, 2),
+            "ratio": round(dep / sim, 2),
+            "deployment_accuracy": rows[-1].test_accuracy, "simulation_accuracy": twin[-1].test_accuracy}
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.deploy:
+        print(f"dpfl bench --deploy: {args.deploy} SuperNodes as local processes against the "
+              f"simulated twin, {args.rounds} rounds, {os.cpu_count()} CPUs")
+        print(json.dumps(deploy_figures(args.deploy, rounds=args.rounds)), flush=True)
+        return 0
     if args.scale:
         sizes = [int(n) for n in args.scale.split(",") if n.strip()]
         print(f"dpfl bench --scale: {', '.join(map(str, sizes))} virtual clients, cohorts of "

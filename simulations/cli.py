@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--round", action="store_true", help="also time a short simulation")
     bench.add_argument("--scale", default="", metavar="N1,N2,...",
                        help="instead: simulations of N virtual clients each (e.g. 1000,10000)")
+    bench.add_argument("--deploy", type=int, default=0, metavar="N",
+                       help="instead: a run on N local SuperNodes against its simulated twin")
     bench.add_argument("--cohort", type=int, default=10, help="--scale: clients a round")
-    bench.add_argument("--rounds", type=int, default=10, help="--scale: rounds a run")
+    bench.add_argument("--rounds", type=int, default=10, help="--scale, --deploy: rounds a run")
     _backend_flags(bench)
     bench.set_defaults(func=_bench)
 

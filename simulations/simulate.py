@@ -182,7 +182,7 @@ def node_env(cfg: ExperimentConfig, ledger_dir: Path) -> dict[str, str]:
     """The node config every virtual client gets (NODE_CONFIG_ENV): a policy that accepts
     exactly this run (the harness is both the data holders and the server here), and
     where its ledger file lives. Only the harness sets it, never the run config."""
-    policy = {**node_policy_for(cfg), "ledger-dir": str(ledger_dir)}
+    policy = {**node_policy_for(cfg), "ledger-dir": str(ledger_dir), "cache-records": False}
     return {NODE_CONFIG_ENV: format_overrides(policy)}
 
 
