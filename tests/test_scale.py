@@ -189,3 +189,49 @@ def test_a_bad_or_unreachable_ray_address_is_named_before_anything_starts(tmp_pa
     assert not any(tmp_path.iterdir())
     assert Backend(client_cpus=0.5, client_gpus=0.25).federation_config(10) == \
         "num-supernodes=10 client-resources-num-cpus=0.5 client-resources-num-gpus=0.25"
+
+
+def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_change(
+        tmp_path, monkeypatch):
+    """Every message of a deployed node is a new process: the records it trains on are
+    kept in its cache folder after the first, memory-mapped by the next (the same
+    arrays), and built again when a data file changes. Simulation keeps them in memory."""
+    import os
+    import shutil
+
+    from client.app import _config, _node, _records
+    from common.data import CACHE_ENV, cache_dir
+    from tests.helpers import context
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(TINY_DATA, data)
+    ctx = context(partition_id=0, harness_policy=False, data_dir="", model="logreg",
+                  node_extra={"data-dir": str(data)})
+    cfg, node = _config(ctx), _node(ctx)
+    splits = cache_dir() / "splits"
+    first = _records(cfg, node)
+    assert len(list(splits.glob("*.json"))) == 1
+    again = _records(cfg, node)
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.labels, again.labels)
+    assert again.images.dtype == np.float32 and len(again) == 1000
+    images = data / "train-images-idx3-ubyte.gz"
+    os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
+    _records(cfg, node)
+    assert len(list(splits.glob("*.json"))) == 2  # a changed file: built again
+    sim = context(partition_id=0, harness_policy=False, data_dir="", model="logreg",
+                  node_extra={"data-dir": str(data), "cache-records": False})
+    _records(_config(sim), _node(sim))
+    assert len(list(splits.glob("*.json"))) == 2  # the simulation harness's nodes: no files
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="no CUDA device on this machine: the GPU path runs where one exists")
+def test_bench_scale_runs_clients_on_a_gpu(tmp_path):
+    from simulations.bench import scale_figures
+    from simulations.runtime import Backend
+
+    figs = scale_figures(20, cohort=4, rounds=3, backend=Backend(client_gpus=0.5),
+                         extra={"device": "cuda", "model": "logreg"})
+    assert figs["rounds"] == 3 and figs["final_accuracy"] > 0.3
