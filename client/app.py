@@ -48,6 +48,7 @@ from common.data import (
     own_split,
     partition_of,
     source_fingerprint,
+    with_features,
 )
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
@@ -155,6 +156,11 @@ def _load_records(cfg: ExperimentConfig, node: NodeConfig, features: str) -> Spl
                                              features))
     elif node.data_dir:
         split = load_split("train", node.data_dir, features)
+    elif node.cache_records and features:
+        # A deployed node: features of its own records only (a simulation's actors share
+        # one copy of the whole training set's, computed once).
+        split = with_features(partition_of(cfg.data, node.partition_id, node.num_partitions),
+                              features, f"partition {node.partition_id}")
     else:
         return partition_of(cfg.data, node.partition_id, node.num_partitions, features)
     return split.with_records(split.images, split.labels)

@@ -230,7 +230,7 @@ def _normalise(images: np.ndarray) -> np.ndarray:
     return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None, :, :]
 
 
-def _with_features(split: Split, features: str, where: str) -> Split:
+def with_features(split: Split, features: str, where: str) -> Split:
     """The records with their images replaced by `features` of them (common.features),
     computed once and memory mapped."""
     from common.features import cached_features, feature_problem
@@ -253,12 +253,12 @@ def load_split(split: str, data_dir: str = "", features: str = "",
         if features:
             raw = load_split(split, data_dir, "", dataset, label_column, partition_by,
                              standardize, classes)
-            return _with_features(raw, features, f"dataset={dataset}")
+            return with_features(raw, features, f"dataset={dataset}")
         train, test, _ = _carved(dataset, label_column, partition_by, standardize, classes)
         return {"train": train, "test": test}[split]
     if features:
         raw = load_split(split, data_dir)
-        return _with_features(raw, features, f"Fashion-MNIST {split}")
+        return with_features(raw, features, f"Fashion-MNIST {split}")
     prefix = {"train": "train", "test": "t10k"}[split]
     folder = locate(data_dir or None)
     verify = not data_dir  # a user's own folder may hold their own data in the same format
@@ -738,7 +738,7 @@ def own_split(dataset: str, label_column: str, classes: str, features: str = "")
                   len(order))
     if len(split) == 0:
         raise DataError(f"{src.where}: no records")
-    return _with_features(split, features, src.where) if features else split
+    return with_features(split, features, src.where) if features else split
 
 
 def own_spec(dataset: str, label_column: str, classes: str, features: str = ""

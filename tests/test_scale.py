@@ -235,3 +235,19 @@ def test_bench_scale_runs_clients_on_a_gpu(tmp_path):
     figs = scale_figures(20, cohort=4, rounds=3, backend=Backend(client_gpus=0.5),
                          extra={"device": "cuda", "model": "logreg"})
     assert figs["rounds"] == 3 and figs["final_accuracy"] > 0.3
+
+
+def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, monkeypatch):
+    """A deployed node (it keeps its records: cache-records) computes the model's fixed
+    features for the records of its partition, not for the whole training set."""
+    from client.app import _config, _node, _records
+    from common.data import CACHE_ENV, cache_dir
+    from tests.helpers import context
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    ctx = context(partition_id=3, harness_policy=False, model="scatter-linear",
+                  node_extra={"read-named-files": True})  # the tiny data named in the run
+    split = _records(_config(ctx), _node(ctx))
+    assert split.shape == (81, 7, 7) and len(split) == 100
+    (features,) = (cache_dir() / "features").glob("scatter-*.npy")
+    assert np.load(features, mmap_mode="r").shape == (100, 81, 7, 7)  # its 100, not 1,000
