@@ -108,27 +108,31 @@ class TreeMemory:
         self._psutil, self.every = psutil, every
         self.base = psutil.virtual_memory().used
         self.peak_used, self.peak_tree, self.peak_processes = self.base, 0, 0
+        self.at_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _tree(self) -> tuple[int, int]:
+    def _tree(self) -> dict[str, int]:
+        """PSS by process (named by its command), this process and every descendant."""
         me = self._psutil.Process()
-        total, count = 0, 0
+        sizes: dict[str, int] = {}
         for proc in [me, *me.children(recursive=True)]:
             try:
                 info = proc.memory_full_info()
+                cmd = proc.cmdline()
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
                 continue
-            total += getattr(info, "pss", info.rss)
-            count += 1
-        return total, count
+            name = _process_name(cmd) or proc.name()
+            sizes[name] = sizes.get(name, 0) + getattr(info, "pss", info.rss)
+        return sizes
 
     def _watch(self) -> None:
         while not self._stop.is_set():
             self.peak_used = max(self.peak_used, self._psutil.virtual_memory().used)
-            tree, count = self._tree()
-            if tree > self.peak_tree:
-                self.peak_tree, self.peak_processes = tree, count
+            sizes = self._tree()
+            if sum(sizes.values()) > self.peak_tree:
+                self.peak_tree, self.peak_processes = sum(sizes.values()), len(sizes)
+                self.at_peak = sizes
             self._stop.wait(self.every)
 
     def __enter__(self) -> TreeMemory:
@@ -142,7 +146,21 @@ class TreeMemory:
     def figures(self) -> dict:
         return {"peak_machine_used_increase_gib": (self.peak_used - self.base) / 2**30,
                 "peak_process_tree_pss_gib": self.peak_tree / 2**30,
-                "processes_at_peak": self.peak_processes}
+                "process_kinds_at_peak": self.peak_processes,
+                "pss_mib_by_process_at_peak": {k: round(v / 2**20) for k, v in sorted(
+                    self.at_peak.items(), key=lambda kv: -kv[1])}}
+
+
+def _process_name(cmd: list[str]) -> str:
+    """A short name for a process of the run: its program (or Ray's worker title)."""
+    if not cmd:
+        return ""
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    prog = [c for c in cmd[:4] if not c.startswith("-")
+            and not c.endswith(("python", "python3", "python3.11"))]
+    name = os.path.basename(prog[0]) if prog else os.path.basename(cmd[0])
+    return "dpfl (this command)" if name in ("dpfl", "cli.py") else name
 
 
 def scale_figures(num_clients: int, *, cohort: int, rounds: int,
