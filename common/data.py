@@ -715,7 +715,25 @@ def cached_split(key: dict, build: Callable[[], Split]) -> Split:
     atomic_write(y_path, lambda tmp: np.save(tmp, np.ascontiguousarray(split.labels)))
     atomic_write_text(meta, json.dumps({"num_classes": split.num_classes, "key": key},
                                        default=str))
+    evict_oldest(folder, "*.json", KEEP_SPLITS, lambda m: [m, m.with_name(f"{m.stem}-x.npy"),
+                                                            m.with_name(f"{m.stem}-y.npy")])
     return split
+
+
+# A run config chooses keys (its seed, its partitioner): without a bound a server could
+# fill a node's disk by cycling them, run after run.
+KEEP_SPLITS = 4
+
+
+def evict_oldest(folder: Path, pattern: str, keep: int,
+                 files_of: Callable[[Path], list[Path]] = lambda p: [p]) -> None:
+    """Delete all but the `keep` newest entries matching `pattern` (with their files). A
+    process still reading an evicted file keeps its data (Linux unlinks lazily); a
+    later one builds it again."""
+    entries = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in entries[keep:]:
+        for f in files_of(old):
+            f.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- a node's own records

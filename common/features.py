@@ -82,4 +82,12 @@ def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarra
                 atomic_write(path, lambda tmp: np.save(tmp, feats))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return np.load(path, mmap_mode="r")
+    features = np.load(path, mmap_mode="r")
+    from common.data import evict_oldest
+
+    evict_oldest(cache_dir, f"{kind}-*.npy", KEEP_FEATURES,
+                 lambda p: [p, p.with_name(f".{p.stem}.lock")])
+    return features
+
+
+KEEP_FEATURES = 8  # feature sets kept (a node's partitions under past run configs)

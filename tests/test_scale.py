@@ -223,6 +223,15 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
                   node_extra={"data-dir": str(data), "cache-records": False})
     _records(_config(sim), _node(sim))
     assert len(list(splits.glob("*.json"))) == 2  # the simulation harness's nodes: no files
+    # Keys a run config can vary (here the file again) never fill the node's disk.
+    from common.data import KEEP_SPLITS
+
+    for step in range(2, 2 + KEEP_SPLITS):
+        os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + step * 10**9))
+        _records(cfg, node)
+    assert len(list(splits.glob("*.json"))) == KEEP_SPLITS
+    assert len(list(splits.glob("*.npy"))) == 2 * KEEP_SPLITS
+    assert np.array_equal(_records(cfg, node).images, first.images)  # the newest is kept
 
 
 @pytest.mark.slow
