@@ -91,6 +91,12 @@ class Cluster:
         runtime.wait_for_port(self.port, proc=proc, timeout=60, what="flower-superlink",
                               log_file=self.dir / "logs" / "superlink.log")
 
+    def join(self, i, own_data=""):
+        """Register node i's key, then start it."""
+        reg = self.register(i)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        return self.start_node(i, own_data)
+
     def start_node(self, i, own_data=""):
         state = self.dir / f"node-{i}"
         state.mkdir(exist_ok=True)
@@ -158,9 +164,7 @@ def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
     try:
         c.start_superlink()
         for i in range(3):
-            reg = c.register(i)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
-            c.start_node(i)
+            c.join(i)
         # A node whose key was never registered is refused and exits.
         intruder = c.start_node(3)
         assert intruder.wait(timeout=120) != 0
@@ -244,10 +248,8 @@ def test_deployed_nodes_train_on_their_own_tables(tmp_path):
     try:
         c.start_superlink()
         for i in range(2):
-            reg = c.register(i)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
-            c.start_node(i, own_data=f'dataset="csv:{paths[i]}" label-column="diagnosis" '
-                                     'classes="sick,well"')
+            c.join(i, own_data=f'dataset="csv:{paths[i]}" label-column="diagnosis" '
+                               'classes="sick,well"')
         result = c.flwr("run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
                         f'dataset="csv:{tmp_path / "server.csv"}" label-column="diagnosis" '
                         'classes="sick,well" standardize=false num-partitions=2 num-rounds=3 '
@@ -308,8 +310,7 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     try:
         c.start_superlink()
         for i in range(4):
-            assert c.register(i).returncode == 0
-            c.start_node(i)
+            c.join(i)
         t0 = time.time()
         run = c.start_run("run", f'{SECURE_RUN} output-dir="{runs}" run-name="secure"', "flwr-run.log")
         # The first ledger written means round 1 reached its masked stage: kill node 3.
