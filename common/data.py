@@ -685,9 +685,12 @@ def source_fingerprint(dataset: str, data_dir: str = "") -> list | None:
             return None
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
     out: list = []
-    for f in files:
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    try:
+        for f in files:
+            st = f.stat()
+            out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    except OSError as exc:
+        raise DataError(f"dataset={dataset}: {exc}") from exc
     return out
 
 

@@ -389,6 +389,13 @@ def test_a_server_cannot_probe_a_node_s_own_records(tmp_path, capsys):
         _ask(ctx, 1)
     assert "HIV" not in str(caught.value) and "node's log" in str(caught.value)
     assert "'HIV+' are not in the run's classes" in capsys.readouterr().err
+    gone = context(partition_id=0, harness_policy=False, **{**run, "classes": "sick,well"},
+                   node_extra=_own_node(tmp_path / "gone.csv", **{
+                       "ledger-path": str(tmp_path / "n3.json"), "max-epsilon": BUDGET}))
+    with pytest.raises(DataError) as caught:  # a missing file: its path stays on the node
+        _ask(gone, 1)
+    assert "gone.csv" not in str(caught.value) and "node's log" in str(caught.value)
+    assert "gone.csv" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="node config classes"):
         parse_node_config({"partition-id": 0, "num-partitions": 1, "dataset": f"csv:{path}"})
     with pytest.raises(ConfigError, match="node config dataset.*data-dir"):
