@@ -44,11 +44,12 @@ from common.data import (
     class_list,
     input_spec,
     load_split,
+    own_partition_of,
     own_spec,
     own_split,
     partition_of,
+    partitions_of,
     source_fingerprint,
-    with_features,
 )
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
@@ -156,11 +157,10 @@ def _load_records(cfg: ExperimentConfig, node: NodeConfig, features: str) -> Spl
                                              features))
     elif node.data_dir:
         split = load_split("train", node.data_dir, features)
-    elif node.cache_records and features:
+    elif node.cache_records:
         # A deployed node: features of its own records only (a simulation's actors share
         # one copy of the whole training set's, computed once).
-        split = with_features(partition_of(cfg.data, node.partition_id, node.num_partitions),
-                              features, f"partition {node.partition_id}")
+        return own_partition_of(cfg.data, node.partition_id, node.num_partitions, features)
     else:
         return partition_of(cfg.data, node.partition_id, node.num_partitions, features)
     return split.with_records(split.images, split.labels)
@@ -183,7 +183,17 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
         raise DataError(problem)
     slots = audit.slot_count(cfg.audit.audit_canaries, cfg.federation.num_partitions,
                              node.partition_id)
-    return len(_records(cfg, node)) + slots
+    # Only the count: discovery must answer in seconds, and a deployed node's first
+    # features (minutes for tens of thousands of images) wait for its first round.
+    if node.dataset:
+        problem = own_data_problem(cfg, node)
+        if problem:
+            raise DataError(problem)
+        return len(_own(node, lambda: own_split(node.dataset, node.label_column,
+                                                node.classes))) + slots
+    if node.data_dir:
+        return len(load_split("train", node.data_dir).labels) + slots
+    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
 
 
 @app.query()

@@ -624,6 +624,23 @@ def partitions_of(cfg: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...
                              cfg.label_column, cfg.partition_by, cfg.classes)
 
 
+def own_partition_of(cfg: DataConfig, partition_id: int, num_partitions: int,
+                     features: str = "") -> Split:
+    """One partition for a deployed node, which holds only it: its records' features
+    are computed for those records alone, unless the whole training set's are already
+    in this machine's cache (then they are read from it)."""
+    if not features:
+        return partition_of(cfg, partition_id, num_partitions)
+    from common.features import cache_path
+
+    train = load_split("train", cfg.data_dir, "", cfg.dataset, cfg.label_column,
+                       cfg.partition_by, cfg.standardize, cfg.classes)
+    if cache_path(features, train.images, cache_dir() / "features").exists():
+        return partition_of(cfg, partition_id, num_partitions, features)
+    return with_features(partition_of(cfg, partition_id, num_partitions), features,
+                         f"partition {partition_id}")
+
+
 def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
     """One client's share of the shared training set under the run's data config."""
     return load_partition(partition_id, num_partitions, partitioner=cfg.partitioner, seed=cfg.seed,
@@ -708,7 +725,9 @@ def cached_split(key: dict, build: Callable[[], Split]) -> Split:
         try:
             classes = int(json.loads(meta.read_text())["num_classes"])
             images = np.asarray(np.load(x_path, mmap_mode="r"), dtype=np.float32)
-            return Split(images, np.load(y_path), classes)
+            labels = np.load(y_path)
+            os.utime(meta)  # used now: eviction keeps the newest in use
+            return Split(images, labels, classes)
         except (OSError, ValueError, KeyError):
             pass  # unreadable: built again below
     split = build()

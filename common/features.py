@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,19 @@ def scattering(images: np.ndarray, *, chunk: int = 2000) -> np.ndarray:
     return out
 
 
+def cache_path(kind: str, images: np.ndarray, cache_dir: Path) -> Path:
+    """Where the `kind` features of exactly these images are cached (keyed by their bytes)."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    return cache_dir / f"{kind}-{digest}.npy"
+
+
 def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarray:
     """Features of `images`, computed once and shared through a memory-mapped file."""
     problem = feature_problem(kind, tuple(images.shape[1:]))
     if problem:
         raise ValueError(problem)
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    path = cache_dir / f"{kind}-{digest}.npy"
+    path = cache_path(kind, images, cache_dir)
+    digest = path.stem.removeprefix(f"{kind}-")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{kind}-{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process computes, the others wait and share
@@ -83,6 +90,7 @@ def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarra
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     features = np.load(path, mmap_mode="r")
+    os.utime(path)  # used now: eviction keeps what is in use (the whole training set's)
     from common.data import evict_oldest
 
     evict_oldest(cache_dir, f"{kind}-*.npy", KEEP_FEATURES,

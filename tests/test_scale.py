@@ -260,3 +260,15 @@ def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, mon
     assert split.shape == (81, 7, 7) and len(split) == 100
     (features,) = (cache_dir() / "features").glob("scatter-*.npy")
     assert np.load(features, mmap_mode="r").shape == (100, 81, 7, 7)  # its 100, not 1,000
+    # Where the whole training set's features are cached already, a node reads its rows.
+    from common.data import load_split
+
+    whole = load_split("train", TINY_DATA, "scatter")
+    other = context(partition_id=4, harness_policy=False, model="scatter-linear",
+                    node_extra={"read-named-files": True})
+    split = _records(_config(other), _node(other))
+    assert len(list((cache_dir() / "features").glob("scatter-*.npy"))) == 2  # no third
+    from common.data import partitions_of
+
+    rows = partitions_of(_config(other).data, 10)[4]
+    assert np.array_equal(split.images, np.asarray(whole.images[rows], dtype=np.float32))
