@@ -109,7 +109,20 @@ def prepare(overrides: Mapping[str, Any], output_dir: str | None = None) -> Expe
         # the apps run from Flower's copy of the project, not from here
         cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
     check(cfg)
+    release_data()
     return cfg
+
+
+def release_data() -> None:
+    """Drop the arrays the checks loaded (the training set, its partitions): this process
+    only follows the run from here, for as long as it lasts."""
+    import gc
+
+    from common import data
+
+    for cached in (data.load_split, data._carved, data.cached_partitions, data.own_split):
+        cached.cache_clear()
+    gc.collect()
 
 
 def check_model(cfg: ExperimentConfig) -> None:
