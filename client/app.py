@@ -97,8 +97,8 @@ def own_data_problem(cfg: ExperimentConfig, node: NodeConfig) -> str | None:
     if not node.dataset:
         return None
     if list(class_list(cfg.data.classes)) != list(class_list(node.classes)):
-        return (f"this node's records take the classes {node.classes!r} (node config classes); "
-                f"the run config must state the same (classes={cfg.data.classes!r})")
+        return (f"the run's classes ({cfg.data.classes!r}) are not this node's (node config "
+                "classes): the federation's class list must be the same everywhere")
     if cfg.data.standardize:
         return ("this node uses its own records as given; the run standardises its data "
                 "with statistics of the server's copy (standardize=true): set standardize=false "

@@ -545,14 +545,11 @@ def _partitioner_indices(
     labels: np.ndarray, name: str, num_partitions: int, *, seed: int,
     alpha: float = 0.5, labels_per_client: int = 2,
 ) -> list[np.ndarray]:
-    """Row indices of every partition by the flwr-datasets partitioner itself."""
+    """Row indices of every partition by the flwr-datasets partitioner itself (its caller,
+    partition_indices, has checked the count)."""
     import datasets
     from datasets import Dataset
 
-    if num_partitions > len(labels):
-        raise DataError(
-            f"num-partitions={num_partitions} exceeds the {len(labels)} training records"
-        )
     datasets.disable_progress_bars()
     ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     ds = ds.shuffle(seed=seed).flatten_indices()  # IID shards need a seeded shuffle first

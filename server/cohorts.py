@@ -163,7 +163,8 @@ class Cohorts:
         need = self.fed.min_available_clients
         while True:
             if self.lazy:
-                pool = sorted(set(grid.get_node_ids()) - self.ignored)
+                connected = set(grid.get_node_ids())  # once a round: O(nodes) in simulation
+                pool = sorted(connected - self.ignored)
             else:
                 by_partition = self.discover(grid, cohort.reasons)
                 pool = sorted(by_partition)
@@ -186,7 +187,7 @@ class Cohorts:
             cohort.members = [(by_partition[p], p) for p in chosen]
             return cohort
         self._ask(grid, [n for n in chosen if n not in self.nodes], cohort.reasons)
-        holders = self._holders(set(grid.get_node_ids()))
+        holders = self._holders(connected)
         cohort.members = [(n, self.nodes[n].partition_id) for n in chosen
                           if n in self.nodes and holders.get(self.nodes[n].partition_id) == n]
         return cohort
