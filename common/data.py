@@ -532,13 +532,10 @@ def partition_indices(
 
 
 def _shuffled(n: int, seed: int) -> np.ndarray:
-    """The row order of `datasets.Dataset.shuffle(seed=seed)` on n rows."""
-    import datasets
-    from datasets import Dataset
-
-    datasets.disable_progress_bars()
-    ds = Dataset.from_dict({"idx": np.arange(n)}).shuffle(seed=seed).flatten_indices()
-    return np.asarray(ds["idx"], dtype=np.int64)
+    """The row order of `datasets.Dataset.shuffle(seed=seed)` on n rows: its permutation
+    from `np.random.default_rng(seed)` (tested against it), without importing datasets
+    and building a dataset (2 s at 60,000 rows, in every process that partitions)."""
+    return np.random.default_rng(seed).permutation(n).astype(np.int64)
 
 
 def _partitioner_indices(

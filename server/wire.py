@@ -30,8 +30,10 @@ def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) 
     """Push `messages` and collect their replies until all are in or `timeout` passes,
     polling every POLL_SECONDS. Flower's deployment grid sleeps 3 s between polls, so
     every exchange of a deployed round waited up to 3 s for replies already there. A
-    grid without push/pull (a test's) is asked to send and receive itself."""
-    if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+    grid that waits for replies itself (dpfl's in-process runtime) or has no push/pull
+    (a test's) is asked to send and receive."""
+    if getattr(grid, "waits_for_replies", False) or not (
+            hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []

@@ -15,17 +15,25 @@ def _backend(args: argparse.Namespace):
     from simulations.runtime import Backend
 
     return Backend(client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-                   ray_address=args.ray_address)
+                   ray_address=args.ray_address, runtime=args.runtime, workers=args.workers)
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "inprocess", "flower"],
+                   help="inprocess: dpfl's runtime (the ServerApp here, the ClientApp in "
+                        "worker processes); flower: Flower's simulation engine on Ray "
+                        "(SuperLink, flwr run); auto (default): flower when a Ray option "
+                        "below is given, else inprocess")
+    p.add_argument("--workers", type=int, default=0,
+                   help="inprocess: worker processes running clients (default: one per core, "
+                        "at most a cohort)")
     p.add_argument("--client-cpus", type=float, default=1.0,
-                   help="CPUs Ray reserves per virtual client (default 1: two at a time on 2 cores)")
+                   help="Ray: CPUs reserved per virtual client (default 1: two at a time on 2 cores)")
     p.add_argument("--client-gpus", type=float, default=0.0,
-                   help="GPUs (a fraction: of one GPU) Ray reserves per virtual client")
+                   help="Ray: GPUs (a fraction: of one GPU) reserved per virtual client")
     p.add_argument("--ray-address", default="", metavar="HOST:PORT",
-                   help="run the virtual clients on this existing Ray cluster (its head's "
-                        "address; default: a Ray started on this machine)")
+                   help="Ray: run the virtual clients on this existing Ray cluster (its "
+                        "head's address; default: a Ray started on this machine)")
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -19,24 +19,60 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import FLOWER_ENV
 
 
+RUNTIMES = ("auto", "inprocess", "flower")
+
+
 @dataclass(frozen=True)
 class Backend:
-    """Where the virtual clients run and what each reserves: Flower's simulation engine
-    on Ray that it starts on this machine (default), or an existing Ray cluster
+    """Where the virtual clients run. `inprocess` (dpfl's runtime, simulations/
+    inprocess.py): the ServerApp in the dpfl process, the ClientApp in `workers` worker
+    processes (default: one per core, at most a cohort). `flower`: Flower's simulation
+    engine on Ray, which it starts on this machine, or an existing Ray cluster
     (`ray_address`, HOST:PORT of its head: `ray start --head` there, `ray start
     --address HOST:PORT` on every other machine, each with the same Python environment
-    and dpfl installed at the same path). Never changes what a client computes."""
+    and dpfl installed at the same path), each client reserving `client_cpus` and
+    `client_gpus`. `auto`: `flower` when a Ray address or client resources are given,
+    else `inprocess`. Never changes what a client computes: both run the same ServerApp
+    and ClientApp through Flower's Message API."""
 
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""
+    runtime: str = "auto"
+    workers: int = 0
+
+    @property
+    def engine(self) -> str:
+        if self.runtime != "auto":
+            return self.runtime
+        ray = bool(self.ray_address) or self.client_gpus > 0 or self.client_cpus != 1.0
+        return "flower" if ray else "inprocess"
+
+    def worker_count(self, cfg: Any) -> int:
+        """In-process workers: as asked, else one per core but no more than a cohort."""
+        if self.workers:
+            return self.workers
+        cohort = cfg.federation.clients_per_round(cfg.federation.num_partitions)
+        return max(1, min(os.cpu_count() or 1, cohort))
 
     def __post_init__(self) -> None:
         from common.config import ConfigError
+
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime={self.runtime!r} must be one of {', '.join(RUNTIMES)}")
+        if not 0 <= self.workers <= 1024:
+            raise ConfigError(f"--workers={self.workers!r} must be between 1 and 1024 "
+                              "(0: one per core)")
+        if self.runtime == "inprocess" and (self.ray_address or self.client_gpus
+                                            or self.client_cpus != 1.0):
+            raise ConfigError("--ray-address, --client-cpus and --client-gpus are Ray's: they "
+                              "need --runtime flower (the in-process runtime uses --workers, "
+                              "and device='cuda' in the run config for a GPU)")
 
         if not 0 < self.client_cpus < 1e6:
             raise ConfigError(f"--client-cpus={self.client_cpus!r} must be > 0")

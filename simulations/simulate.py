@@ -234,21 +234,44 @@ def reconcile_privacy(run: RunDir, ledger_dir: Path, cfg: ExperimentConfig) -> N
 
 def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, timeout: float,
            ledger_dir: str | Path | None = None, backend: runtime.Backend | None = None) -> Path:
-    """Start a private SuperLink, submit the run, follow it; returns its run directory."""
+    """Run `cfg` on the backend's runtime (dpfl's in-process one, or Flower's simulation
+    engine on Ray) and follow it; returns its run directory."""
     backend = backend or runtime.Backend()
     run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name))
     ledgers = Path(ledger_dir).expanduser().resolve() if ledger_dir else run.ledgers
-    flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
     say = progress or (lambda _msg: None)
     n = cfg.federation.num_partitions
+    where = (f" on the Ray cluster at {backend.ray_address}" if backend.ray_address
+             else " on Flower's simulation engine" if backend.engine == "flower" else "")
     say(f"dpfl: {'resuming ' if cfg.runtime.resume else ''}{n} virtual clients, "
         f"{cfg.federation.num_rounds} rounds, "
         + (f"target epsilon {cfg.privacy.target_epsilon}, delta {cfg.privacy.target_delta}"
            if cfg.privacy.private else "non-private baseline")
-        + (f" on the Ray cluster at {backend.ray_address}" if backend.ray_address else "")
-        + f" -> {run.path}")
+        + where + f" -> {run.path}")
     t0 = time.time()
     client_env = node_env(cfg, ledgers)
+    if backend.engine == "flower":
+        _launch_flower(cfg, run, backend, client_env, say, t0, timeout)
+        log_name = "flwr.log"
+    else:
+        _launch_inprocess(cfg, run, backend, client_env, say, t0, timeout)
+        log_name = "server.log"
+    reconcile_privacy(run, ledgers, cfg)
+    if run.summary() is None:
+        log = run.logs / log_name
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        raise SimulationError(f"the run ended without a summary; logs in {run.logs}\n{tail}")
+    if ledgers == run.ledgers:
+        for spare in ledgers.glob("*.reply.npz"):  # only needed to resume
+            spare.unlink(missing_ok=True)
+    return run.path
+
+
+def _launch_flower(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backend,
+                   client_env: dict[str, str], say: Callable[[str], None], t0: float,
+                   timeout: float) -> None:
+    """A private SuperLink, `flwr run` of this project, the run followed from its files."""
+    flwr_home = Path(tempfile.mkdtemp(prefix="dpfl-flwr-home-"))
     try:
         with runtime.simulation_superlink(flwr_home, run.logs / "superlink.log",
                                           extra_env={**client_env, **backend.env(client_env)}
@@ -256,7 +279,7 @@ def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, tim
             cmd = [
                 runtime.tool("flwr"), "run", str(project_root()), connection,
                 "--run-config", format_overrides(cfg.to_run_config()),
-                "--federation-config", backend.federation_config(n),
+                "--federation-config", backend.federation_config(cfg.federation.num_partitions),
                 "--stream",
             ]
             proc = runtime.start(cmd, env=runtime.flower_env(flwr_home),
@@ -267,15 +290,85 @@ def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, tim
                 runtime.stop(proc)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
-    reconcile_privacy(run, ledgers, cfg)
-    if run.summary() is None:
-        log = run.logs / "flwr.log"
-        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-        raise SimulationError(f"the run ended without a summary; logs in {run.logs}\n{tail}")
-    if ledgers == run.ledgers:
-        for spare in ledgers.glob("*.reply.npz"):  # only needed to resume
-            spare.unlink(missing_ok=True)
-    return run.path
+
+
+def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backend,
+                      client_env: dict[str, str], say: Callable[[str], None], t0: float,
+                      timeout: float) -> None:
+    """The ServerApp in this process on an InProcessGrid, the ClientApp in worker
+    processes (simulations/inprocess.py); progress read from the run's files by a
+    thread, as for Flower's runtime."""
+    import _thread
+    import logging
+    import os
+    import random
+    import threading
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common import keys
+    from server.app import app as server_app
+    from simulations.inprocess import InProcessGrid, WorkerPool, node_ids
+
+    n = cfg.federation.num_partitions
+    workers = backend.worker_count(cfg)
+    threads = cfg.runtime.num_threads or max(1, (os.cpu_count() or 1) // workers)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run_config = {**default_run_config(), **cfg.to_run_config()}
+    run_id = random.SystemRandom().randrange(1, 2**63)
+    server_log = logging.getLogger("dpfl.server")
+    handler = logging.FileHandler(run.logs / "server.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s dpfl | %(message)s"))
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
+    done = threading.Event()
+    late = threading.Event()
+
+    def follow() -> None:
+        shown = len(run.rounds()) if cfg.runtime.resume else 0
+        while True:
+            finished = done.wait(timeout=0.5)
+            rows = run.rounds()
+            for row in rows[shown:]:
+                say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
+            shown = len(rows)
+            if finished:
+                return
+            if time.time() - t0 > timeout and not late.is_set():
+                late.set()
+                _thread.interrupt_main()
+
+    follower = threading.Thread(target=follow, name="dpfl-progress", daemon=True)
+    follower.start()
+    try:
+        with WorkerPool(workers, env=client_env, threads=threads,
+                        log_file=str(run.logs / "clients.log")) as pool:
+            for p, node in enumerate(node_ids(n)):
+                pool.contexts[node] = Context(
+                    run_id=run_id, node_id=node, state=RecordDict(), run_config=run_config,
+                    node_config={keys.NODE_PARTITION_ID: p, keys.NODE_NUM_PARTITIONS: n})
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+            server_app(InProcessGrid(pool, run_id),
+                       Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                               run_config=run_config))
+    except KeyboardInterrupt:
+        if late.is_set():
+            raise SimulationError(f"the run took longer than {timeout:.0f}s; stopped") from None
+        raise
+    except Exception as exc:
+        import traceback
+
+        with open(run.logs / "server.log", "a") as f:
+            f.write(traceback.format_exc())
+        raise SimulationError(f"the ServerApp stopped: {type(exc).__name__}: {exc} "
+                              f"(logs in {run.logs})") from exc
+    finally:
+        done.set()
+        follower.join(timeout=5)
+        server_log.removeHandler(handler)
+        handler.close()
 
 
 def _follow(proc: subprocess.Popen, run: RunDir, cfg: ExperimentConfig,
