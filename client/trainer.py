@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,6 +190,25 @@ def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: n
         x, y = x[~bad], y[~bad]  # samples are independent (no batch statistics)
 
 
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The record indices of one epoch of `DataLoader(shuffle=True, batch_size=batch_size,
+    generator=generator)` over n records, from the same draws of `generator` (the
+    loader's base seed, its sampler's permutation, the sampler's draw for a remainder of
+    none), so a non-private round trains exactly as through the loader, without its
+    per-record indexing and collation (a fifth of a small model's round)."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's base seed
+    order = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)  # RandomSampler's second draw, of 0 records
+    return list(order.split(batch_size))
+
+
+def tensor_batches(tensors: tuple[torch.Tensor, ...], batch_size: int,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One shuffled epoch of (x, y) batches, as the DataLoader would give them."""
+    for idx in shuffled_batches(len(tensors[0]), batch_size, generator):
+        yield tuple(t[idx] for t in tensors)
+
+
 def train_round(
     weights: dict[str, np.ndarray], data: Split, plan: privacy.RoundPlan, *,
     train: TrainConfig, priv: PrivacyConfig, runtime: RuntimeConfig, seed: int,
@@ -241,7 +261,9 @@ def train_round(
 
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(train.local_epochs):
-        for x, y in loader:
+        batches = loader if private else tensor_batches(dataset.tensors, loader.batch_size or 1,
+                                                        generator)
+        for x, y in batches:
             # Poisson sampling can draw an empty batch; Opacus still takes a noisy step.
             loss, y = finite_step(model, optimizer, criterion, x.to(device), y.to(device))
             optimizer.step()

@@ -202,7 +202,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, batch_
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device)
+        x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
         y = torch.from_numpy(labels[start : start + batch_size]).to(device)
         out = model(x)
         total_loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))

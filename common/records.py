@@ -59,6 +59,17 @@ LIBRARIES = ("torch", "flwr", "opacus", "flwr-datasets", "numpy", "dp-accounting
 def encode(value: Any) -> Any:
     """A JSON-able copy of `value`: non-finite floats become "inf", "-inf" or "nan",
     numpy scalars plain numbers, tuples lists."""
+    kind = type(value)  # the common kinds first: every round writes thousands of values
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if kind is int or kind is str or kind is bool or value is None:
+        return value
+    if kind is list:
+        return [encode(v) for v in value]
+    if kind is dict:
+        return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Mapping):
@@ -144,6 +155,8 @@ class RoundRecord(Record):
     bytes_up: int = 0  # payload bytes clients sent the server this round
     bytes_down: int = 0  # payload bytes the server sent them (secure aggregation only)
     noise_shares: int = 0  # secure aggregation: clients' noise shares in the unmasked sum
+    seconds_clients: float = 0.0  # of `seconds`: sending to clients and waiting for replies
+    seconds_evaluate: float = 0.0  # of `seconds`: the central evaluation
 
 
 @dataclass(frozen=True)

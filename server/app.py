@@ -38,7 +38,7 @@ log = logging.getLogger("dpfl.server")
 def _setup_logging() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("dpfl | %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s dpfl | %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -81,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     started = time.time()
     cfg = parse_config(context.run_config)
+    log.info("ServerApp started")
     run = RunDir(run_dir(cfg.runtime.output_dir, cfg.runtime.run_name, context.run_id))
     ckpt = checkpoint.load_matching(run.path, cfg) if cfg.runtime.resume else None
     run.create(resume=cfg.runtime.resume)
@@ -94,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     if problem:
         raise ValueError(problem)
     parameters = count_parameters(model)
+    log.info("test set and model ready; discovery of the federation")
     strategy = CohortFedAvg(cfg, partition_sizes=partition_sizes(cfg))
     if ckpt is not None:
         state = loop.restore(grid, cfg, strategy, run, ckpt)

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,19 @@ class RunState:
     elapsed_before: float = 0.0  # seconds spent by earlier attempts (resume)
     resumed: bool = False
 
+    _history_json: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def history_json(self) -> list[dict[str, Any]]:
+        """`history` as JSON, each record encoded once (history only grows; a round's
+        checkpoint would otherwise encode every earlier round again)."""
+        if len(self._history_json) > len(self.history):
+            self._history_json.clear()
+        self._history_json += [r.to_json() for r in self.history[len(self._history_json):]]
+        return self._history_json
+
     def meta(self, cfg: ExperimentConfig, elapsed: float) -> dict[str, Any]:
         return {"round": self.next_round - 1, "idle": self.idle,
-                "history": [r.to_json() for r in self.history],
+                "history": self.history_json(),
                 "run_config": cfg.to_run_config(), "planned_rounds_per_client": self.planned,
                 "num_clients": self.num_clients, "elapsed_seconds": self.elapsed_before + elapsed}
 
@@ -140,7 +150,7 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
     for server_round in range(state.next_round, fed.num_rounds + 1):
-        t0 = time.time()
+        t0, waited = time.time(), wire.Waited.seconds
         new = (secure.run(grid, server_round, state.model, state.planned) if secure
                else fedavg_round(grid, strategy, server_round, state, fed.round_timeout, scorer))
         if secure and cfg.runtime.keep_transcript:
@@ -149,8 +159,11 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
             state.model, state.idle = new, 0
         else:
             state.idle += 1
+        t_eval = time.time()
         loss, acc = evaluate(strategy.reported_model(state.model))
-        row = round_record(server_round, strategy, loss, acc, time.time() - t0)
+        row = replace(round_record(server_round, strategy, loss, acc, time.time() - t0),
+                      seconds_clients=wire.Waited.seconds - waited,
+                      seconds_evaluate=time.time() - t_eval)
         state.history.append(row)
         state.next_round = server_round + 1
         checkpoint.save(run.path, model=state.model, strategy=strategy.state_dict(),

@@ -126,7 +126,10 @@ class CohortFedAvg(FedAvg):
 
         verdicts = [classify(msg, reference=sent, nodes=nodes, partition_sizes=self.partition_sizes,
                              max_update_norm=self.fed.max_update_norm) for msg in replies]
-        accepted = [v for v in verdicts if isinstance(v, Accepted)]
+        # in partition order, not arrival order: the same updates give the same model
+        # to the last bit, however the runtime scheduled the clients
+        accepted = sorted((v for v in verdicts if isinstance(v, Accepted)),
+                          key=lambda a: a.partition_id)
         rejected = [v for v in verdicts if isinstance(v, Rejected)]
         counts = Counter(r.kind for r in rejected)
         out.failed, out.refused, out.invalid = counts["failed"], counts["refused"], counts["invalid"]

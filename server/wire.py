@@ -26,7 +26,22 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 POLL_SECONDS = 0.1
 
 
+class Waited:
+    """Seconds the server has spent in `send_and_receive` (sending, then waiting for the
+    clients' replies): the round loop reads it for each round's breakdown."""
+
+    seconds = 0.0
+
+
 def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    start = time.monotonic()
+    try:
+        return _send_and_receive(grid, messages, timeout=timeout)
+    finally:
+        Waited.seconds += time.monotonic() - start
+
+
+def _send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
     """Push `messages` and collect their replies until all are in or `timeout` passes,
     polling every POLL_SECONDS. Flower's deployment grid sleeps 3 s between polls, so
     every exchange of a deployed round waited up to 3 s for replies already there. A

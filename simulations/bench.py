@@ -2,8 +2,9 @@
 
 1. Local training throughput: non-private SGD vs DP-SGD in each Opacus grad-sample mode,
    through dpfl's own trainer on one real Fashion-MNIST partition.
-2. With --round: a short default simulation; seconds per round, the share of round wall
-   time spent inside client training, and the machine-wide peak memory increase.
+2. With --round (20 rounds of the defaults) or --run "k=v ...": one whole `dpfl simulate`
+   command as a user runs it: its wall, where its start-up and each round go, peak
+   memory of every process.
 3. With --deploy N: a run on N local SuperNodes (real processes) against its simulated
    twin: seconds a round each, and the ratio.
 4. With --scale N1,N2,...: a simulation of each many virtual clients (cohorts of
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import threading
@@ -60,39 +62,84 @@ def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds:
     return done / (time.perf_counter() - start)
 
 
-def round_figures(overrides: dict, backend: Backend | None = None) -> dict:
-    """Run a short simulation and measure it."""
-    import psutil
+def _log_times(path: Path) -> list[tuple[float, str]]:
+    """(timestamp, message) of every timestamped `dpfl |` line of a ServerApp's log."""
+    import datetime
 
-    from simulations.simulate import simulate
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        head, sep, message = line.partition(" dpfl | ")
+        if not sep:
+            continue
+        stamp = head[-23:]  # "YYYY-MM-DD HH:MM:SS,mmm", after any prefix Flower adds
+        try:
+            when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        out.append((when, message))
+    return out
 
-    base = psutil.virtual_memory().used
-    peak = [base]
-    stop = threading.Event()
 
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], psutil.virtual_memory().used)
-            time.sleep(0.5)
+def command_figures(run_config: str = "", *, runtime_args: list[str] | None = None) -> dict:
+    """Time one whole `dpfl simulate -c RUN_CONFIG` command as a user runs it (a new
+    process; its wall from start to exit), with the peak memory of its whole process
+    tree, and where the time went, from the ServerApp's timestamped log and the rounds'
+    records: before the ServerApp starts (the command's imports and checks, the
+    runtime's start), the ServerApp's data and model, discovery, round 1, the later
+    rounds (each: waiting for the clients, the central evaluation, the server's own work
+    and the records written after it), and after the last round."""
+    import statistics
+    import subprocess
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    out = tempfile.mkdtemp(prefix="dpfl-bench-")
+    from simulations import runtime
+
+    out_dir = Path(tempfile.mkdtemp(prefix="dpfl-bench-run-"))
+    cmd = [runtime.tool("dpfl"), "simulate", "--quiet", "--output-dir", str(out_dir),
+           *(["--run-config", run_config] if run_config else []), *(runtime_args or [])]
     t0 = time.time()
-    try:
-        run_dir = simulate(overrides, output_dir=out, backend=backend, progress=None)
-    finally:
-        stop.set()
-        watcher.join()
-    rows = RunDir(run_dir).rounds()
-    later = rows[1:] or rows  # round 1 includes one-off start-up (actors, data, calibration)
+    with TreeMemory(every=0.2) as mem:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    run = RunDir(next(p for p in out_dir.iterdir() if p.is_dir()))
+    log = run.logs / ("server.log" if (run.logs / "server.log").exists() else "flwr.log")
+    times = _log_times(log)
+
+    def first(prefix: str) -> float:
+        return next((t for t, m in times if m.startswith(prefix)), math.nan)
+
+    rounds = [(t, m) for t, m in times if m.startswith("round ") and "/" in m.split()[1]]
+    ends = [t for t, _ in rounds]
+    rows = run.rounds()
+    later = rows[1:] or rows
+    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    per_round = statistics.median(gaps) if gaps else math.nan
+    clients = statistics.median(r.seconds_clients for r in later)
+    evaluation = statistics.median(r.seconds_evaluate for r in later)
+    in_round = statistics.median(r.seconds for r in later)
+    started, ready, discovered = (first("ServerApp started"), first("test set and model ready"),
+                                  first("run directory"))
+    r = 3
     return {
-        "wall_seconds_total": time.time() - t0,
-        "seconds_round_1": rows[0].seconds if rows else None,
-        "seconds_per_round_after_1": sum(r.seconds for r in later) / len(later),
-        "peak_memory_increase_gib": (peak[0] - base) / 2**30,
-        "final_accuracy": rows[-1].test_accuracy if rows else None,
-        "run_dir": str(run_dir),
+        "command": " ".join(cmd[1:]), "wall_seconds": round(wall, 2),
+        "first_round_after_seconds": round(ends[0] - t0, 2) if ends else None,
+        "seconds_per_round_after_1": round(per_round, 4),
+        "round_breakdown_seconds": {
+            "clients (send, train, reply)": round(clients, r),
+            "central evaluation": round(evaluation, r),
+            "server: aggregation and bookkeeping": round(in_round - clients - evaluation, r),
+            "server: checkpoint and records": round(per_round - in_round, r)},
+        "start_up_seconds": {
+            "before the ServerApp (imports, checks, runtime start)": round(started - t0, 2),
+            "ServerApp: test set and model": round(ready - started, 2),
+            "discovery (clients start, load data, answer)": round(discovered - ready, 2),
+            "round 1": round(ends[0] - discovered, 2) if ends else None},
+        "after_last_round_seconds": round(t0 + wall - ends[-1], 2) if ends else None,
+        "rounds": len(rows), "final_accuracy": rows[-1].test_accuracy if rows else None,
+        "mean_accuracy_last_10": round(statistics.mean(x.test_accuracy for x in rows[-10:]), 4),
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in mem.figures().items()},
+        "run_dir": str(run.path),
     }
 
 
@@ -123,6 +170,14 @@ class TreeMemory:
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
                 continue
             name = _process_name(cmd) or proc.name()
+            if "multiprocessing.forkserver" in " ".join(cmd):  # the in-process runtime's
+                try:
+                    forked = "forkserver" in " ".join(proc.parent().cmdline())
+                except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, AttributeError):
+                    forked = False
+                name = "client worker" if forked else "fork server (client imports)"
+            elif "multiprocessing.resource_tracker" in " ".join(cmd):
+                name = "resource tracker"
             sizes[name] = sizes.get(name, 0) + getattr(info, "pss", info.rss)
         return sizes
 
@@ -264,6 +319,11 @@ def main(args: argparse.Namespace) -> int:
               f"simulated twin, {args.rounds} rounds, {os.cpu_count()} CPUs")
         print(json.dumps(deploy_figures(args.deploy, rounds=args.rounds)), flush=True)
         return 0
+    if args.run is not None:
+        print(f"dpfl bench --run: one whole `dpfl simulate` command, {os.cpu_count()} CPUs")
+        print(json.dumps(command_figures(args.run, runtime_args=_runtime_args(args)), indent=2,
+                         ensure_ascii=False))
+        return 0
     if args.scale:
         sizes = [int(n) for n in args.scale.split(",") if n.strip()]
         print(f"dpfl bench --scale: {', '.join(map(str, sizes))} virtual clients, cohorts of "
@@ -273,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
             figs = scale_figures(n, cohort=args.cohort, rounds=args.rounds,
                                  backend=Backend(client_cpus=args.client_cpus,
                                                  client_gpus=args.client_gpus,
-                                                 ray_address=args.ray_address))
+                                                 ray_address=args.ray_address,
+                                                 runtime=args.runtime, workers=args.workers))
             print(json.dumps(figs), flush=True)
         return 0
     cfg = resolve_config({})
@@ -288,7 +349,20 @@ def main(args: argparse.Namespace) -> int:
         sps = throughput(mode, **kw)
         print(f"  DP-SGD {mode:<10}        {sps:9.0f} samples/s  ({base / sps:.2f}x slower)")
     if args.round:
-        over = {"num-rounds": 20}
-        figs = round_figures(over)
-        print("  simulation (defaults, 20 rounds): " + json.dumps(figs, indent=2))
+        print(json.dumps(command_figures("num-rounds=20", runtime_args=_runtime_args(args)),
+                         indent=2, ensure_ascii=False))
     return 0
+
+
+def _runtime_args(args: argparse.Namespace) -> list[str]:
+    """The runtime flags given to `dpfl bench`, for the `dpfl simulate` it times."""
+    out = ["--runtime", args.runtime]
+    if args.workers:
+        out += ["--workers", str(args.workers)]
+    if args.ray_address:
+        out += ["--ray-address", args.ray_address]
+    if args.client_cpus != 1.0:
+        out += ["--client-cpus", str(args.client_cpus)]
+    if args.client_gpus:
+        out += ["--client-gpus", str(args.client_gpus)]
+    return out

@@ -260,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--seconds", type=float, default=10.0, help="time per throughput figure")
     bench.add_argument("--modes", default="hooks,functorch,ghost", help="grad-sample modes to time")
     bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--round", action="store_true", help="also time a short simulation")
+    bench.add_argument("--round", action="store_true",
+                       help="also time a short simulation (20 rounds of the defaults) as --run does")
+    bench.add_argument("--run", default=None, metavar='"k=v ..."',
+                       help="instead: time one whole `dpfl simulate --run-config ...` command: "
+                            "start-up phases, seconds a round and their breakdown, memory of "
+                            "every process ('' for the defaults)")
     bench.add_argument("--scale", default="", metavar="N1,N2,...",
                        help="instead: simulations of N virtual clients each (e.g. 1000,10000)")
     bench.add_argument("--deploy", type=int, default=0, metavar="N",

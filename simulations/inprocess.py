@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 # Flower's error codes (flwr.common.constant.ErrorCode), as its simulation engine sets them
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -58,9 +58,13 @@ def node_ids(num_nodes: int, seed: int | None = None) -> list[int]:
 # --------------------------------------------------------------------------- worker side
 
 
-def _serve(conn: Connection, env: dict[str, str], threads: int) -> None:
-    """A worker: import the ClientApp once, then answer (message, context) pairs."""
+def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int) -> None:
+    """A worker: the environment and folder of the runtime that starts it (the fork
+    server has those of the first run of this process), then (message, context) pairs
+    answered until None comes."""
+    os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     import torch
 
     if threads > 0:
@@ -107,10 +111,14 @@ class WorkerPool:
                  log_file: str | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
-        self._env = dict(env)
+        self._env = {**os.environ, **env}  # what a spawned process would inherit, and `env`
         self._threads = threads
         self._log_file = log_file
-        self._ctx = mp.get_context("spawn")  # never fork a process that has torch threads
+        # Workers are forked from Python's fork server, which imports the ClientApp once
+        # and never runs a torch operation: they start in milliseconds and share the
+        # imported modules' memory (never fork a process whose torch threads have run).
+        self._ctx = mp.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["client.app", "opacus"])
         self._lock = threading.Lock()
         self._ready: deque[str] = deque()  # message ids whose node is free, in push order
         self._queued: dict[int, deque[str]] = {}  # node -> messages waiting for it
@@ -135,7 +143,8 @@ class WorkerPool:
     def _start_worker(self, index: int | None = None) -> None:
         parent, child = self._ctx.Pipe()
         with _stdout_to(self._log_file):
-            proc = self._ctx.Process(target=_serve, args=(child, self._env, self._threads),
+            proc = self._ctx.Process(target=_serve, args=(child, self._env, os.getcwd(),
+                                                          self._threads),
                                      name="dpfl-client-worker", daemon=True)
             proc.start()
         child.close()
@@ -208,7 +217,7 @@ class WorkerPool:
                     if w is None:
                         continue
                     try:
-                        item = obj.recv()
+                        item: tuple[Any, ...] = self._conns[w].recv()
                     except (EOFError, OSError):
                         self._lost(w)
                         continue

@@ -23,7 +23,6 @@ from typing import Any
 
 from common import FLOWER_ENV
 
-
 RUNTIMES = ("auto", "inprocess", "flower")
 
 

@@ -120,7 +120,7 @@ def release_data() -> None:
 
     from common import data
 
-    for cached in (data.load_split, data._carved, data.cached_partitions, data.own_split):
+    for cached in (data._load_split, data._carved, data.cached_partitions, data.own_split):
         cached.cache_clear()
     gc.collect()
 
@@ -323,6 +323,11 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
     server_log.addHandler(handler)
     server_log.setLevel(logging.INFO)
     server_log.propagate = False
+    flower_log = logging.getLogger("flwr")  # Flower's own lines go to the log as well
+    flower_handlers = list(flower_log.handlers)
+    for h in flower_handlers:
+        flower_log.removeHandler(h)
+    flower_log.addHandler(handler)
     done = threading.Event()
     late = threading.Event()
 
@@ -368,6 +373,9 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
         done.set()
         follower.join(timeout=5)
         server_log.removeHandler(handler)
+        flower_log.removeHandler(handler)
+        for h in flower_handlers:
+            flower_log.addHandler(h)
         handler.close()
 
 

@@ -25,7 +25,8 @@ SMALL = {"num-rounds": 30, "target-epsilon": 0.25}
 
 
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation",
-                    "ray::ClientAppActor", "raylet", "gcs_server")
+                    "ray::ClientAppActor", "raylet", "gcs_server",
+                    "multiprocessing.forkserver")  # the in-process runtime's workers
 # Every process this test session starts inherits this mark (Ray's actors too, though
 # they are re-parented to init), so leftovers are told apart from other runs on a
 # shared machine.
