@@ -725,7 +725,10 @@ def held_out_split(cfg: DataConfig, features: str = "") -> Split:
     """The run's test set (the server's evaluation)."""
     test = load_split("test", cfg.data_dir, features, cfg.dataset, cfg.label_column,
                       cfg.partition_by, cfg.standardize, cfg.classes)
-    return test.with_records(test.images, test.labels)
+    # in memory as float32 (evaluated every round: a memory-mapped or float16 copy
+    # would be converted batch by batch each time)
+    return Split(np.array(test.images, dtype=np.float32), np.asarray(test.labels, dtype=np.int64),
+                 test.num_classes)
 
 
 # ---------------------------------------------------------------- a node's cache

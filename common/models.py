@@ -195,6 +195,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _tensor_ready(x: np.ndarray) -> np.ndarray:
+    """`x` as float32 torch can take without a copy when it already is (a read-only
+    memory-mapped array, or another dtype, is copied)."""
+    if x.dtype == np.float32 and x.flags.writeable:
+        return x
+    return np.array(x, dtype=np.float32)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 2000,
              device: str = "cpu") -> tuple[float, float]:
@@ -202,7 +210,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, batch_
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
+        x = torch.from_numpy(_tensor_ready(images[start : start + batch_size])).to(device)
         y = torch.from_numpy(labels[start : start + batch_size]).to(device)
         out = model(x)
         total_loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))

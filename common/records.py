@@ -27,7 +27,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,6 +70,8 @@ def encode(value: Any) -> Any:
         return [encode(v) for v in value]
     if kind is dict:
         return {str(k): encode(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Mapping):
@@ -117,7 +119,7 @@ class Record:
     ignored) and decodes every float field."""
 
     def to_json(self) -> dict[str, Any]:
-        return encode(asdict(self))  # type: ignore[call-overload]
+        return encode(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_json(cls: type[R], data: Mapping[str, Any]) -> R:

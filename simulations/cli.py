@@ -37,6 +37,11 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    if backend.engine == "inprocess":
+        from simulations.runtime import warm_up
+
+        warm_up()  # the workers' imports, beside this command's own
     from common.records import RunDir
     from simulations.simulate import resume, simulate, summary_text
 
@@ -45,11 +50,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.run_config or args.output_dir:
             raise ConfigError("--resume continues a run with the config it started with: "
                               "--run-config and --output-dir cannot be given with it")
-        run_dir = resume(args.resume, backend=_backend(args), progress=progress,
+        run_dir = resume(args.resume, backend=backend, progress=progress,
                          ledger_dir=args.ledger_dir)
     else:
         overrides = parse_overrides(" ".join(args.run_config or []))
-        run_dir = simulate(overrides, output_dir=args.output_dir, backend=_backend(args),
+        run_dir = simulate(overrides, output_dir=args.output_dir, backend=backend,
                            progress=progress, ledger_dir=args.ledger_dir)
     print(summary_text(run_dir))
     summary = RunDir(run_dir).summary()

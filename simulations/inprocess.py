@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import threading
@@ -35,6 +34,8 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from simulations.runtime import worker_context
 
 # Flower's error codes (flwr.common.constant.ErrorCode), as its simulation engine sets them
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -102,7 +103,6 @@ def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int) -> Non
 
 # --------------------------------------------------------------------------- runtime side
 
-
 class WorkerPool:
     """`workers` processes running the ClientApp; messages go to free workers in the
     order they were pushed, one at a time per worker."""
@@ -114,11 +114,7 @@ class WorkerPool:
         self._env = {**os.environ, **env}  # what a spawned process would inherit, and `env`
         self._threads = threads
         self._log_file = log_file
-        # Workers are forked from Python's fork server, which imports the ClientApp once
-        # and never runs a torch operation: they start in milliseconds and share the
-        # imported modules' memory (never fork a process whose torch threads have run).
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["client.app", "opacus"])
+        self._ctx = worker_context()
         self._lock = threading.Lock()
         self._ready: deque[str] = deque()  # message ids whose node is free, in push order
         self._queued: dict[int, deque[str]] = {}  # node -> messages waiting for it
@@ -133,7 +129,8 @@ class WorkerPool:
         self._running: list[str | None] = []  # per worker: the message it runs
         self._idle: list[bool] = []
         self._closed = False
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        pipe: tuple[Connection, Connection] = self._ctx.Pipe(duplex=False)
+        self._wake_r, self._wake_w = pipe
         for _ in range(workers):
             self._start_worker()
         self._reader = threading.Thread(target=self._read, name="dpfl-inprocess", daemon=True)

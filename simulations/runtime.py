@@ -120,6 +120,37 @@ class Backend:
                 "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": env_vars}})}
 
 
+# What the in-process runtime's fork server imports once for all its workers.
+PRELOAD = ["client.app", "opacus"]
+
+
+def worker_context() -> Any:
+    """The multiprocessing context of the in-process runtime's workers: forked from
+    Python's fork server, which imports the ClientApp and Opacus once and never runs a
+    torch operation, so workers start in milliseconds and share those modules' memory
+    (a process whose torch threads have run must never fork)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def warm_up() -> None:
+    """Start the fork server in the background (its imports take seconds), so that it
+    is ready when the command's own imports and checks are done. Light to call: the
+    command calls it before importing torch."""
+    import threading
+    from multiprocessing import forkserver
+
+    def start() -> None:
+        worker_context()
+        with contextlib.suppress(Exception):  # a failure shows again when workers start
+            forkserver.ensure_running()
+
+    threading.Thread(target=start, name="dpfl-warm-up", daemon=True).start()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -162,7 +162,10 @@ def simulate(
     """Run one experiment; returns its run directory (with summary.json). Every virtual
     client keeps its ledger in `ledger_dir` (default: the run's `ledgers/`), so a resumed
     run, or a later run given the same folder, continues its epsilon."""
-    (backend or runtime.Backend()).check()
+    backend = backend or runtime.Backend()
+    backend.check()
+    if backend.engine == "inprocess":
+        runtime.warm_up()  # its imports run beside the checks
     return launch(prepare(overrides, output_dir), backend=backend, progress=progress,
                   timeout=timeout, ledger_dir=ledger_dir)
 

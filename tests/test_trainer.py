@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from client.app import train as client_train
 from client.trainer import train_round
@@ -170,3 +171,37 @@ def test_ledger_dir_carries_epsilon_into_a_new_run(tmp_path):
     again = _run_rounds(context(partition_id=9, node_extra=node, run_id=2), rounds=2, planned=2)
     eps = [float(r.content[keys.METRICS][keys.EPSILON]) for r in first + again]
     assert eps[1] > eps[0] and int(again[1].content[keys.METRICS][keys.REFUSED]) == 1
+
+
+@pytest.mark.parametrize("n,batch", [(600, 32), (100, 100), (7, 3), (50, 64)])
+def test_direct_batches_are_the_data_loader_s_batches(n, batch):
+    """A non-private epoch batches tensors directly with exactly the DataLoader's draws."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.trainer import tensor_batches
+
+    x, y = torch.randn(n, 3), torch.arange(n)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True,
+                        generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    want = [(bx.tolist(), by.tolist()) for _ in range(3) for bx, by in loader]
+    got = [(bx.tolist(), by.tolist()) for _ in range(3) for bx, by in tensor_batches((x, y), batch, g)]
+    assert got == want
+
+
+@pytest.mark.parametrize("q", [1.0, 0.1, 0.0001])
+def test_poisson_batches_are_opacus_loader_s_batches_empty_ones_included(q):
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.trainer import sampled_batches
+
+    x, y = torch.randn(50, 3), torch.arange(50)
+    base = DataLoader(TensorDataset(x, y), batch_size=max(1, int(50 * q)))
+    ours, theirs = (DPDataLoader.from_data_loader(base, generator=torch.Generator().manual_seed(3))
+                    for _ in range(2))
+    want = [(tuple(bx.shape), by.tolist()) for _ in range(2) for bx, by in theirs]
+    got = [(tuple(bx.shape), by.tolist()) for _ in range(2) for bx, by in sampled_batches((x, y), ours)]
+    assert got == want
+    if q < 0.01:
+        assert any(shape[0] == 0 for shape, _ in got)  # an empty batch is a zero-length one
