@@ -97,11 +97,12 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
     cmd = [runtime.tool("dpfl"), "simulate", "--quiet", "--output-dir", str(out_dir),
            *(["--run-config", run_config] if run_config else []), *(runtime_args or [])]
     t0 = time.time()
-    with TreeMemory(every=0.2) as mem:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with TreeMemory(every=0.2, pid=proc.pid) as mem:  # the command's processes, not this one's
+        output, _ = proc.communicate()
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
     run = RunDir(next(p for p in out_dir.iterdir() if p.is_dir()))
     log = run.logs / ("server.log" if (run.logs / "server.log").exists() else "flwr.log")
     times = _log_times(log)
@@ -149,10 +150,10 @@ class TreeMemory:
     split between their users) of this process and every descendant (the SuperLink,
     the simulation, Ray's GCS, raylet and workers)."""
 
-    def __init__(self, every: float = 1.0) -> None:
+    def __init__(self, every: float = 1.0, pid: int | None = None) -> None:
         import psutil
 
-        self._psutil, self.every = psutil, every
+        self._psutil, self.every, self.pid = psutil, every, pid
         self.base = psutil.virtual_memory().used
         self.peak_used, self.peak_tree, self.peak_processes = self.base, 0, 0
         self.at_peak: dict[str, int] = {}
@@ -161,9 +162,13 @@ class TreeMemory:
 
     def _tree(self) -> dict[str, int]:
         """PSS by process (named by its command), this process and every descendant."""
-        me = self._psutil.Process()
+        try:
+            me = self._psutil.Process(self.pid)
+            tree = [me, *me.children(recursive=True)]
+        except self._psutil.NoSuchProcess:
+            return {}
         sizes: dict[str, int] = {}
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in tree:
             try:
                 info = proc.memory_full_info()
                 cmd = proc.cmdline()

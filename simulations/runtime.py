@@ -121,7 +121,7 @@ class Backend:
 
 
 # What the in-process runtime's fork server imports once for all its workers.
-PRELOAD = ["client.app", "opacus"]
+PRELOAD = ["simulations.preload"]
 
 
 def worker_context() -> Any:
