@@ -59,13 +59,18 @@ def node_ids(num_nodes: int, seed: int | None = None) -> list[int]:
 # --------------------------------------------------------------------------- worker side
 
 
-def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int) -> None:
+def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int, log_file: str) -> None:
     """A worker: the environment and folder of the runtime that starts it (the fork
-    server has those of the first run of this process), then (message, context) pairs
-    answered until None comes."""
+    server has those of its own start), its output to `log_file`, then (message,
+    context) pairs answered until None comes."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     import torch
 
     if threads > 0:
@@ -123,7 +128,9 @@ class WorkerPool:
         self._replies: dict[str, Message] = {}
         self._abandoned: set[str] = set()  # the caller stopped waiting: dropped on arrival
         self._got = threading.Condition(self._lock)
-        self.contexts: dict[int, Context] = {}
+        self.contexts: dict[int, Context] = {}  # made when a node gets its first message
+        self._node_configs: dict[int, dict[str, Any]] = {}
+        self._run: tuple[int, dict[str, Any]] = (0, {})
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
         self._running: list[str | None] = []  # per worker: the message it runs
@@ -139,11 +146,10 @@ class WorkerPool:
     # -- workers
     def _start_worker(self, index: int | None = None) -> None:
         parent, child = self._ctx.Pipe()
-        with _stdout_to(self._log_file):
-            proc = self._ctx.Process(target=_serve, args=(child, self._env, os.getcwd(),
-                                                          self._threads),
-                                     name="dpfl-client-worker", daemon=True)
-            proc.start()
+        proc = self._ctx.Process(target=_serve, args=(child, self._env, os.getcwd(),
+                                                      self._threads, self._log_file or ""),
+                                 name="dpfl-client-worker", daemon=True)
+        proc.start()
         child.close()
         if index is None:
             self._procs.append(proc)
@@ -245,12 +251,30 @@ class WorkerPool:
             self._conns[w].close()
         self._start_worker(w)
 
-    # -- messages
+    # -- nodes and messages
+    def add_nodes(self, node_configs: Mapping[int, dict[str, Any]], *, run_id: int,
+                  run_config: dict[str, Any]) -> None:
+        """Virtual nodes of one run, by node id with their node config; a node's context
+        is made when its first message comes (memory grows with the nodes a run meets,
+        not with the federation's size)."""
+        with self._lock:
+            self._node_configs.update(node_configs)
+            self._run = (run_id, run_config)
+
+    def node_ids(self) -> list[int]:
+        with self._lock:
+            return list(dict.fromkeys([*self._node_configs, *self.contexts]))
+
     def submit(self, message: Message) -> str:
         node = message.metadata.dst_node_id
         message_id = message.metadata.message_id or uuid.uuid4().hex
         message.metadata.__dict__["_message_id"] = message_id
         with self._lock:
+            if node not in self.contexts and node in self._node_configs:
+                run_id, run_config = self._run
+                self.contexts[node] = Context(run_id=run_id, node_id=node, state=RecordDict(),
+                                              run_config=run_config,
+                                              node_config=dict(self._node_configs[node]))
             if node not in self.contexts:
                 raise ValueError(f"no virtual node {node}")
             self._tasks[message_id] = (message, node)
@@ -311,30 +335,6 @@ class WorkerPool:
         self.close()
 
 
-@contextlib.contextmanager
-def _stdout_to(path: str | None):
-    """A spawned worker inherits this process's file descriptors 1 and 2: point them at
-    `path` while it starts, so its output goes to the run's log."""
-    if not path:
-        yield
-        return
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
 class InProcessGrid(Grid):
     """Flower's Grid over a WorkerPool of virtual nodes. `send_and_receive` waits for
     replies without polling; push/pull work as on any Grid."""
@@ -358,7 +358,7 @@ class InProcessGrid(Grid):
                        ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        return list(self._pool.contexts)
+        return self._pool.node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         return [self._pool.submit(m) for m in messages]

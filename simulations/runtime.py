@@ -151,6 +151,17 @@ def warm_up() -> None:
     threading.Thread(target=start, name="dpfl-warm-up", daemon=True).start()
 
 
+def stop_fork_server() -> None:
+    """Stop this process's fork server (and so every worker still forked from it) once
+    a run's workers are done: a run leaves no process behind. The next run starts a
+    fresh one, with the environment of that time."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    with contextlib.suppress(OSError, ChildProcessError, AttributeError):
+        server._stop()  # type: ignore[union-attr]  # CPython's own way to stop it
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -331,6 +331,7 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
     for h in flower_handlers:
         flower_log.removeHandler(h)
     flower_log.addHandler(handler)
+    flower_propagates, flower_log.propagate = flower_log.propagate, False
     done = threading.Event()
     late = threading.Event()
 
@@ -353,10 +354,9 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
     try:
         with WorkerPool(workers, env=client_env, threads=threads,
                         log_file=str(run.logs / "clients.log")) as pool:
-            for p, node in enumerate(node_ids(n)):
-                pool.contexts[node] = Context(
-                    run_id=run_id, node_id=node, state=RecordDict(), run_config=run_config,
-                    node_config={keys.NODE_PARTITION_ID: p, keys.NODE_NUM_PARTITIONS: n})
+            pool.add_nodes({node: {keys.NODE_PARTITION_ID: p, keys.NODE_NUM_PARTITIONS: n}
+                            for p, node in enumerate(node_ids(n))},
+                           run_id=run_id, run_config=run_config)
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
             server_app(InProcessGrid(pool, run_id),
                        Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
@@ -373,12 +373,14 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
         raise SimulationError(f"the ServerApp stopped: {type(exc).__name__}: {exc} "
                               f"(logs in {run.logs})") from exc
     finally:
+        runtime.stop_fork_server()
         done.set()
         follower.join(timeout=5)
         server_log.removeHandler(handler)
         flower_log.removeHandler(handler)
         for h in flower_handlers:
             flower_log.addHandler(h)
+        flower_log.propagate = flower_propagates
         handler.close()
 
 

@@ -142,3 +142,28 @@ def test_interrupted_simulation_leaves_no_process_behind(tmp_path):
     assert not _no_leftover_flower_processes()
     run = next(tmp_path.iterdir())
     assert read_rounds(run / "rounds.jsonl")  # what was written stays readable
+
+
+def test_both_runtimes_train_the_same_model(tmp_path):
+    """The same non-private run on dpfl's in-process runtime and on Flower's simulation
+    engine (SuperLink, flwr run, Ray actors): the same apps, so the same clients each
+    round and the same final model to the last bit (one torch thread each, so that
+    sums are taken in the same order)."""
+    import numpy as np
+
+    from simulations.runtime import Backend
+
+    run = {"num-partitions": 10, "num-rounds": 3, "fraction-train": 0.3, "seed": 7,
+           "target-epsilon": math.inf, "model": "logreg", "num-threads": 1}
+    ours = simulate({**run, "run-name": "inprocess"}, output_dir=str(tmp_path), progress=None,
+                    backend=Backend(runtime="inprocess"))
+    flower = simulate({**run, "run-name": "flower"}, output_dir=str(tmp_path), progress=None,
+                      backend=Backend(runtime="flower"))
+    assert [r["partitions_trained"] for r in read_rounds(ours / "rounds.jsonl")] == \
+        [r["partitions_trained"] for r in read_rounds(flower / "rounds.jsonl")]
+    a, b = np.load(ours / "model.npz"), np.load(flower / "model.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert (flower / "logs" / "flwr.log").exists() and (ours / "logs" / "server.log").exists()
+    assert not _no_leftover_flower_processes()
