@@ -295,6 +295,12 @@ def _launch_flower(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backend,
         shutil.rmtree(flwr_home, ignore_errors=True)
 
 
+def _source(record: Any) -> bool:
+    """Names a log line's source in the run's server.log: dpfl's or Flower's."""
+    record.source = "dpfl" if record.name.startswith("dpfl") else "flwr"
+    return True
+
+
 def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backend,
                       client_env: dict[str, str], say: Callable[[str], None], t0: float,
                       timeout: float) -> None:
@@ -322,7 +328,8 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
     run_id = random.SystemRandom().randrange(1, 2**63)
     server_log = logging.getLogger("dpfl.server")
     handler = logging.FileHandler(run.logs / "server.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s dpfl | %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(source)s | %(message)s"))
+    handler.addFilter(_source)
     server_log.addHandler(handler)
     server_log.setLevel(logging.INFO)
     server_log.propagate = False
