@@ -683,8 +683,9 @@ def own_partition_of(cfg: DataConfig, partition_id: int, num_partitions: int,
                        cfg.partition_by, cfg.standardize, cfg.classes)
     if cache_path(features, train.images, cache_dir() / "features").exists():
         return partition_of(cfg, partition_id, num_partitions, features)
-    return with_features(partition_of(cfg, partition_id, num_partitions), features,
+    part = with_features(partition_of(cfg, partition_id, num_partitions), features,
                          f"partition {partition_id}")
+    return part.with_records(part.images, part.labels)  # float32, as every training split
 
 
 def partition_of(cfg: DataConfig, partition_id: int, num_partitions: int, features: str = "") -> Split:
@@ -788,7 +789,7 @@ def cached_split(key: dict, build: Callable[[], Split]) -> Split:
                                        default=str))
     evict_oldest(folder, "*.json", KEEP_SPLITS, lambda m: [m, m.with_name(f"{m.stem}-x.npy"),
                                                             m.with_name(f"{m.stem}-y.npy")])
-    return split
+    return split.with_records(split.images, split.labels)  # as a later read gives it
 
 
 # A run config chooses keys (its seed, its partitioner): without a bound a server could

@@ -200,8 +200,10 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
     import shutil
 
     from client.app import _config, _node, _records
+    from client.app import train as client_train
     from common.data import CACHE_ENV, cache_dir
-    from tests.helpers import context
+    from common.models import build_model, get_weights
+    from tests.helpers import context, train_message
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -250,14 +252,23 @@ def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, mon
     """A deployed node (it keeps its records: cache-records) computes the model's fixed
     features for the records of its partition, not for the whole training set."""
     from client.app import _config, _node, _records
+    from client.app import train as client_train
     from common.data import CACHE_ENV, cache_dir
-    from tests.helpers import context
+    from common.models import build_model, get_weights
+    from tests.helpers import context, train_message
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     ctx = context(partition_id=3, harness_policy=False, model="scatter-linear",
                   node_extra={"read-named-files": True})  # the tiny data named in the run
     split = _records(_config(ctx), _node(ctx))
     assert split.shape == (81, 7, 7) and len(split) == 100
+    # float32 the first time too (it was float16, and every node's first round failed
+    # where nothing was cached: found in containers)
+    assert split.images.dtype == np.float32
+    assert _records(_config(ctx), _node(ctx)).images.dtype == np.float32  # from the cache
+    reply = client_train(train_message(get_weights(build_model(
+        "scatter-linear", shape=(81, 7, 7), classes=10)), dst=ctx.node_id), ctx)
+    assert not reply.has_error() and reply.content["metrics"]["refused"] == 0
     (features,) = (cache_dir() / "features").glob("scatter-*.npy")
     assert np.load(features, mmap_mode="r").shape == (100, 81, 7, 7)  # its 100, not 1,000
     # Where the whole training set's features are cached already, a node reads its rows.
