@@ -200,10 +200,8 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
     import shutil
 
     from client.app import _config, _node, _records
-    from client.app import train as client_train
     from common.data import CACHE_ENV, cache_dir
-    from common.models import build_model, get_weights
-    from tests.helpers import context, train_message
+    from tests.helpers import context
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     data = tmp_path / "data"
