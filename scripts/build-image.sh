@@ -6,7 +6,8 @@
 # no package index). Then `docker-compose up -d` uses the image as it is.
 #   TAG (dpfl:latest), BASE_IMAGE (dpfl-base:bookworm), TORCH_WHEELS_DIR (/opt/wheels),
 #   CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt), PIP_INDEX_URL (https://pypi.org/simple),
-#   TORCH_INDEX_URL (empty when the wheel folder holds torch 2.13.0, else PyTorch's CPU index)
+#   TORCH_INDEX_URL (empty when the wheel folder holds torch 2.13.0, else PyTorch's CPU index),
+#   FEATURES (1: the dataset's features computed into the image, so no node computes them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${TAG:-dpfl:latest}
@@ -27,5 +28,5 @@ if [ -s "$CA" ]; then cp "$CA" .docker/ca-bundle.crt; else rm -f .docker/ca-bund
 start=$(date +%s)
 docker build --network host -t "$TAG" \
     --build-arg BASE_IMAGE="$BASE" --build-arg PIP_INDEX_URL="$INDEX" \
-    --build-arg TORCH_INDEX_URL="$TORCH_INDEX" .
+    --build-arg TORCH_INDEX_URL="$TORCH_INDEX" --build-arg FEATURES="${FEATURES:-0}" .
 echo "built $TAG in $(( $(date +%s) - start )) s: $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.2f GB", $1/1e9}')"
