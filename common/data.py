@@ -24,6 +24,7 @@ deterministic for a seed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -300,28 +301,33 @@ def shared_arrays(files: list[Path], verify: bool,
         key = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     except OSError:
         return read()  # read() names the missing file
-    digest = hashlib.sha256(json.dumps({"v": 1, "files": key, "verify": verify}).encode()
+    digest = hashlib.sha256(json.dumps({"v": 1, "files": key, "verify": verify,
+                                        "normalise": [float(MEAN), float(STD)]}).encode()
                             ).hexdigest()[:32]
     folder = cache_dir() / "pixels"
     x_path, y_path = folder / f"{digest}-x.npy", folder / f"{digest}-y.npy"
+    decoded: tuple[np.ndarray, np.ndarray] | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f".{digest}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process decodes, the others wait and share
             try:
                 if not (x_path.exists() and y_path.exists()):
-                    images, labels = read()
-                    atomic_write(x_path, lambda tmp: np.save(tmp, np.ascontiguousarray(images)))
-                    atomic_write(y_path, lambda tmp: np.save(tmp, labels))
+                    decoded = read()  # a bad file stops here, with its reason
+                    atomic_write(x_path, lambda tmp: np.save(tmp, np.ascontiguousarray(decoded[0])))
+                    atomic_write(y_path, lambda tmp: np.save(tmp, decoded[1]))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         images, labels = np.load(x_path, mmap_mode="r"), np.load(y_path)
         os.utime(x_path)  # used now: eviction keeps what is in use
-    except (OSError, ValueError):
-        return read()
-    evict_oldest(folder, "*-x.npy", KEEP_PIXELS, lambda p: [
-        p, p.with_name(p.name.replace("-x.npy", "-y.npy")),
-        p.with_name(f".{p.name.removesuffix('-x.npy')}.lock")])
+    except DataError:
+        raise
+    except (OSError, ValueError):  # the cache folder cannot serve: decoded in memory
+        return decoded if decoded is not None else read()
+    with contextlib.suppress(OSError):
+        evict_oldest(folder, "*-x.npy", KEEP_PIXELS, lambda p: [
+            p, p.with_name(p.name.replace("-x.npy", "-y.npy")),
+            p.with_name(f".{p.name.removesuffix('-x.npy')}.lock")])
     return images, labels
 
 
@@ -802,7 +808,13 @@ def evict_oldest(folder: Path, pattern: str, keep: int,
     """Delete all but the `keep` newest entries matching `pattern` (with their files). A
     process still reading an evicted file keeps its data (Linux unlinks lazily); a
     later one builds it again."""
-    entries = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    def mtime(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:  # evicted by another process meanwhile
+            return -1
+
+    entries = sorted(folder.glob(pattern), key=mtime, reverse=True)
     for old in entries[keep:]:
         for f in files_of(old):
             f.unlink(missing_ok=True)

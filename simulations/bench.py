@@ -113,6 +113,8 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
     rounds = [(t, m) for t, m in times if m.startswith("round ") and "/" in m.split()[1]]
     ends = [t for t, _ in rounds]
     rows = run.rounds()
+    if not rows or not ends:
+        raise RuntimeError(f"{' '.join(cmd)} recorded no round; logs in {run.logs}")
     later = rows[1:] or rows
     gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     per_round = statistics.median(gaps) if gaps else math.nan

@@ -8,7 +8,10 @@ actors. As there, a virtual node's `Context` (its `state`) lives with the runtim
 travels with each of its messages, so any worker can serve any node, and a node never
 runs two messages at once (a second one waits for the first). A ClientApp's exception
 comes back as an error reply (Flower's error codes), a worker that dies is replaced and
-its message answered with an error: the server sees what a SuperNode would report.
+its message answered with an error: the server sees what a SuperNode would report. One
+deliberate difference: a node's context is kept as its ClientApp left it even when it
+raised (Flower's engine drops those changes), so that a secure-aggregation client that
+marked a round's shares as revealed before failing never reveals them again.
 
 What a virtual node is told is what Flower's simulation tells it: node config
 `partition-id` and `num-partitions` (plus the harness's node policy in NODE_CONFIG_ENV),
@@ -63,6 +66,9 @@ def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int, log_fi
     """A worker: the environment and folder of the runtime that starts it (the fork
     server has those of its own start), its output to `log_file`, then (message,
     context) pairs answered until None comes."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the runtime, which stops us
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -136,6 +142,8 @@ class WorkerPool:
         self._running: list[str | None] = []  # per worker: the message it runs
         self._idle: list[bool] = []
         self._closed = False
+        self._failed: str = ""  # why the pool cannot run messages any more
+        self._early_deaths = 0  # workers in a row that died before they were ready
         pipe: tuple[Connection, Connection] = self._ctx.Pipe(duplex=False)
         self._wake_r, self._wake_w = pipe
         for _ in range(workers):
@@ -201,7 +209,25 @@ class WorkerPool:
         self._got.notify_all()
 
     def _read(self) -> None:
-        while not self._closed:
+        try:
+            self._read_loop()
+        except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
+            self._fail(f"the runtime's reader stopped: {type(exc).__name__}: {exc}")
+
+    def _fail(self, why: str) -> None:
+        """No message can run any more: every pending one is answered with the reason,
+        and later submissions are refused with it."""
+        log.error("in-process runtime: %s", why)
+        with self._lock:
+            self._failed = why
+            for message_id in list(self._tasks):
+                message, _ = self._tasks[message_id]
+                self._finish(message_id, Message(Error(code=UNKNOWN, reason=why),
+                                                 reply_to=message), None)
+            self._got.notify_all()
+
+    def _read_loop(self) -> None:
+        while not self._closed and not self._failed:
             sentinels = {p.sentinel: w for w, p in enumerate(self._procs)}
             conns = {id(c): w for w, c in enumerate(self._conns)}
             ready = wait([*self._conns, *sentinels, self._wake_r])
@@ -217,7 +243,7 @@ class WorkerPool:
                         self._lost(sentinels[obj])
                         continue
                     w = conns.get(id(obj))
-                    if w is None:
+                    if w is None or self._conns[w] is not obj:  # replaced meanwhile
                         continue
                     try:
                         item: tuple[Any, ...] = self._conns[w].recv()
@@ -225,7 +251,7 @@ class WorkerPool:
                         self._lost(w)
                         continue
                     if item[0] == "ready":
-                        self._idle[w] = True
+                        self._idle[w], self._early_deaths = True, 0
                         continue
                     message_id, reply, context = item
                     self._running[w], self._idle[w] = None, True
@@ -249,6 +275,12 @@ class WorkerPool:
                                              reply_to=message), None)
         with contextlib.suppress(OSError):
             self._conns[w].close()
+        if not self._idle[w] and message_id is None:
+            self._early_deaths += 1  # it never became ready
+        if self._early_deaths >= 3:
+            raise RuntimeError(f"3 worker processes in a row died before they could run a "
+                               f"message (last exit code {proc.exitcode}); their output is in "
+                               f"{self._log_file or 'the console'}")
         self._start_worker(w)
 
     # -- nodes and messages
@@ -265,18 +297,23 @@ class WorkerPool:
         with self._lock:
             return list(dict.fromkeys([*self._node_configs, *self.contexts]))
 
-    def submit(self, message: Message) -> str:
+    def submit(self, message: Message) -> str | None:
+        """Queue `message` for its node; its id, or None for a node this runtime does not
+        have (Flower's grid gives no id to such a message either)."""
         node = message.metadata.dst_node_id
-        message_id = message.metadata.message_id or uuid.uuid4().hex
+        message_id = uuid.uuid4().hex  # always new, as the SuperLink's
         message.metadata.__dict__["_message_id"] = message_id
         with self._lock:
+            if self._failed:
+                raise RuntimeError(self._failed)
             if node not in self.contexts and node in self._node_configs:
                 run_id, run_config = self._run
                 self.contexts[node] = Context(run_id=run_id, node_id=node, state=RecordDict(),
                                               run_config=run_config,
                                               node_config=dict(self._node_configs[node]))
             if node not in self.contexts:
-                raise ValueError(f"no virtual node {node}")
+                log.warning("a message to node %d, which this runtime does not have", node)
+                return None
             self._tasks[message_id] = (message, node)
             if node in self._busy_nodes:
                 self._queued.setdefault(node, deque()).append(message_id)
@@ -361,7 +398,7 @@ class InProcessGrid(Grid):
         return self._pool.node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        return [self._pool.submit(m) for m in messages]
+        return [i for i in (self._pool.submit(m) for m in messages) if i is not None]
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return self._pool.take(message_ids)

@@ -152,9 +152,9 @@ def warm_up() -> None:
 
 
 def stop_fork_server() -> None:
-    """Stop this process's fork server (and so every worker still forked from it) once
-    a run's workers are done: a run leaves no process behind. The next run starts a
-    fresh one, with the environment of that time."""
+    """Stop this process's fork server once a run's workers are done (the worker pool
+    stops the workers themselves): a run leaves no process behind. The next run starts
+    a fresh one, with the environment of that time."""
     from multiprocessing import forkserver
 
     server = getattr(forkserver, "_forkserver", None)

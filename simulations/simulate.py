@@ -7,6 +7,7 @@ progress is read from the run's rounds.jsonl as the ServerApp writes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -253,12 +254,16 @@ def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, tim
         + where + f" -> {run.path}")
     t0 = time.time()
     client_env = node_env(cfg, ledgers)
-    if backend.engine == "flower":
-        _launch_flower(cfg, run, backend, client_env, say, t0, timeout)
-        log_name = "flwr.log"
-    else:
-        _launch_inprocess(cfg, run, backend, client_env, say, t0, timeout)
-        log_name = "server.log"
+    log_name = "flwr.log" if backend.engine == "flower" else "server.log"
+    try:
+        if backend.engine == "flower":
+            _launch_flower(cfg, run, backend, client_env, say, t0, timeout)
+        else:
+            _launch_inprocess(cfg, run, backend, client_env, say, t0, timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):  # what the clients spent, even in a failed run
+            reconcile_privacy(run, ledgers, cfg)
+        raise
     reconcile_privacy(run, ledgers, cfg)
     if run.summary() is None:
         log = run.logs / log_name
@@ -352,7 +357,7 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
             shown = len(rows)
             if finished:
                 return
-            if time.time() - t0 > timeout and not late.is_set():
+            if time.time() - t0 > timeout and not late.is_set() and not done.is_set():
                 late.set()
                 _thread.interrupt_main()
 
@@ -380,9 +385,9 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
         raise SimulationError(f"the ServerApp stopped: {type(exc).__name__}: {exc} "
                               f"(logs in {run.logs})") from exc
     finally:
-        runtime.stop_fork_server()
-        done.set()
+        done.set()  # first: the follower never interrupts the clean-up
         follower.join(timeout=5)
+        runtime.stop_fork_server()
         server_log.removeHandler(handler)
         flower_log.removeHandler(handler)
         for h in flower_handlers:

@@ -133,19 +133,19 @@ def test_the_federation_runs_in_containers_built_without_a_registry(engine, tmp_
             assert time.time() < deadline, "the unregistered node was never refused"
             time.sleep(1)
         assert _state(env, intruder)[0]["ExitCode"] != 0
-        assert "Failed to activate SuperNode" in _docker(env, "logs", intruder) + \
-            subprocess.run(["docker", "logs", intruder], env=env, capture_output=True,
-                           text=True).stderr
+        logs = subprocess.run(["docker", "logs", intruder], env=env, capture_output=True,
+                              text=True)
+        assert "Failed to activate SuperNode" in logs.stdout + logs.stderr
 
         # Private rounds from the host; node 1 killed once round 2 is recorded.
         runs = fed / "runs"
         t2 = time.time()
-        flwr_env = {**runtime.flower_env(home)}
-        run = subprocess.Popen(
-            [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream",
-             "--run-config", f"{RUN} run-name='containers'"],
-            env=flwr_env, cwd=ROOT, stdout=open(fed / "flwr-run.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+        with open(fed / "flwr-run.log", "w") as out:
+            run = subprocess.Popen(
+                [runtime.tool("flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream",
+                 "--run-config", f"{RUN} run-name='containers'"],
+                env=runtime.flower_env(home), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         rounds = runs / "containers" / "rounds.jsonl"
         while len(read_rounds(rounds)) < 2:
             assert run.poll() is None, (fed / "flwr-run.log").read_text()[-3000:]

@@ -147,3 +147,27 @@ def test_bench_run_times_a_whole_command_and_names_every_process(tmp_path):
     assert all(v >= 0 for v in start.values()), start
     assert figs["round_breakdown_seconds"]["clients (send, train, reply)"] > 0
     assert {"dpfl (this command)", "client worker"} <= set(figs["pss_mib_by_process_at_peak"])
+
+
+def test_a_message_to_an_unknown_node_gets_no_id_as_on_flower_s_grid():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    with WorkerPool(1, env={}) as pool:
+        pool.contexts[1] = context(partition_id=0)
+        grid = InProcessGrid(pool, 1)
+        ids = grid.push_messages([query_message(1), query_message(999)])
+        assert len(ids) == 1
+        assert len(grid.pull_messages(ids) or pool.take(ids, timeout=120)) == 1
+
+
+def test_workers_that_cannot_start_stop_the_pool_with_the_reason(tmp_path):
+    """A worker that dies before it is ready (here: its log file cannot be opened) is
+    not restarted for ever: after three, every caller hears why."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    with WorkerPool(1, env={}, log_file=str(tmp_path / "missing" / "clients.log")) as pool:
+        pool.contexts[1] = context(partition_id=0)
+        deadline = time.time() + 120
+        while not pool._failed and time.time() < deadline:
+            time.sleep(0.1)
+        assert "died before they could run a message" in pool._failed
+        with pytest.raises(RuntimeError, match="died before"):
+            pool.submit(query_message(1))
