@@ -348,13 +348,10 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
     late = threading.Event()
 
     def follow() -> None:
-        shown = len(run.rounds()) if cfg.runtime.resume else 0
+        shown = _shown_before(run, cfg)
         while True:
             finished = done.wait(timeout=0.5)
-            rows = run.rounds()
-            for row in rows[shown:]:
-                say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
-            shown = len(rows)
+            shown = _show_rounds(run, cfg, say, t0, shown)
             if finished:
                 return
             if time.time() - t0 > timeout and not late.is_set() and not done.is_set():
@@ -398,14 +395,11 @@ def _launch_inprocess(cfg: ExperimentConfig, run: RunDir, backend: runtime.Backe
 
 def _follow(proc: subprocess.Popen, run: RunDir, cfg: ExperimentConfig,
             say: Callable[[str], None], t0: float, timeout: float) -> None:
-    shown = len(run.rounds()) if cfg.runtime.resume else 0
+    shown = _shown_before(run, cfg)
     while True:
         finished = run.status() == "finished"
         done = proc.poll() is not None or finished
-        rows = run.rounds()
-        for row in rows[shown:]:
-            say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
-        shown = len(rows)
+        shown = _show_rounds(run, cfg, say, t0, shown)
         if done:
             if finished:
                 try:
@@ -416,6 +410,20 @@ def _follow(proc: subprocess.Popen, run: RunDir, cfg: ExperimentConfig,
         if time.time() - t0 > timeout:
             raise SimulationError(f"the run took longer than {timeout:.0f}s; stopped")
         time.sleep(1.0)
+
+
+def _shown_before(run: RunDir, cfg: ExperimentConfig) -> int:
+    """Rounds already on the console when following starts (a resumed run's)."""
+    return len(run.rounds()) if cfg.runtime.resume else 0
+
+
+def _show_rounds(run: RunDir, cfg: ExperimentConfig, say: Callable[[str], None], t0: float,
+                 shown: int) -> int:
+    """One progress line for each round recorded since `shown`; the rounds shown now."""
+    rows = run.rounds()
+    for row in rows[shown:]:
+        say(progress_line(row, cfg.federation.num_rounds, time.time() - t0))
+    return len(rows)
 
 
 def progress_line(row: RoundRecord, num_rounds: int, elapsed: float) -> str:
