@@ -114,12 +114,17 @@ def replay_file(path: Path) -> Path:
 def save_replay(ledger: Ledger, path: Path | None, key: str, weights: dict[str, np.ndarray],
                 metrics: dict[str, Any]) -> None:
     """Keep the reply to request `key` (weights file first; the ledger that names it is
-    saved after, so a ledger never points at a missing or older file). Only with a
-    ledger file: node state does not outlive the process that a resume replaces."""
+    saved after, so while the machine runs a ledger never points at a missing or older
+    file). Only with a ledger file: node state does not outlive the process that a
+    resume replaces. The file is not synced to disk: privacy rests on the ledger alone
+    (synced before the reply leaves); a reply file that a power loss took back or tore
+    is not the one the ledger names (`load_replay` checks the request it holds), and a
+    request whose kept reply is gone trains again and spends again, as if never kept."""
     if path is None:
         return
     arrays = {**weights, "__request__": np.frombuffer(key.encode(), dtype=np.uint8)}
-    atomic_write(replay_file(path), lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]
+    atomic_write(replay_file(path), lambda tmp: np.savez(tmp, **arrays),  # type: ignore[arg-type]
+                 durable=False)
     ledger.replay = {"key": key, "metrics": encode(metrics)}
 
 
@@ -131,7 +136,7 @@ def load_replay(ledger: Ledger, path: Path | None, key: str
     try:
         with np.load(replay_file(path)) as z:
             weights = {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - torn by a power loss (a bad zip, a short read): none kept
         return None
     if weights.pop("__request__", np.zeros(0, np.uint8)).tobytes().decode(errors="replace") != key:
         return None  # the file holds a newer reply whose ledger was never saved

@@ -14,7 +14,7 @@ import os
 import secrets
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,23 +201,31 @@ def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: n
         x, y = x[~bad], y[~bad]  # samples are independent (no batch statistics)
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """The record indices of one epoch of `DataLoader(shuffle=True, batch_size=batch_size,
-    generator=generator)` over n records, from the same draws of `generator` (the
-    loader's base seed, its sampler's permutation, the sampler's draw for a remainder of
-    none), so a non-private round trains exactly as through the loader, without its
-    per-record indexing and collation (a fifth of a small model's round)."""
+def shuffled_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The record order of one epoch of `DataLoader(shuffle=True, generator=generator)` over
+    n records, from the same draws of `generator` (the loader's base seed, its sampler's
+    permutation, the sampler's draw for a remainder of none), so a non-private round
+    trains exactly as through the loader, without its per-record indexing and collation
+    (a fifth of a small model's round)."""
     torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's base seed
     order = torch.randperm(n, generator=generator)
     torch.randperm(n, generator=generator)  # RandomSampler's second draw, of 0 records
-    return list(order.split(batch_size))
+    return order
+
+
+GATHER_RECORDS = 1024  # records taken from the data at once (a few MB, however large it is)
 
 
 def tensor_batches(tensors: tuple[torch.Tensor, ...], batch_size: int,
                    generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One shuffled epoch of (x, y) batches, as the DataLoader would give them."""
-    for idx in shuffled_batches(len(tensors[0]), batch_size, generator):
-        yield tuple(t[idx] for t in tensors)
+    """One shuffled epoch of (x, y) batches, as the DataLoader would give them: the
+    shuffled records taken a block of whole batches at a time, then split (one indexing
+    per block, not one per batch)."""
+    order = shuffled_order(len(tensors[0]), generator)
+    block = max(1, GATHER_RECORDS // batch_size) * batch_size
+    for start in range(0, len(order), block):
+        idx = order[start:start + block]
+        yield from zip(*(t[idx].split(batch_size) for t in tensors), strict=True)
 
 
 def sampled_batches(tensors: tuple[torch.Tensor, ...], loader: Any
@@ -232,13 +240,57 @@ def sampled_batches(tensors: tuple[torch.Tensor, ...], loader: Any
         yield tuple(t[index] for t in tensors)
 
 
+class PlainSGD:
+    """torch.optim.SGD's update for the non-private baseline (momentum without dampening,
+    no Nesterov, no weight decay: what TrainConfig offers), bit for bit, without the
+    optimizer's per-step hooks and profiler records (a fifth of a small model's step)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], *, lr: float, momentum: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum = lr, momentum
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if self.momentum:
+                    buf = self.buffers[i]
+                    if buf is None:
+                        buf = self.buffers[i] = torch.clone(grad).detach()
+                    else:
+                        buf.mul_(self.momentum).add_(grad)
+                    grad = buf
+                p.add_(grad, alpha=-self.lr)
+
+
+def model_is_finite(model: nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer of `model` is finite."""
+    return all_finite([t.detach() for t in (*model.parameters(), *model.buffers())
+                       if t.is_floating_point()])
+
+
 def train_round(
     weights: dict[str, np.ndarray], data: Split, plan: privacy.RoundPlan, *,
     train: TrainConfig, priv: PrivacyConfig, runtime: RuntimeConfig, seed: int,
 ) -> RoundResult:
     """Run `plan.steps` local steps from `weights`; private iff plan.noise_multiplier > 0.
     Private rounds draw their Poisson samples and noise from OS entropy, not from `seed`
-    (Opacus' secure_mode would need torchcsprng, which is not installed)."""
+    (Opacus' secure_mode would need torchcsprng, which is not installed).
+
+    A sample whose gradient is not finite must not reach the update (`finite_step`).
+    Checking every step costs a tenth of a small model's round, and a non-finite value
+    never leaves a model trained by SGD once it is in (inf or NaN, minus or times anything,
+    stays inf or NaN): so the round first trains without the check and, only when the
+    model it ends with is not finite, trains again from the same draws (the same batches,
+    the same noise) checking every step. Either way the model is the one that checking
+    every step gives; the first attempt is never released."""
     if runtime.num_threads > 0:
         torch.set_num_threads(runtime.num_threads)
     device = resolve_device(runtime.device)
@@ -247,6 +299,23 @@ def train_round(
     # run's (public) seed. The non-private baseline stays reproducible.
     if private:
         seed = secrets.randbits(63)
+    noise_seed = secrets.randbits(63) if private else 0
+    for checked in (False, True):
+        result = _train(weights, data, plan, train=train, priv=priv, runtime=runtime,
+                        device=device, seed=seed, noise_seed=noise_seed, checked=checked)
+        if result is not None:
+            return result
+    raise AssertionError("a checked round always returns")  # pragma: no cover
+
+
+def _train(
+    weights: dict[str, np.ndarray], data: Split, plan: privacy.RoundPlan, *,
+    train: TrainConfig, priv: PrivacyConfig, runtime: RuntimeConfig, device: torch.device,
+    seed: int, noise_seed: int, checked: bool,
+) -> RoundResult | None:
+    """One attempt at the round from `seed` (batches) and `noise_seed` (DP noise). Without
+    `checked`, None as soon as the loss or, at the end, the model is not finite."""
+    private = plan.noise_multiplier > 0
     if device.type == "cpu":  # torch.manual_seed also queues seeds for every accelerator
         torch.default_generator.manual_seed(seed)
     else:
@@ -255,25 +324,27 @@ def train_round(
     set_weights(model, weights)
     model.to(device)
     model.train()
-    dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
+    tensors = (torch.from_numpy(data.images), torch.from_numpy(data.labels))
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=train.batch_size or len(data), shuffle=True,
-                        generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
-
+    optimizer: Any
     if private:
         from opacus import PrivacyEngine
 
+        loader = DataLoader(TensorDataset(*tensors), batch_size=train.batch_size or len(data),
+                            shuffle=True, generator=generator)
         engine = PrivacyEngine(accountant=priv.accountant)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             made = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=train.learning_rate,
+                                          momentum=train.momentum),
+                data_loader=loader,
                 noise_multiplier=plan.noise_multiplier * broken_noise_scale(),
                 max_grad_norm=priv.max_grad_norm,
                 poisson_sampling=True, grad_sample_mode=runtime.grad_sample_mode,
-                noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
+                noise_generator=torch.Generator().manual_seed(noise_seed),
                 **({"criterion": criterion} if runtime.grad_sample_mode == "ghost" else {}),
             )
         if runtime.grad_sample_mode == "ghost":
@@ -284,37 +355,55 @@ def train_round(
             raise RuntimeError(
                 f"Opacus samples at q={loader.sample_rate}, the ledger planned {plan.sample_rate}"
             )
+    else:
+        optimizer = PlainSGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
+        batch_size = train.batch_size or len(data)
+        if batch_size < 1:
+            raise ValueError(f"batch_size should be a positive integer value, not {batch_size}")
 
     total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(train.local_epochs):
-        batches = (sampled_batches(dataset.tensors, loader) if private else
-                   tensor_batches(dataset.tensors, loader.batch_size or 1, generator))
-        for x, y in batches:
-            # Poisson sampling can draw an empty batch; Opacus still takes a noisy step.
-            loss, y = finite_step(model, optimizer, criterion, x.to(device), y.to(device))
-            optimizer.step()
-            steps += 1
-            if len(y):
-                total_loss += loss.item() * len(y)
-            seen += len(y)
-
-    if private:
-        spent = privacy.total_steps(engine.accountant.history)
-        if spent != plan.steps or steps != plan.steps:
-            raise RuntimeError(
-                f"accounting mismatch: planned {plan.steps} steps, Opacus counted {spent}, "
-                f"the loop took {steps}"
-            )
-    weights_out = get_weights(model)
-    # Opacus keeps per-sample gradients (n x parameters, ~95 MB a round here) on the
-    # parameters, inside reference cycles with its hooks: free them now, not at some later
-    # garbage collection, or a long-lived simulation actor grows by that much every round.
-    optimizer.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.grad_sample = None  # type: ignore[attr-defined]
-    if hasattr(model, "remove_hooks"):
-        model.remove_hooks()  # type: ignore[operator]
-    del model, optimizer, loader
+    try:
+        for _ in range(train.local_epochs):
+            batches = (sampled_batches(tensors, loader) if private else
+                       tensor_batches(tensors, batch_size, generator))
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                if checked:
+                    # Poisson sampling can draw an empty batch; Opacus still takes a noisy step.
+                    loss, y = finite_step(model, optimizer, criterion, x, y)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(model(x), y)
+                    loss.backward()
+                optimizer.step()
+                steps += 1
+                if len(y):
+                    value = loss.item()
+                    if not (checked or math.isfinite(value)):
+                        return None
+                    total_loss += value * len(y)
+                seen += len(y)
+        if not (checked or model_is_finite(model)):
+            return None
+        if private:
+            spent = privacy.total_steps(engine.accountant.history)
+            if spent != plan.steps or steps != plan.steps:
+                raise RuntimeError(
+                    f"accounting mismatch: planned {plan.steps} steps, Opacus counted {spent}, "
+                    f"the loop took {steps}"
+                )
+        weights_out = get_weights(model)
+    finally:
+        # Opacus keeps per-sample gradients (n x parameters, ~95 MB a round here) on the
+        # parameters, inside reference cycles with its hooks: free them now, not at some
+        # later garbage collection, or a long-lived simulation actor grows by that much
+        # every round.
+        optimizer.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None  # type: ignore[attr-defined]
+        if hasattr(model, "remove_hooks"):
+            model.remove_hooks()  # type: ignore[operator]
+        del model, optimizer
 
     return RoundResult(
         weights=weights_out, num_examples=len(data),

@@ -56,10 +56,17 @@ LIBRARIES = ("torch", "flwr", "opacus", "flwr-datasets", "numpy", "dp-accounting
 # ---------------------------------------------------------------- the ∞ / NaN encoding
 
 
+class Encoded(dict):  # type: ignore[type-arg]
+    """A dict already as `encode` makes it: `encode` takes it as it is (a run writes every
+    client's record after every round, most of them unchanged since they were encoded)."""
+
+
 def encode(value: Any) -> Any:
     """A JSON-able copy of `value`: non-finite floats become "inf", "-inf" or "nan",
-    numpy scalars plain numbers, tuples lists."""
+    numpy scalars plain numbers, tuples lists (an `Encoded` dict: itself)."""
     kind = type(value)  # the common kinds first: every round writes thousands of values
+    if kind is Encoded:
+        return value
     if kind is float:
         if math.isfinite(value):
             return value
@@ -99,8 +106,20 @@ def dumps(value: Any, *, indent: int | None = None) -> str:
     return json.dumps(encode(value), indent=indent, allow_nan=False)
 
 
+def pretty(value: Any, depth: int = 2, pad: str = "") -> str:
+    """JSON of an encoded value with its objects spread over lines to `depth` levels and
+    everything deeper on one line each (privacy.json: a client a line). Python's json
+    indents only in pure Python, ten times slower than its one-line encoder, and a run
+    writes every client's record after every round."""
+    if depth == 0 or not isinstance(value, dict) or not value:
+        return json.dumps(value, allow_nan=False)
+    inner = pad + "  "
+    return "{\n" + ",\n".join(f"{inner}{json.dumps(str(k))}: {pretty(v, depth - 1, inner)}"
+                              for k, v in value.items()) + "\n" + pad + "}"
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, dumps(data, indent=2) + "\n")
+    atomic_write_text(path, pretty(encode(data)) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -119,7 +138,11 @@ class Record:
     ignored) and decodes every float field."""
 
     def to_json(self) -> dict[str, Any]:
-        return encode(self)  # type: ignore[no-any-return]
+        """Encoded once (a record is frozen): callers must not change what it returns."""
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = self.__dict__["_json"] = Encoded(encode(self))
+        return cached  # type: ignore[no-any-return]
 
     @classmethod
     def from_json(cls: type[R], data: Mapping[str, Any]) -> R:
@@ -149,7 +172,7 @@ class RoundRecord(Record):
     train_loss: float = math.nan
     epsilon_max: float = 0.0
     epsilon_mean: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from sending the round's model to its new model
     partitions_sampled: list[int] = field(default_factory=list)
     partitions_trained: list[int] = field(default_factory=list)
     partitions_aggregated: list[int] = field(default_factory=list)
@@ -158,7 +181,9 @@ class RoundRecord(Record):
     bytes_down: int = 0  # payload bytes the server sent them (secure aggregation only)
     noise_shares: int = 0  # secure aggregation: clients' noise shares in the unmasked sum
     seconds_clients: float = 0.0  # of `seconds`: sending to clients and waiting for replies
-    seconds_evaluate: float = 0.0  # of `seconds`: the central evaluation
+    # the central evaluation of this round's model: not in `seconds` (a FedAvg round's
+    # runs while the next round's clients train)
+    seconds_evaluate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -195,7 +220,7 @@ class PrivacyRecord(Record):
     def to_json(self) -> dict[str, Any]:
         out = encode({f.name: getattr(self, f.name) for f in fields(self) if f.name != "clients"})
         out["clients"] = {str(p): c.to_json() for p, c in sorted(self.clients.items(), key=lambda kv: int(kv[0]))}
-        return out
+        return Encoded(out)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PrivacyRecord:

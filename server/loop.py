@@ -122,13 +122,20 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
         bytes_up=out.bytes_up, bytes_down=out.bytes_down, noise_shares=out.noise_shares)
 
 
-def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState,
-                 timeout: float, scorer: CanaryScorer | None = None) -> Weights | None:
-    """One round of plain FedAvg over local-DP updates: the new model, or None."""
+def send_fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState
+                      ) -> wire.Sent:
+    """Sample round `server_round`'s cohort and send it the global model."""
     arrays = to_array_record(state.model)
     messages = strategy.configure_train(
         server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
-    replies = wire.send_and_receive(grid, messages, timeout=timeout) if messages else []
+    return wire.send(grid, messages)
+
+
+def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunState,
+                         sent: wire.Sent, timeout: float, scorer: CanaryScorer | None = None
+                         ) -> Weights | None:
+    """The round's replies, aggregated: the new model, or None."""
+    replies = wire.receive(sent, timeout=timeout) if sent.messages else []
     strategy.outcomes[server_round].bytes_up = sum(
         payload_bytes(r.content) for r in replies if not r.has_error())
     if scorer is not None:
@@ -139,49 +146,105 @@ def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: R
     return from_array_record(new) if new is not None else None
 
 
+def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState,
+                 timeout: float, scorer: CanaryScorer | None = None) -> Weights | None:
+    """One round of plain FedAvg over local-DP updates: the new model, or None."""
+    sent = send_fedavg_round(grid, strategy, server_round, state)
+    return receive_fedavg_round(strategy, server_round, state, sent, timeout, scorer)
+
+
+@dataclass
+class Trained:
+    """A round whose new model is in; its evaluation, checkpoint and records are to do."""
+
+    server_round: int
+    seconds: float  # from sending its model to aggregating the replies
+    seconds_clients: float  # of which sending and waiting for replies
+    strategy_state: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+
+
+def record_round(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: RunState,
+                 evaluate: Evaluate, done: Trained, started: float,
+                 scorer: CanaryScorer | None = None) -> None:
+    """Evaluate round `done`'s model, then write its checkpoint (first) and its records.
+    The run state and the strategy must be as the round left them, except the strategy's
+    sampler when the next round has been sent: `done.strategy_state` holds its state
+    from before."""
+    server_round = done.server_round
+    t_eval = time.time()
+    loss, acc = evaluate(strategy.reported_model(state.model))
+    row = replace(round_record(server_round, strategy, loss, acc, done.seconds),
+                  seconds_clients=done.seconds_clients, seconds_evaluate=time.time() - t_eval)
+    state.history.append(row)
+    state.next_round = server_round + 1
+    checkpoint.save(run.path, model=state.model,
+                    strategy=done.strategy_state or strategy.state_dict(),
+                    meta=state.meta(cfg, time.time() - started))
+    run.append_round(row)
+    run.write_privacy(strategy.privacy.as_record(cfg))  # kept current: a killed run has it
+    if scorer is not None:
+        run.write_canary_scores(scorer.arrays())
+    fed = cfg.federation
+    log.info(
+        "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
+        "trained %d/%d, refused %d, failed %d, invalid %d, timed out %d, %.1fs",
+        server_round, fed.num_rounds, acc, loss, row.epsilon_max, row.epsilon_mean,
+        row.clients_trained, row.clients_sampled, row.clients_refused, row.clients_failed,
+        row.clients_invalid, row.clients_timed_out, row.seconds)
+
+
 def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir,
                state: RunState, evaluate: Evaluate, started: float,
                scorer: CanaryScorer | None = None) -> str:
     """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or "".
-    With `scorer` (an audit run) it scores the canaries on what each round showed."""
+    With `scorer` (an audit run) it scores the canaries on what each round showed.
+
+    A FedAvg round's evaluation, checkpoint and records are done while the next round's
+    clients train: its model is sent first (the next round depends only on the model
+    and the sampler, never on the evaluation). The checkpoint still holds exactly the
+    state after its round (the sampler's as it was before the next cohort was drawn),
+    and it is written before the next round's replies are read; a run killed in
+    between resumes from the round before, whose clients answer again from their kept
+    replies."""
     fed = cfg.federation
     secure = SecureRound(cfg, strategy, scorer) if cfg.secure.enabled else None
     if state.next_round == 1:
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
+
+    def record(done: Trained) -> None:
+        record_round(cfg, strategy, run, state, evaluate, done, started, scorer)
+
+    done: Trained | None = None  # the last round, when its records are still to do
     for server_round in range(state.next_round, fed.num_rounds + 1):
         t0, waited = time.time(), wire.Waited.seconds
-        new = (secure.run(grid, server_round, state.model, state.planned) if secure
-               else fedavg_round(grid, strategy, server_round, state, fed.round_timeout, scorer))
-        if secure and cfg.runtime.keep_transcript:
-            run.write_transcript(server_round, secure.held.arrays())
+        if secure is not None:
+            new = secure.run(grid, server_round, state.model, state.planned)
+            if cfg.runtime.keep_transcript:
+                run.write_transcript(server_round, secure.held.arrays())
+        else:
+            before = strategy.state_dict() if done is not None else None
+            sent = send_fedavg_round(grid, strategy, server_round, state)
+            if done is not None:
+                record(replace(done, strategy_state=before))
+                done = None
+            new = receive_fedavg_round(strategy, server_round, state, sent, fed.round_timeout,
+                                       scorer)
         if new is not None:
             state.model, state.idle = new, 0
         else:
             state.idle += 1
-        t_eval = time.time()
-        loss, acc = evaluate(strategy.reported_model(state.model))
-        row = replace(round_record(server_round, strategy, loss, acc, time.time() - t0),
-                      seconds_clients=wire.Waited.seconds - waited,
-                      seconds_evaluate=time.time() - t_eval)
-        state.history.append(row)
-        state.next_round = server_round + 1
-        checkpoint.save(run.path, model=state.model, strategy=strategy.state_dict(),
-                        meta=state.meta(cfg, time.time() - started))
-        run.append_round(row)
-        run.write_privacy(strategy.privacy.as_record(cfg))  # kept current: a killed run has it
-        if scorer is not None:
-            run.write_canary_scores(scorer.arrays())
-        log.info(
-            "round %d/%d: test accuracy %.4f, loss %.4f, epsilon max %.3f mean %.3f, "
-            "trained %d/%d, refused %d, failed %d, invalid %d, timed out %d, %.1fs",
-            server_round, fed.num_rounds, acc, loss, row.epsilon_max, row.epsilon_mean,
-            row.clients_trained, row.clients_sampled, row.clients_refused, row.clients_failed,
-            row.clients_invalid, row.clients_timed_out, row.seconds)
+        done = Trained(server_round, seconds=time.time() - t0,
+                       seconds_clients=wire.Waited.seconds - waited)
+        if secure is not None or (fed.max_idle_rounds and state.idle >= fed.max_idle_rounds):
+            record(done)
+            done = None
         if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
             reasons = strategy.outcomes[server_round].reasons  # all of them, not the row's 20
             return (f"{state.idle} consecutive round(s) without a valid update (max-idle-rounds="
                     f"{fed.max_idle_rounds}); last: {reasons[-1] if reasons else 'no replies'}")
+    if done is not None:
+        record(done)
     return ""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,40 +28,65 @@ POLL_SECONDS = 0.1
 
 
 class Waited:
-    """Seconds the server has spent in `send_and_receive` (sending, then waiting for the
-    clients' replies): the round loop reads it for each round's breakdown."""
+    """Seconds the server has spent sending to clients and waiting for their replies
+    (`send`, `receive`): the round loop reads it for each round's breakdown."""
 
     seconds = 0.0
 
 
-def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+@dataclass
+class Sent:
+    """Messages on their way: `receive` collects their replies. Between the two the
+    server may do other work (the previous round's evaluation and records)."""
+
+    grid: Any
+    started: float
+    ids: list[str] | None  # None: a grid without push and pull, sent at `receive`
+    messages: list[Message]
+
+
+def send(grid: Any, messages: Iterable[Message]) -> Sent:
+    """Push `messages` (a grid with push and pull; a test's grid without them is asked
+    to send and receive at `receive`)."""
     start = time.monotonic()
+    messages = list(messages)
     try:
-        return _send_and_receive(grid, messages, timeout=timeout)
+        if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+            return Sent(grid, start, None, messages)
+        return Sent(grid, start, list(grid.push_messages(messages)), messages)
     finally:
         Waited.seconds += time.monotonic() - start
 
 
-def _send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-    """Push `messages` and collect their replies until all are in or `timeout` passes,
-    polling every POLL_SECONDS. Flower's deployment grid sleeps 3 s between polls, so
-    every exchange of a deployed round waited up to 3 s for replies already there. A
-    grid that waits for replies itself (dpfl's in-process runtime) or has no push/pull
-    (a test's) is asked to send and receive."""
-    if getattr(grid, "waits_for_replies", False) or not (
-            hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    waiting = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while waiting:
-        got = list(grid.pull_messages(waiting))
-        replies += got
-        waiting -= {m.metadata.reply_to_message_id for m in got}
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    return replies
+def receive(sent: Sent, *, timeout: float) -> list[Message]:
+    """The replies to `sent` that come within `timeout` seconds of its sending. A grid
+    that waits for replies itself (dpfl's in-process runtime) is asked to; any other is
+    polled every POLL_SECONDS (Flower's deployment grid would sleep 3 s between polls,
+    so every exchange of a deployed round waited up to 3 s for replies already there)."""
+    start = time.monotonic()
+    grid = sent.grid
+    try:
+        if sent.ids is None:
+            return list(grid.send_and_receive(sent.messages, timeout=timeout))
+        deadline = sent.started + timeout
+        if getattr(grid, "waits_for_replies", False):
+            return list(grid.receive(sent.ids, timeout=max(deadline - time.monotonic(), 0.0)))
+        waiting = set(sent.ids)
+        replies: list[Message] = []
+        while waiting:
+            got = list(grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        return replies
+    finally:
+        Waited.seconds += time.monotonic() - start
+
+
+def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    return receive(send(grid, messages), timeout=timeout)
 
 
 def query_message(node: int) -> Message:

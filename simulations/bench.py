@@ -80,6 +80,24 @@ def _log_times(path: Path) -> list[tuple[float, str]]:
     return out
 
 
+def server_log(run: RunDir) -> Path:
+    return run.logs / ("server.log" if (run.logs / "server.log").exists() else "flwr.log")
+
+
+def round_ends(times: list[tuple[float, str]]) -> list[float]:
+    """When each round's line was logged: the round is trained, evaluated and recorded."""
+    return [t for t, m in times if m.startswith("round ") and "/" in m.split()[1]]
+
+
+def seconds_per_round(ends: list[float]) -> float:
+    """The median time between consecutive rounds' ends (a round's own work and whatever
+    overlaps it), NaN with fewer than two rounds."""
+    import statistics
+
+    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return statistics.median(gaps) if gaps else math.nan
+
+
 def command_figures(run_config: str = "", *, runtime_args: list[str] | None = None) -> dict:
     """Time one whole `dpfl simulate -c RUN_CONFIG` command as a user runs it (a new
     process; its wall from start to exit), with the peak memory of its whole process
@@ -104,20 +122,17 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
     run = RunDir(next(p for p in out_dir.iterdir() if p.is_dir()))
-    log = run.logs / ("server.log" if (run.logs / "server.log").exists() else "flwr.log")
-    times = _log_times(log)
+    times = _log_times(server_log(run))
 
     def first(prefix: str) -> float:
         return next((t for t, m in times if m.startswith(prefix)), math.nan)
 
-    rounds = [(t, m) for t, m in times if m.startswith("round ") and "/" in m.split()[1]]
-    ends = [t for t, _ in rounds]
+    ends = round_ends(times)
     rows = run.rounds()
     if not rows or not ends:
         raise RuntimeError(f"{' '.join(cmd)} recorded no round; logs in {run.logs}")
     later = rows[1:] or rows
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
-    per_round = statistics.median(gaps) if gaps else math.nan
+    per_round = seconds_per_round(ends)
     clients = statistics.median(r.seconds_clients for r in later)
     evaluation = statistics.median(r.seconds_evaluate for r in later)
     in_round = statistics.median(r.seconds for r in later)
@@ -130,9 +145,9 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
         "seconds_per_round_after_1": round(per_round, 4),
         "round_breakdown_seconds": {
             "clients (send, train, reply)": round(clients, r),
-            "central evaluation": round(evaluation, r),
-            "server: aggregation and bookkeeping": round(in_round - clients - evaluation, r),
-            "server: checkpoint and records": round(per_round - in_round, r)},
+            "server: aggregation": round(in_round - clients, r),
+            "server: between rounds": round(per_round - in_round, r),
+            "central evaluation (while the next round trains)": round(evaluation, r)},
         "start_up_seconds": {
             "before the ServerApp (imports, checks, runtime start)": round(started - t0, 2),
             "ServerApp: test set and model": round(ready - started, 2),
@@ -243,13 +258,14 @@ def scale_figures(num_clients: int, *, cohort: int, rounds: int,
 
     with TreeMemory() as mem:
         run_dir = simulate(overrides, output_dir=out, backend=backend, progress=progress)
-    rows = RunDir(run_dir).rounds()
-    later = rows[1:] or rows
+    run = RunDir(run_dir)
+    rows = run.rounds()
     return {"clients": num_clients, "cohort": cohort, "rounds": len(rows),
             "wall_seconds_total": round(time.time() - t0, 1),
             "first_round_after_seconds": round(first[0], 1) if first else None,
             "seconds_round_1": round(rows[0].seconds, 2) if rows else None,
-            "seconds_per_round_after_1": round(sum(r.seconds for r in later) / len(later), 3),
+            "seconds_per_round_after_1": round(
+                seconds_per_round(round_ends(_log_times(server_log(run)))), 3),
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in mem.figures().items()},
             "final_accuracy": rows[-1].test_accuracy if rows else None, "run_dir": str(run_dir)}
 

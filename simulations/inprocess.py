@@ -38,7 +38,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from simulations.runtime import worker_context
+from simulations.runtime import keep_freed_memory, worker_context
 
 # Flower's error codes (flwr.common.constant.ErrorCode), as its simulation engine sets them
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -77,6 +77,7 @@ def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int, log_fi
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+    keep_freed_memory()
     import torch
 
     if threads > 0:
@@ -373,10 +374,10 @@ class WorkerPool:
 
 
 class InProcessGrid(Grid):
-    """Flower's Grid over a WorkerPool of virtual nodes. `send_and_receive` waits for
-    replies without polling; push/pull work as on any Grid."""
+    """Flower's Grid over a WorkerPool of virtual nodes. `receive` and `send_and_receive`
+    wait for replies without polling; push/pull work as on any Grid."""
 
-    waits_for_replies = True  # server.wire asks it to send and receive itself
+    waits_for_replies = True  # server.wire asks it to wait for replies itself
 
     def __init__(self, pool: WorkerPool, run_id: int) -> None:
         self._pool = pool
@@ -403,10 +404,16 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return self._pool.take(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> list[Message]:
-        ids = self.push_messages(messages)
+    def receive(self, message_ids: Iterable[str], *, timeout: float | None = None
+                ) -> list[Message]:
+        """The replies to pushed `message_ids` that come within `timeout` seconds (woken by
+        each reply, no polling); the others are abandoned."""
+        ids = list(message_ids)
         replies = self._pool.take(ids, timeout=float("inf") if timeout is None else timeout)
         got = {r.metadata.reply_to_message_id for r in replies}
         self._pool.abandon(m for m in ids if m not in got)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        return self.receive(self.push_messages(messages), timeout=timeout)

@@ -59,6 +59,24 @@ def test_a_reply_file_newer_than_its_ledger_is_not_replayed(tmp_path):
     assert json.loads(path.read_text())["history"][0][2] == 2  # round 2 spent (again) honestly
 
 
+@pytest.mark.parametrize("damage", ["torn", "empty", "gone"])
+def test_a_reply_file_a_power_loss_damaged_is_not_replayed(tmp_path, damage):
+    """The reply file is not synced to disk (only the ledger is): whatever a power loss
+    leaves of it, the same request trains again and spends again, never fails or
+    replays a wrong answer."""
+    path = tmp_path / "partition-3.json"
+    node = {keys.NODE_LEDGER_PATH: str(path)}
+    client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    kept = replay_file(path)
+    if damage == "gone":
+        kept.unlink()
+    else:
+        kept.write_bytes(kept.read_bytes()[: 300 if damage == "torn" else 0])
+    again = client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))
+    assert not again.has_error() and int(again.content[keys.METRICS][keys.STEPS]) == 1
+    assert json.loads(path.read_text())["history"][0][2] == 2  # spent again, honestly
+
+
 def test_new_run_with_same_ledger_is_not_a_replay(tmp_path):
     node = {keys.NODE_LEDGER_PATH: str(tmp_path / "l.json")}
     client_train(train_message(GLOBAL, server_round=1, planned_rounds=3), _ctx(node_extra=node))

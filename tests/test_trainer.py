@@ -173,7 +173,8 @@ def test_ledger_dir_carries_epsilon_into_a_new_run(tmp_path):
     assert eps[1] > eps[0] and int(again[1].content[keys.METRICS][keys.REFUSED]) == 1
 
 
-@pytest.mark.parametrize("n,batch", [(600, 32), (100, 100), (7, 3), (50, 64)])
+@pytest.mark.parametrize("n,batch", [(600, 32), (100, 100), (7, 3), (50, 64), (2500, 32),
+                                     (3000, 1100)])
 def test_direct_batches_are_the_data_loader_s_batches(n, batch):
     """A non-private epoch batches tensors directly with exactly the DataLoader's draws."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -205,3 +206,72 @@ def test_poisson_batches_are_opacus_loader_s_batches_empty_ones_included(q):
     assert got == want
     if q < 0.01:
         assert any(shape[0] == 0 for shape, _ in got)  # an empty batch is a zero-length one
+
+
+# ---- the round's fast path: plain SGD, one check at the end ---------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_plain_sgd_is_torch_sgd_bit_for_bit(momentum):
+    from client.trainer import PlainSGD
+
+    torch.manual_seed(0)
+    models = [build_model("cnn", seed=1) for _ in range(2)]
+    ours = PlainSGD(models[0].parameters(), lr=0.05, momentum=momentum)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=0.05, momentum=momentum)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    for _ in range(4):
+        for model, opt in zip(models, (ours, theirs), strict=True):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    start = build_model("cnn", seed=1).state_dict()
+    assert not all(torch.equal(a, start[k]) for k, a in models[0].state_dict().items())
+
+
+def _attempt(images, labels, *, sigma, checked, seed=11, noise_seed=12):
+    from client.trainer import _train
+
+    cfg = resolve_config({"model": "logreg", "batch-size": 4, "learning-rate": 0.1,
+                          "max-grad-norm": 1.0, "noise-multiplier": sigma})
+    plan = privacy.RoundPlan(noise_multiplier=sigma, sample_rate=4 / len(labels),
+                             steps=len(labels) // 4,
+                             epsilon_before=0.0, epsilon_after=0.0)
+    return _train(get_weights(build_model("logreg", seed=0)), Split(images, labels), plan,
+                  train=cfg.train, priv=cfg.privacy, runtime=cfg.runtime,
+                  device=torch.device("cpu"), seed=seed, noise_seed=noise_seed, checked=checked)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0], ids=["baseline", "private"])
+def test_a_round_checked_only_at_its_end_is_the_round_checked_at_every_step(sigma):
+    """Finite data: the unchecked attempt is the checked one, bit for bit (the same
+    batches, the same noise). A NaN record: the unchecked attempt gives up (None) and
+    the checked one trains without it."""
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(24, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, size=24)
+    fast, slow = (_attempt(images, labels, sigma=sigma, checked=c) for c in (False, True))
+    assert fast is not None and slow is not None
+    assert all(np.array_equal(fast.weights[k], slow.weights[k]) for k in fast.weights)
+    assert fast.train_loss == slow.train_loss or (math.isnan(fast.train_loss)
+                                                  and math.isnan(slow.train_loss))
+    images[5] = np.nan
+    assert _attempt(images, labels, sigma=sigma, checked=False) is None
+    checked = _attempt(images, labels, sigma=sigma, checked=True)
+    assert checked is not None and all(np.isfinite(w).all() for w in checked.weights.values())
+
+
+def test_train_round_with_a_nan_record_returns_a_finite_model():
+    """Through train_round itself: the unchecked attempt fails, the checked one is released."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(32, 1, 28, 28)).astype(np.float32)
+    images[7, 0, 3, 3] = np.inf
+    labels = rng.integers(0, 10, size=32)
+    cfg = resolve_config({"model": "logreg", "batch-size": 8, "target-epsilon": math.inf})
+    plan = privacy.RoundPlan(noise_multiplier=0.0, sample_rate=0.25, steps=4,
+                             epsilon_before=0.0, epsilon_after=math.inf)
+    res = train_round(get_weights(build_model("logreg", seed=0)), Split(images, labels), plan,
+                      train=cfg.train, priv=cfg.privacy, runtime=cfg.runtime, seed=1)
+    assert all(np.isfinite(w).all() for w in res.weights.values()) and math.isfinite(res.train_loss)
