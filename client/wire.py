@@ -8,17 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import keys
-
-
-def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(value) for name, value in weights.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: record[name].numpy() for name in record}
+from common.arrays import from_array_record, to_array_record
 
 
 @dataclass(frozen=True)

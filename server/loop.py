@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common import keys, privacy
+from common.arrays import from_array_record, to_array_record
 from common.config import ExperimentConfig, project_root
 from common.records import (
     RoundRecord,
@@ -36,7 +37,6 @@ from server.audit import finish as audit_finish
 from server.replies import classify
 from server.secure_round import SecureRound, payload_bytes
 from server.strategy import CohortFedAvg
-from server.wire import from_array_record, to_array_record
 
 log = logging.getLogger("dpfl.server")
 Weights = dict[str, np.ndarray]
@@ -135,7 +135,7 @@ def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunSt
                          sent: wire.Sent, timeout: float, scorer: CanaryScorer | None = None
                          ) -> Weights | None:
     """The round's replies, aggregated: the new model, or None."""
-    replies = wire.receive(sent, timeout=timeout) if sent.messages else []
+    replies = wire.receive(sent, timeout=timeout, each=strategy.judge) if sent.messages else []
     strategy.outcomes[server_round].bytes_up = sum(
         payload_bytes(r.content) for r in replies if not r.has_error())
     if scorer is not None:

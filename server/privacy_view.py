@@ -25,7 +25,8 @@ class PrivacyView:
         self.accountant = accountant
         self.clients: dict[int, ClientRecord] = {}
 
-    def record(self, reported: ReportedPrivacy) -> None:
+    def assess(self, reported: ReportedPrivacy) -> ClientRecord:
+        """The record of what a client reported, its epsilon recomputed (changes nothing)."""
         try:
             eps = privacy.epsilon(reported.history, self.delta, self.accountant)
             alone = privacy.epsilon_alone(reported.history, self.delta, self.accountant)
@@ -33,9 +34,13 @@ class PrivacyView:
             eps = alone = math.inf
         if not math.isnan(reported.claimed_epsilon):
             eps = max(eps, reported.claimed_epsilon)
-        self.clients[reported.partition_id] = ClientRecord(
+        return ClientRecord(
             history=reported.history, epsilon=eps, noise_multiplier=reported.noise_multiplier,
             sample_rate=reported.sample_rate, epsilon_alone=max(alone, eps))
+
+    def record(self, reported: ReportedPrivacy, assessed: ClientRecord | None = None) -> None:
+        """Keep what a client reported (`assessed`: its `assess`ment, when made already)."""
+        self.clients[reported.partition_id] = assessed or self.assess(reported)
 
     def unconfirmed(self, partitions: Iterable[int], server_round: int) -> None:
         """These partitions were asked to train in `server_round` and reported nothing."""

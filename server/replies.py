@@ -18,7 +18,7 @@ from flwr.app import Message
 
 from common import keys, privacy
 from common.aggregation import metrics_problem, update_problem
-from server.wire import from_array_record
+from common.arrays import from_array_record
 
 MAX_HISTORY_ENTRIES = 10_000  # a longer reported history is not read (cost bound)
 REJECTION_KINDS = ("failed", "refused", "invalid")

@@ -26,6 +26,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
+from common.arrays import to_array_record
 from common.config import ExperimentConfig
 from common.data import input_spec
 from common.models import MODEL_FEATURES, parameter_names
@@ -34,7 +35,7 @@ from server import optimizer, wire
 from server.audit import CanaryScorer
 from server.replies import judge_reply, read_privacy, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
-from server.wire import stage_message, to_array_record, train_config
+from server.wire import stage_message, train_config
 
 log = logging.getLogger("dpfl.server")
 

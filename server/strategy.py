@@ -24,12 +24,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.aggregation import robust_aggregate
+from common.arrays import from_array_record, to_array_record
 from common.config import ExperimentConfig
+from common.records import ClientRecord
 from server import optimizer
 from server.cohorts import Cohorts
 from server.privacy_view import PrivacyView
-from server.replies import Accepted, Rejected, classify, read_privacy
-from server.wire import from_array_record, to_array_record, train_config, train_message
+from server.replies import Accepted, Rejected, ReportedPrivacy, classify, read_privacy
+from server.wire import train_config, train_message
 
 log = logging.getLogger("dpfl.server")
 
@@ -63,6 +65,17 @@ def mean_loss(accepted: list[Accepted]) -> float:
     return float(np.average([x for x, _ in released], weights=[w for _, w in released]))
 
 
+@dataclass
+class Judged:
+    """One reply as `judge` found it: its privacy report (and the record of it) and
+    whether it can be averaged."""
+
+    reply: Message
+    reported: ReportedPrivacy | None
+    assessed: ClientRecord | None
+    verdict: Accepted | Rejected
+
+
 class CohortFedAvg(FedAvg):
     """FedAvg whose rounds sample partitions in cohorts and whose aggregation excludes,
     with a reason, every reply that failed, refused or is malformed."""
@@ -83,6 +96,7 @@ class CohortFedAvg(FedAvg):
         self.opt_state = optimizer.OptimizerState()
         self.outcomes: dict[int, RoundOutcome] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # round -> the model it sent
+        self._judged: dict[int, Judged] = {}  # id(reply) -> what `judge` made of it
 
     # ---- configure ----------------------------------------------------------------------
 
@@ -109,23 +123,41 @@ class CohortFedAvg(FedAvg):
         out = self.outcomes[server_round]
         return to_array_record(model), MetricRecord({keys.TRAIN_LOSS: out.train_loss})
 
+    def judge(self, msg: Message, sent: Mapping[str, np.ndarray] | None = None) -> Judged:
+        """Read and check one reply to the model `sent` (by default the one the latest
+        round sent), changing nothing: its privacy report, its epsilon, its verdict. The
+        round loop calls it as each reply comes, while the others still train, and
+        `aggregate` takes what it found."""
+        if sent is None:
+            sent = next(reversed(self._sent.values()))
+        nodes = self.cohorts.nodes
+        reported = read_privacy(msg, nodes)
+        judged = Judged(msg, reported, self.privacy.assess(reported) if reported else None,
+                        classify(msg, reference=sent, nodes=nodes,
+                                 partition_sizes=self.partition_sizes,
+                                 max_update_norm=self.fed.max_update_norm))
+        self._judged[id(msg)] = judged
+        return judged
+
     def aggregate(self, server_round: int, replies: list[Message],
                   sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The new global model from the replies to the model `sent`, or None when too few
         are usable (the global model is kept). Records each reply's privacy first, valid or
         not: the client may have trained and spent before its reply was found unusable."""
         out = self.outcomes.setdefault(server_round, RoundOutcome())
-        nodes = self.cohorts.nodes
-        heard = set()
+        judged = []
         for msg in replies:
-            reported = read_privacy(msg, nodes)
-            if reported is not None:
-                self.privacy.record(reported)
-                heard.add(reported.partition_id)
+            j = self._judged.pop(id(msg), None)
+            judged.append(j if j is not None and j.reply is msg else self.judge(msg, sent))
+        self._judged.clear()
+        heard = set()
+        for j in judged:
+            if j.reported is not None:
+                self.privacy.record(j.reported, j.assessed)
+                heard.add(j.reported.partition_id)
         self.privacy.unconfirmed(set(out.partitions_sampled) - heard, server_round)
 
-        verdicts = [classify(msg, reference=sent, nodes=nodes, partition_sizes=self.partition_sizes,
-                             max_update_norm=self.fed.max_update_norm) for msg in replies]
+        verdicts = [j.verdict for j in judged]
         # in partition order, not arrival order: the same updates give the same model
         # to the last bit, however the runtime scheduled the clients
         accepted = sorted((v for v in verdicts if isinstance(v, Accepted)),

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import keys
-
-
-def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
-    return ArrayRecord({name: Array(value) for name, value in weights.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ordered dict of named numpy arrays."""
-    return {name: record[name].numpy() for name in record}
-
 
 POLL_SECONDS = 0.1
 
@@ -58,23 +46,34 @@ def send(grid: Any, messages: Iterable[Message]) -> Sent:
         Waited.seconds += time.monotonic() - start
 
 
-def receive(sent: Sent, *, timeout: float) -> list[Message]:
-    """The replies to `sent` that come within `timeout` seconds of its sending. A grid
-    that waits for replies itself (dpfl's in-process runtime) is asked to; any other is
-    polled every POLL_SECONDS (Flower's deployment grid would sleep 3 s between polls,
-    so every exchange of a deployed round waited up to 3 s for replies already there)."""
+def receive(sent: Sent, *, timeout: float, each: Callable[[Message], Any] | None = None
+            ) -> list[Message]:
+    """The replies to `sent` that come within `timeout` seconds of its sending, each
+    passed to `each` as it comes (the server reads a reply while others still train). A
+    grid that waits for replies itself (dpfl's in-process runtime) is asked to; any
+    other is polled every POLL_SECONDS (Flower's deployment grid would sleep 3 s between
+    polls, so every exchange of a deployed round waited up to 3 s for replies already
+    there)."""
     start = time.monotonic()
     grid = sent.grid
     try:
         if sent.ids is None:
-            return list(grid.send_and_receive(sent.messages, timeout=timeout))
+            replies = list(grid.send_and_receive(sent.messages, timeout=timeout))
+            if each is not None:
+                for reply in replies:
+                    each(reply)
+            return replies
         deadline = sent.started + timeout
         if getattr(grid, "waits_for_replies", False):
-            return list(grid.receive(sent.ids, timeout=max(deadline - time.monotonic(), 0.0)))
+            return list(grid.receive(sent.ids, timeout=max(deadline - time.monotonic(), 0.0),
+                                     each=each))
         waiting = set(sent.ids)
-        replies: list[Message] = []
+        replies = []
         while waiting:
             got = list(grid.pull_messages(waiting))
+            if each is not None:
+                for reply in got:
+                    each(reply)
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or time.monotonic() >= deadline:

@@ -174,6 +174,7 @@ class TreeMemory:
         self.base = psutil.virtual_memory().used
         self.peak_used, self.peak_tree, self.peak_processes = self.base, 0, 0
         self.at_peak: dict[str, int] = {}
+        self.each_peak: dict[str, int] = {}  # each kind of process's own peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -207,6 +208,8 @@ class TreeMemory:
         while not self._stop.is_set():
             self.peak_used = max(self.peak_used, self._psutil.virtual_memory().used)
             sizes = self._tree()
+            for name, size in sizes.items():
+                self.each_peak[name] = max(self.each_peak.get(name, 0), size)
             if sum(sizes.values()) > self.peak_tree:
                 self.peak_tree, self.peak_processes = sum(sizes.values()), len(sizes)
                 self.at_peak = sizes
@@ -224,8 +227,12 @@ class TreeMemory:
         return {"peak_machine_used_increase_gib": (self.peak_used - self.base) / 2**30,
                 "peak_process_tree_pss_gib": self.peak_tree / 2**30,
                 "process_kinds_at_peak": self.peak_processes,
-                "pss_mib_by_process_at_peak": {k: round(v / 2**20) for k, v in sorted(
-                    self.at_peak.items(), key=lambda kv: -kv[1])}}
+                "pss_mib_by_process_at_peak": _mib(self.at_peak),
+                "peak_pss_mib_of_each_process": _mib(self.each_peak)}
+
+
+def _mib(sizes: dict[str, int]) -> dict[str, int]:
+    return {k: round(v / 2**20) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
 def _process_name(cmd: list[str]) -> str:

@@ -29,7 +29,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -324,19 +324,30 @@ class WorkerPool:
             self._dispatch()
         return message_id
 
-    def take(self, message_ids: Iterable[str], *, timeout: float = 0.0) -> list[Message]:
-        """Replies to `message_ids` that are in, waiting up to `timeout` for all of them."""
+    def take(self, message_ids: Iterable[str], *, timeout: float = 0.0,
+             each: Callable[[Message], Any] | None = None) -> list[Message]:
+        """Replies to `message_ids` that are in, waiting up to `timeout` for all of them;
+        each passed to `each` as it comes (outside the lock)."""
         wanted = set(message_ids)
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self._closed:
-                if wanted <= set(self._replies):
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._got.wait(timeout=min(left, 1.0))
-            return [self._replies.pop(m) for m in wanted if m in self._replies]
+        got: list[Message] = []
+        while True:
+            with self._lock:
+                while not (self._closed or wanted & self._replies.keys()):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not wanted:
+                        break
+                    self._got.wait(timeout=min(left, 1.0))
+                arrived = wanted & self._replies.keys()
+                new = [self._replies.pop(m) for m in arrived]
+                wanted -= arrived
+                done = self._closed or not wanted or time.monotonic() >= deadline
+            if each is not None:
+                for reply in new:
+                    each(reply)
+            got += new
+            if done:
+                return got
 
     def abandon(self, message_ids: Iterable[str]) -> None:
         """The caller no longer waits for these: their replies are dropped (their nodes
@@ -404,12 +415,14 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return self._pool.take(message_ids)
 
-    def receive(self, message_ids: Iterable[str], *, timeout: float | None = None
-                ) -> list[Message]:
+    def receive(self, message_ids: Iterable[str], *, timeout: float | None = None,
+                each: Callable[[Message], Any] | None = None) -> list[Message]:
         """The replies to pushed `message_ids` that come within `timeout` seconds (woken by
-        each reply, no polling); the others are abandoned."""
+        each reply, no polling, each passed to `each` as it comes); the others are
+        abandoned."""
         ids = list(message_ids)
-        replies = self._pool.take(ids, timeout=float("inf") if timeout is None else timeout)
+        replies = self._pool.take(ids, timeout=float("inf") if timeout is None else timeout,
+                                  each=each)
         got = {r.metadata.reply_to_message_id for r in replies}
         self._pool.abandon(m for m in ids if m not in got)
         return replies

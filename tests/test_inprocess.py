@@ -146,7 +146,8 @@ def test_bench_run_times_a_whole_command_and_names_every_process(tmp_path):
     start = figs["start_up_seconds"]
     assert all(v >= 0 for v in start.values()), start
     assert figs["round_breakdown_seconds"]["clients (send, train, reply)"] > 0
-    assert {"dpfl (this command)", "client worker"} <= set(figs["pss_mib_by_process_at_peak"])
+    assert {"dpfl (this command)", "client worker"} <= set(figs["peak_pss_mib_of_each_process"])
+    assert set(figs["pss_mib_by_process_at_peak"]) <= set(figs["peak_pss_mib_of_each_process"])
 
 
 def test_a_message_to_an_unknown_node_gets_no_id_as_on_flower_s_grid():

@@ -26,3 +26,20 @@ def test_seeded_init_is_reproducible_and_weights_round_trip(name):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="model='resnet'"):
         build_model("resnet")
+
+
+def test_evaluation_loss_is_the_cross_entropy():
+    import torch
+
+    from common.models import build_model, evaluate
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(300, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, size=300)
+    model = build_model("cnn", seed=2)
+    loss, acc = evaluate(model, images, labels, batch_size=128)
+    with torch.no_grad():
+        out = model(torch.from_numpy(images))
+        want = float(torch.nn.functional.cross_entropy(out, torch.from_numpy(labels)))
+        want_acc = float((out.argmax(1) == torch.from_numpy(labels)).float().mean())
+    assert loss == pytest.approx(want, rel=1e-5) and acc == pytest.approx(want_acc)

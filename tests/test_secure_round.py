@@ -183,8 +183,9 @@ def test_a_masked_request_that_cannot_complete_spends_nothing():
     or spends budget."""
     import json
 
+    from common.arrays import to_array_record
     from server.wire import stage_message as _message
-    from server.wire import to_array_record, train_config
+    from server.wire import train_config
 
     cfg, grid, strategy, secure = _setup()
     model = _model()

@@ -160,7 +160,7 @@ def test_multikrum_picks_what_flowers_multikrum_picks():
     from flwr.app import RecordDict
     from flwr.serverapp.strategy.multikrum import select_multikrum
 
-    from server.wire import to_array_record
+    from common.arrays import to_array_record
 
     rng = np.random.default_rng(0)
     ups = [{"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
+from common.arrays import from_array_record, to_array_record
 from common.models import build_model, get_weights
-from server.wire import from_array_record, to_array_record
 
 app = ServerApp()
 
