@@ -142,6 +142,8 @@ def _records(cfg: ExperimentConfig, node: NodeConfig) -> Split:
         key = {"data_dir": node.data_dir}
         fingerprint = source_fingerprint("fashion-mnist", node.data_dir)
     else:
+        if not node.cache_records:  # a simulation's: every partition is in memory
+            return _load_records(cfg, node, features)
         key = {"data": dataclasses.asdict(cfg.data), "partition": node.partition_id,
                "num_partitions": node.num_partitions}
         fingerprint = source_fingerprint(cfg.data.dataset, cfg.data.data_dir)
@@ -208,14 +210,20 @@ def request_key(cfg: ExperimentConfig, context: Context, request: wire.TrainRequ
     and the exact global model. A resumed run asks the same again for the round that
     was cut off."""
     h = hashlib.sha256()
-    run_config = {k: v for k, v in sorted(context.run_config.items()) if k != "resume"}
     run = run_label(cfg.runtime.run_name, context.run_id)
-    h.update(json.dumps([run, run_config, request.server_round], default=str).encode())
+    h.update(_run_text(run, tuple(sorted(context.run_config.items()))))
+    h.update(json.dumps(request.server_round).encode())
     for name, arr in request.weights.items():
         h.update(name.encode())
         h.update(str(arr.dtype).encode() + str(arr.shape).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _run_text(run: str, items: tuple) -> bytes:
+    """The run's part of a request key: its label and config (but not `resume`)."""
+    return json.dumps([run, {k: v for k, v in items if k != "resume"}], default=str).encode()
 
 
 MAX_PLANNED_ROUNDS = 1_000_000

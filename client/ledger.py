@@ -9,6 +9,7 @@ lives in the node's `Context.state`; with a `ledger-path` it is also kept in a f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
-from common.files import atomic_write, atomic_write_text
+from common.files import atomic_write_text
 from common.records import decode_float, encode
 
 STATE_KEY = "dpfl-ledger"
@@ -108,23 +109,35 @@ def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> N
 
 
 def replay_file(path: Path) -> Path:
-    return path.with_name(path.stem + ".reply.npz")
+    return path.with_name(path.stem + REPLY_SUFFIX)
+
+
+REPLY_SUFFIX = ".reply.bin"
+_REPLY_MAGIC = b"dpfl reply 1\n"
 
 
 def save_replay(ledger: Ledger, path: Path | None, key: str, weights: dict[str, np.ndarray],
                 metrics: dict[str, Any]) -> None:
-    """Keep the reply to request `key` (weights file first; the ledger that names it is
-    saved after, so while the machine runs a ledger never points at a missing or older
-    file). Only with a ledger file: node state does not outlive the process that a
-    resume replaces. The file is not synced to disk: privacy rests on the ledger alone
-    (synced before the reply leaves); a reply file that a power loss took back or tore
-    is not the one the ledger names (`load_replay` checks the request it holds), and a
-    request whose kept reply is gone trains again and spends again, as if never kept."""
+    """Keep the reply to request `key` beside the ledger file (before the ledger that
+    names it is saved). Only with a ledger file: node state does not outlive the process
+    that a resume replaces. The file is written in place and not synced to disk:
+    privacy rests on the ledger alone (synced before the reply leaves). Its header names
+    the request and a digest of the weights, so a file that a crash or a power loss
+    tore or took back is never taken for the reply the ledger names (`load_replay`):
+    that request trains again and spends again, as if no reply were kept."""
     if path is None:
         return
-    arrays = {**weights, "__request__": np.frombuffer(key.encode(), dtype=np.uint8)}
-    atomic_write(replay_file(path), lambda tmp: np.savez(tmp, **arrays),  # type: ignore[arg-type]
-                 durable=False)
+    arrays = [np.asarray(v) for v in weights.values()]
+    if any(a.dtype.kind not in "fiub" for a in arrays):
+        ledger.replay = None  # nothing kept: the same request would train again
+        return
+    payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    head = json.dumps({"request": key, "sha256": hashlib.sha256(payload).hexdigest(),
+                       "arrays": [[n, a.dtype.str, list(a.shape)]
+                                  for n, a in zip(weights, arrays, strict=True)]}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(replay_file(path), "wb") as f:
+        f.write(_REPLY_MAGIC + len(head).to_bytes(4, "little") + head + payload)
     ledger.replay = {"key": key, "metrics": encode(metrics)}
 
 
@@ -134,12 +147,25 @@ def load_replay(ledger: Ledger, path: Path | None, key: str
     if path is None or not ledger.replay or ledger.replay.get("key") != key:
         return None
     try:
-        with np.load(replay_file(path)) as z:
-            weights = {k: z[k] for k in z.files}
-    except Exception:  # noqa: BLE001 - torn by a power loss (a bad zip, a short read): none kept
+        data = replay_file(path).read_bytes()
+        if not data.startswith(_REPLY_MAGIC):
+            return None
+        at = len(_REPLY_MAGIC)
+        size = int.from_bytes(data[at:at + 4], "little")
+        head = json.loads(data[at + 4:at + 4 + size])
+        payload = data[at + 4 + size:]
+        if head["request"] != key or hashlib.sha256(payload).hexdigest() != head["sha256"]:
+            return None  # a newer reply whose ledger was never saved, or a torn one
+        weights, offset = {}, 0
+        for name, dtype, shape in head["arrays"]:
+            kind = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            weights[str(name)] = np.frombuffer(payload, kind, count, offset).reshape(shape).copy()
+            offset += count * kind.itemsize
+        if offset != len(payload):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if weights.pop("__request__", np.zeros(0, np.uint8)).tobytes().decode(errors="replace") != key:
-        return None  # the file holds a newer reply whose ledger was never saved
     metrics = {k: decode_float(v) if isinstance(v, str) else v
                for k, v in ledger.replay["metrics"].items()}
     return weights, metrics

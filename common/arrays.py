@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
+from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -24,7 +26,27 @@ _HEADER = re.compile(rb"\{'descr': '(<f4|<f8|<f2|<i8|<i4|<i2|\|i1|\|u1|\|b1)', "
 
 def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy weights -> ArrayRecord (names kept, so shapes can be checked by name)."""
-    return ArrayRecord({name: Array(value) for name, value in weights.items()})
+    return ArrayRecord({name: array_from(value) for name, value in weights.items()})
+
+
+@lru_cache(maxsize=256)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """What np.save writes before the data of a C-ordered array of `dtype` and `shape`."""
+    buffer = BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue()
+
+
+def array_from(value: np.ndarray) -> Array:
+    """`Array(value)`: for a plain numeric array the bytes np.save writes, its header
+    made once per dtype and shape (np.save's own machinery is most of the time for a
+    model's small arrays)."""
+    dtype = value.dtype
+    if dtype.kind not in "fiub" or not dtype.isnative or not value.flags.c_contiguous:
+        return Array(value)
+    data = _npy_header(dtype.str, tuple(value.shape)) + value.tobytes()
+    return Array(dtype=str(dtype), shape=tuple(value.shape), stype="numpy.ndarray", data=data)
 
 
 def array_of(array: Array) -> np.ndarray:

@@ -270,8 +270,10 @@ def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, tim
         tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
         raise SimulationError(f"the run ended without a summary; logs in {run.logs}\n{tail}")
     if ledgers == run.ledgers:
-        for spare in ledgers.glob("*.reply.npz"):  # only needed to resume
-            spare.unlink(missing_ok=True)
+        from client.ledger import REPLY_SUFFIX
+
+        for spare in [*ledgers.glob(f"*{REPLY_SUFFIX}"), *ledgers.glob("*.reply.npz")]:
+            spare.unlink(missing_ok=True)  # only needed to resume (.npz: older dpfl's)
     return run.path
 
 

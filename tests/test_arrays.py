@@ -61,3 +61,18 @@ def test_a_model_s_arrays_skip_flower_s_header_parser(monkeypatch):
               Array(np.ones((32, 1, 5, 5), np.float64)), Array(np.arange(3))]
     monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("Flower's reader was used"))
     assert [a.shape for a in map(array_of, arrays)] == [(10, 784), (10,), (32, 1, 5, 5), (3,)]
+
+
+@pytest.mark.parametrize("value", [
+    np.zeros((10, 784), np.float32), np.arange(3), np.array(2.0), np.zeros((0, 3)),
+    np.array([True]), np.arange(5, dtype=np.uint8), np.zeros(2, np.float16),
+    np.arange(6, dtype=">f4"), np.asfortranarray(np.ones((2, 3))), np.arange(8.0)[::2],
+    np.array(["x"]),
+])
+def test_arrays_are_written_as_flower_writes_them(value):
+    from common.arrays import array_from
+
+    ours, theirs = array_from(value), Array(value)
+    assert (ours.dtype, tuple(ours.shape), ours.stype) == (theirs.dtype, tuple(theirs.shape),
+                                                           theirs.stype)
+    assert ours.data == theirs.data
