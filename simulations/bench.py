@@ -104,8 +104,9 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
     tree, and where the time went, from the ServerApp's timestamped log and the rounds'
     records: before the ServerApp starts (the command's imports and checks, the
     runtime's start), the ServerApp's data and model, discovery, round 1, the later
-    rounds (each: waiting for the clients, the central evaluation, the server's own work
-    and the records written after it), and after the last round."""
+    rounds (each: the server's own work while the clients train, which is the previous
+    round's evaluation and records, then the wait for the clients and the aggregation),
+    and after the last round."""
     import statistics
     import subprocess
 
@@ -144,10 +145,13 @@ def command_figures(run_config: str = "", *, runtime_args: list[str] | None = No
         "first_round_after_seconds": round(ends[0] - t0, 2) if ends else None,
         "seconds_per_round_after_1": round(per_round, 4),
         "round_breakdown_seconds": {
-            "clients (send, train, reply)": round(clients, r),
-            "server: aggregation": round(in_round - clients, r),
-            "server: between rounds": round(per_round - in_round, r),
-            "central evaluation (while the next round trains)": round(evaluation, r)},
+            "server's own work while the clients train (the previous round's evaluation, "
+            "checkpoint and records), then aggregation": round(in_round - clients, r),
+            "waiting for the clients (send, train, reply; replies checked as they come)":
+                round(clients, r),
+            # a difference of two medians: a few ms below zero when nothing is between
+            "between rounds": round(max(per_round - in_round, 0.0), r),
+            "of the server's work: the central evaluation": round(evaluation, r)},
         "start_up_seconds": {
             "before the ServerApp (imports, checks, runtime start)": round(started - t0, 2),
             "ServerApp: test set and model": round(ready - started, 2),

@@ -147,7 +147,9 @@ def test_bench_run_times_a_whole_command_and_names_every_process(tmp_path):
     assert figs["rounds"] == 8 and figs["wall_seconds"] > figs["first_round_after_seconds"] > 0
     start = figs["start_up_seconds"]
     assert all(v >= 0 for v in start.values()), start
-    assert figs["round_breakdown_seconds"]["clients (send, train, reply)"] > 0
+    assert all(v >= 0 for v in figs["round_breakdown_seconds"].values())
+    assert any(k.startswith("waiting for the clients") and v > 0
+               for k, v in figs["round_breakdown_seconds"].items())
     assert {"dpfl (this command)", "client worker"} <= set(figs["peak_pss_mib_of_each_process"])
     assert set(figs["pss_mib_by_process_at_peak"]) <= set(figs["peak_pss_mib_of_each_process"])
 
