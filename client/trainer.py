@@ -287,10 +287,12 @@ def train_round(
     A sample whose gradient is not finite must not reach the update (`finite_step`).
     Checking every step costs a tenth of a small model's round, and a non-finite value
     never leaves a model trained by SGD once it is in (inf or NaN, minus or times anything,
-    stays inf or NaN): so the round first trains without the check and, only when the
-    model it ends with is not finite, trains again from the same draws (the same batches,
-    the same noise) checking every step. Either way the model is the one that checking
-    every step gives; the first attempt is never released."""
+    stays inf or NaN): so a non-private round first trains without the check and, only
+    when the model it ends with is not finite, trains again from the same draws checking
+    every step. Either way the model is the one that checking every step gives; the
+    first attempt is never released. A private round checks every step: whether it had
+    to train twice would depend on its records (an audit's null record is NaN), and the
+    time it took would tell the server so, outside the DP mechanism."""
     if runtime.num_threads > 0:
         torch.set_num_threads(runtime.num_threads)
     device = resolve_device(runtime.device)
@@ -300,7 +302,7 @@ def train_round(
     if private:
         seed = secrets.randbits(63)
     noise_seed = secrets.randbits(63) if private else 0
-    for checked in (False, True):
+    for checked in ((True,) if private else (False, True)):
         result = _train(weights, data, plan, train=train, priv=priv, runtime=runtime,
                         device=device, seed=seed, noise_seed=noise_seed, checked=checked)
         if result is not None:

@@ -248,7 +248,8 @@ def _attempt(images, labels, *, sigma, checked, seed=11, noise_seed=12):
 def test_a_round_checked_only_at_its_end_is_the_round_checked_at_every_step(sigma):
     """Finite data: the unchecked attempt is the checked one, bit for bit (the same
     batches, the same noise). A NaN record: the unchecked attempt gives up (None) and
-    the checked one trains without it."""
+    the checked one trains without it. (train_round makes the unchecked attempt for the
+    non-private baseline only; a private round is checked at every step.)"""
     rng = np.random.default_rng(3)
     images = rng.normal(size=(24, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, size=24)
@@ -275,3 +276,27 @@ def test_train_round_with_a_nan_record_returns_a_finite_model():
     res = train_round(get_weights(build_model("logreg", seed=0)), Split(images, labels), plan,
                       train=cfg.train, priv=cfg.privacy, runtime=cfg.runtime, seed=1)
     assert all(np.isfinite(w).all() for w in res.weights.values()) and math.isfinite(res.train_loss)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0], ids=["baseline", "private"])
+def test_a_private_round_never_trains_twice(monkeypatch, sigma):
+    """Whether a round trains a second time must not depend on a private client's
+    records (its duration would tell the server): a private round makes one, checked,
+    attempt; the baseline may make an unchecked one first."""
+    import client.trainer as trainer
+
+    calls = []
+    real = trainer._train
+    monkeypatch.setattr(trainer, "_train", lambda *a, **k: calls.append(k["checked"]) or real(*a, **k))
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(16, 1, 28, 28)).astype(np.float32)
+    images[3] = np.nan
+    labels = rng.integers(0, 10, size=16)
+    cfg = resolve_config({"model": "logreg", "batch-size": 4, "noise-multiplier": sigma,
+                          "max-grad-norm": 1.0})
+    plan = privacy.RoundPlan(noise_multiplier=sigma, sample_rate=0.25, steps=4,
+                             epsilon_before=0.0, epsilon_after=0.0)
+    res = train_round(get_weights(build_model("logreg", seed=0)), Split(images, labels), plan,
+                      train=cfg.train, priv=cfg.privacy, runtime=cfg.runtime, seed=1)
+    assert calls == ([True] if sigma else [False, True])
+    assert all(np.isfinite(w).all() for w in res.weights.values())
