@@ -176,7 +176,13 @@ def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
     node, content, metrics = msg.metadata.src_node_id, msg.content, _metrics(msg)
     if len(content.array_records) != 1 or keys.ARRAYS not in content.array_records:
         return Rejected("invalid", f"node {node}: reply must carry exactly one ArrayRecord named 'arrays'")
-    update = from_array_record(content.array_records[keys.ARRAYS])
+    try:
+        update = from_array_record(content.array_records[keys.ARRAYS])
+    except (ValueError, TypeError, OSError, EOFError, MemoryError) as exc:
+        # np.load's refusals: not an npy array, pickled objects, too short, a size no
+        # memory holds. One client's unreadable model is its own problem, not the run's.
+        return Rejected("invalid", f"node {node}: its model cannot be read "
+                                   f"({type(exc).__name__}: {str(exc)[:120]})")
     problem = update_problem(reference, update, max_update_norm=max_update_norm)
     if problem:
         return Rejected("invalid", f"node {node}: {problem}")

@@ -237,3 +237,26 @@ def test_cohorts_never_exceed_the_planned_participations(n, k):
             assert len(set(chosen)) == k
             counts.update(chosen)
             assert max(counts.values()) <= math.ceil(r * k / n)
+
+
+@pytest.mark.parametrize("data", [b"not an npy array", b"\x93NUMPY\x01\x00", None],
+                         ids=["garbage", "cut", "a 36 TiB claim"])
+def test_an_unreadable_model_is_rejected_not_fatal(data):
+    """One client's model that cannot be read (garbage, a cut header, a shape no memory
+    holds) rejects that reply; the round goes on."""
+    from flwr.app import Array
+
+    from common import keys
+    from common.models import build_model, get_weights
+    from server.replies import Rejected, classify
+    from tests.helpers import train_reply
+
+    ref = dict(get_weights(build_model("logreg", seed=0)))
+    msg = train_reply(3, ref)
+    good = msg.content[keys.ARRAYS]["1.bias"].data
+    bad = data if data is not None else good.replace(b"(10,)", b"(10000000000000,)")
+    msg.content[keys.ARRAYS]["1.bias"] = Array(dtype="float32", shape=(10,),
+                                               stype="numpy.ndarray", data=bad)
+    verdict = classify(msg, reference=ref, nodes={}, partition_sizes={})
+    assert isinstance(verdict, Rejected) and verdict.kind == "invalid"
+    assert "cannot be read" in verdict.reason
