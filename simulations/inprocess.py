@@ -24,12 +24,13 @@ import contextlib
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -115,6 +116,25 @@ def _serve(conn: Connection, env: dict[str, str], cwd: str, threads: int, log_fi
 
 # --------------------------------------------------------------------------- runtime side
 
+
+@contextlib.contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """A worker needs none of the caller's `__main__` (its target is `_serve`), but
+    multiprocessing re-imports it in every new process from its file: a script read from
+    standard input (`python - <<EOF`) has none ("<stdin>"), and every worker would die
+    before it started. Such a `__main__` is hidden while a worker starts."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or os.path.exists(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 class WorkerPool:
     """`workers` processes running the ClientApp; messages go to free workers in the
     order they were pushed, one at a time per worker."""
@@ -158,7 +178,8 @@ class WorkerPool:
         proc = self._ctx.Process(target=_serve, args=(child, self._env, os.getcwd(),
                                                       self._threads, self._log_file or ""),
                                  name="dpfl-client-worker", daemon=True)
-        proc.start()
+        with _main_not_reimported():
+            proc.start()
         child.close()
         if index is None:
             self._procs.append(proc)

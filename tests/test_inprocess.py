@@ -176,3 +176,22 @@ def test_workers_that_cannot_start_stop_the_pool_with_the_reason(tmp_path):
         assert "died before they could run a message" in pool._failed
         with pytest.raises(RuntimeError, match="died before"):
             pool.submit(query_message(1))
+
+
+def test_a_script_read_from_standard_input_can_simulate(tmp_path):
+    """`python - <<EOF`: multiprocessing would re-import `<stdin>` in every worker (none
+    would start); the runtime starts them without the caller's main module."""
+    import subprocess
+    import sys
+
+    script = (f"from simulations.simulate import simulate\n"
+              f"from simulations.runtime import Backend\n"
+              f"simulate({dict(RUN, **{'num-rounds': 1})!r},"
+              f" output_dir={str(tmp_path)!r}, backend=Backend(runtime='inprocess', workers=2),"
+              f" progress=None)\n")
+    done = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = [RunDir(p) for p in tmp_path.iterdir() if p.is_dir()]
+    assert [r.round for r in run.rounds()] == [1]
