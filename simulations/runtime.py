@@ -140,14 +140,18 @@ def worker_context() -> Any:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory(trim: int = 32 << 20, mmap: int = 16 << 20) -> bool:
+def keep_freed_memory(trim: int = 256 << 20, mmap: int = 128 << 20) -> bool:
     """Ask glibc's malloc to keep up to `trim` bytes of freed memory in the process and to
     serve blocks under `mmap` bytes from its heap. By default it maps a large block
     afresh and hands freed memory back to the kernel; a client's round frees and
-    allocates the same arrays again (its records, their shuffled copy, the model), and
-    each fresh page costs a page fault: a sixth of a small model's round on this
-    machine's virtual CPUs. Memory stays at the round's peak instead of returning to
-    the kernel between rounds. False where there is no glibc (nothing changes)."""
+    allocates the same arrays again (its records, their shuffled copy, the model, Opacus'
+    per-sample gradients: 95 MB for the default model), and each fresh page costs a
+    page fault: a sixth of a small model's round on this machine's virtual CPUs. Setting
+    either disables glibc's own adaptive threshold (at most 32 MB), so both are set high:
+    with 16 MB, the 32 MB buffer a matrix product packs for a large batch faulted in
+    afresh every time (an evaluation took twice as long). Memory stays at the round's
+    peak instead of returning to the kernel between rounds. False where there is no
+    glibc (nothing changes)."""
     import ctypes
 
     try:
