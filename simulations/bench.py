@@ -64,10 +64,15 @@ def throughput(mode: str, *, model: str, batch_size: int, threads: int, seconds:
 
 def _log_times(path: Path) -> list[tuple[float, str]]:
     """(timestamp, message) of every timestamped `dpfl |` line of a ServerApp's log."""
+    return _times_in(path.read_text(errors="replace") if path.exists() else "")
+
+
+def _times_in(text: str) -> list[tuple[float, str]]:
+    """(timestamp, message) of every timestamped `dpfl |` line of a ServerApp's output."""
     import datetime
 
     out = []
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+    for line in text.splitlines():
         head, sep, message = line.partition(" dpfl | ")
         if not sep:
             continue
@@ -326,18 +331,26 @@ def deploy_figures(num_nodes: int, *, rounds: int, extra: dict | None = None) ->
         if done.returncode != 0:
             raise RuntimeError(f"the deployment run failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         rows = RunDir(work / "runs" / "deploy").rounds()
+        deployed = _times_in(done.stdout + "\n" + done.stderr)
     finally:
         for proc in reversed(procs):
             runtime.stop(proc)
-    twin = RunDir(simulate(over, output_dir=str(work / "sim"), progress=None)).rounds()
+    twin_run = RunDir(simulate(over, output_dir=str(work / "sim"), progress=None))
+    twin = twin_run.rounds()
+    simulated = _log_times(server_log(twin_run))
     if not os.environ.get("DPFL_BENCH_KEEP"):
         shutil.rmtree(work, ignore_errors=True)
 
-    def after_1(rs: list) -> float:
+    def after_1(times: list[tuple[float, str]], rs: list) -> float:
+        """Seconds between rounds' ends (a round's records overlap the next round);
+        the rounds' own seconds where the output had no timestamped round lines."""
+        per_round = seconds_per_round(round_ends(times))
+        if not math.isnan(per_round):
+            return per_round
         later = rs[1:] or rs
         return sum(r.seconds for r in later) / len(later)
 
-    dep, sim = after_1(rows), after_1(twin)
+    dep, sim = after_1(deployed, rows), after_1(simulated, twin)
     return {"nodes": num_nodes, "rounds": len(rows), "deployment_wall_seconds": round(deploy_wall, 1),
             "deployment_seconds_round_1": round(rows[0].seconds, 2),
             "deployment_seconds_per_round_after_1": round(dep, 2),
