@@ -49,10 +49,10 @@ def update_problem(
 ) -> str | None:
     """Why `update` cannot be averaged into `reference`, or None if it can."""
     problem = _structure_problem(reference, update, "update")
-    if problem:
+    if problem or max_update_norm <= 0:  # 0: no bound on the update's norm
         return problem
     norm = _norm(update, reference)
-    if max_update_norm > 0 and norm > max_update_norm:
+    if norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm}"
     return None
 
