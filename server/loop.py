@@ -146,13 +146,6 @@ def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunSt
     return from_array_record(new) if new is not None else None
 
 
-def fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState,
-                 timeout: float, scorer: CanaryScorer | None = None) -> Weights | None:
-    """One round of plain FedAvg over local-DP updates: the new model, or None."""
-    sent = send_fedavg_round(grid, strategy, server_round, state)
-    return receive_fedavg_round(strategy, server_round, state, sent, timeout, scorer)
-
-
 @dataclass
 class Trained:
     """A round whose new model is in; its evaluation, checkpoint and records are to do."""
@@ -236,10 +229,11 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
             state.idle += 1
         done = Trained(server_round, seconds=time.time() - t0,
                        seconds_clients=wire.Waited.seconds - waited)
-        if secure is not None or (fed.max_idle_rounds and state.idle >= fed.max_idle_rounds):
+        stop = bool(fed.max_idle_rounds and state.idle >= fed.max_idle_rounds)
+        if secure is not None or stop:
             record(done)
             done = None
-        if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
+        if stop:
             reasons = strategy.outcomes[server_round].reasons  # all of them, not the row's 20
             return (f"{state.idle} consecutive round(s) without a valid update (max-idle-rounds="
                     f"{fed.max_idle_rounds}); last: {reasons[-1] if reasons else 'no replies'}")
