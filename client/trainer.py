@@ -225,7 +225,8 @@ def tensor_batches(tensors: tuple[torch.Tensor, ...], batch_size: int,
     block = max(1, GATHER_RECORDS // batch_size) * batch_size
     for start in range(0, len(order), block):
         idx = order[start:start + block]
-        yield from zip(*(t[idx].split(batch_size) for t in tensors), strict=True)
+        yield from zip(*(torch.index_select(t, 0, idx).split(batch_size) for t in tensors),
+                       strict=True)
 
 
 def sampled_batches(tensors: tuple[torch.Tensor, ...], loader: Any
@@ -237,7 +238,7 @@ def sampled_batches(tensors: tuple[torch.Tensor, ...], loader: Any
     torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # None: torch's
     for idx in loader.batch_sampler:
         index = torch.as_tensor(idx, dtype=torch.int64)
-        yield tuple(t[index] for t in tensors)
+        yield tuple(torch.index_select(t, 0, index) for t in tensors)
 
 
 class PlainSGD:
