@@ -8,13 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[str], None], *, durable: bool = True) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` fills a temporary file beside `path`, which then replaces `path`.
     The temporary name keeps `path`'s extension (np.save / np.savez would otherwise
-    append one). With `durable` the directory is fsynced after the rename (and `write`
-    is expected to fsync the file); without, a reader still never sees a torn file
-    while the machine runs, but a power loss may leave the old one or a torn one, so
-    only a file its reader verifies (a cache, a kept reply) may be written so."""
+    append one). The directory is fsynced after the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -24,8 +21,6 @@ def atomic_write(path: Path, write: Callable[[str], None], *, durable: bool = Tr
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if not durable:
-        return
     # The rename itself must survive a power loss: sync the directory entry too.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

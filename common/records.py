@@ -102,8 +102,8 @@ def decode_float(value: Any) -> float:
     return math.nan
 
 
-def dumps(value: Any, *, indent: int | None = None) -> str:
-    return json.dumps(encode(value), indent=indent, allow_nan=False)
+def dumps(value: Any) -> str:
+    return json.dumps(encode(value), allow_nan=False)
 
 
 def pretty(value: Any, depth: int = 2, pad: str = "") -> str:
