@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from client import secure, wire
 from client.attacks import apply_attack, attack_before_training
-from client.ledger import Ledger, load_ledger, load_replay, save_ledger, save_replay
+from client.ledger import Ledger, held_ledger, load_replay, save_ledger, save_replay
 from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
 from common import audit, keys, privacy
 from common.aggregation import model_problem
@@ -227,6 +227,14 @@ def _run_text(run: str, items: tuple) -> bytes:
 
 
 MAX_PLANNED_ROUNDS = 1_000_000
+MAX_SERVER_ROUND = 2**40  # a round number that every stage can encode (secure masks: 16 bytes)
+
+
+def round_problem(server_round: int) -> str | None:
+    """Why a request's round number is refused (before anything is spent), or None."""
+    if not 1 <= server_round <= MAX_SERVER_ROUND:
+        return f"server-round={server_round!r} must be an integer in [1, {MAX_SERVER_ROUND}]"
+    return None
 
 
 def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.TrainRequest) -> str | None:
@@ -237,6 +245,9 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
     about the records."""
     problem = node.named_source_problem(cfg.data, cfg.train.model) or \
         node.policy_problem(cfg.privacy) or own_data_problem(cfg, node)
+    if problem:
+        return problem
+    problem = round_problem(request.server_round)
     if problem:
         return problem
     planned = request.planned_rounds
@@ -276,22 +287,23 @@ def released_metrics(node: NodeConfig, plan: privacy.RoundPlan, result: RoundRes
 def train(msg: Message, context: Context) -> Message:
     cfg, node = _config(context), _node(context)
     request = wire.decode_request(msg)
-    ledger = load_ledger(context, node.ledger_file, request.known_history)
-    problem = request_problem(cfg, node, request)
-    if not problem and cfg.secure.enabled:
-        problem = ("the run config has secure-aggregation=secagg+: this node releases "
-                   "updates only through it")
-    if problem:
-        return refusal(msg, ledger, cfg, node,
-                       f"{problem}; round {request.server_round} refused, nothing spent")
-    key = request_key(cfg, context, request)
-    replay = load_replay(ledger, node.ledger_file, key)
-    if replay is not None:
-        # The same request again (a resumed run redoing the round that was cut off):
-        # releasing the same output twice costs no privacy; training again would.
-        weights, metrics = replay
-        return wire.reply(msg, metrics, ledger.history, weights=weights)
-    return train_and_reply(msg, context, cfg, node, request, ledger, key)
+    # One spender at a time: the node's ledger is held from here to the synced save.
+    with held_ledger(context, node, request.known_history) as ledger:
+        problem = request_problem(cfg, node, request)
+        if not problem and cfg.secure.enabled:
+            problem = ("the run config has secure-aggregation=secagg+: this node releases "
+                       "updates only through it")
+        if problem:
+            return refusal(msg, ledger, cfg, node,
+                           f"{problem}; round {request.server_round} refused, nothing spent")
+        key = request_key(cfg, context, request)
+        replay = load_replay(ledger, node.ledger_file, key)
+        if replay is not None:
+            # The same request again (a resumed run redoing the round that was cut off):
+            # releasing the same output twice costs no privacy; training again would.
+            weights, metrics = replay
+            return wire.reply(msg, metrics, ledger.history, weights=weights)
+        return train_and_reply(msg, context, cfg, node, request, ledger, key)
 
 
 def train_and_reply(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig,

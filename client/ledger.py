@@ -1,16 +1,35 @@
-"""A client's privacy ledger: its DP-SGD history and its fixed noise multiplier.
+"""A node's privacy ledger: its DP-SGD history and its fixed noise multiplier.
 
 Only the history is stored; epsilon is recomputed from it (common.privacy). The ledger is
-loaded before a round and saved only after the round trained successfully, so a crash
-never loses spent budget that was reported, and epsilon only grows. In simulation it
-lives in the node's `Context.state`; with a `ledger-path` it is also kept in a file
-(written atomically), which outlives SuperNode restarts and new runs.
+the node's, whole and alone, for all runs and all time:
+- **durable by default**: a file (written atomically and synced), at the node config's
+  `ledger-path`, or in the simulation harness's `ledger-dir`, or else at the node's
+  default place (`default_ledger_file`: under `DPFL_STATE_DIR`, else
+  `$XDG_STATE_HOME/dpfl`, else `~/.local/state/dpfl`). Only a node config that says
+  `ledger-path=":ephemeral:"` keeps it in `Context.state` alone (a budget per run);
+- **one spender at a time**: a request holds an exclusive lock on a file beside the
+  ledger (`fcntl.flock`, across processes) from loading the ledger through planning,
+  training and the synced save (`held_ledger`); another request waits at most the
+  node's `ledger-wait` seconds, then refuses, nothing spent;
+- **never silently reset**: a missing file is a fresh ledger only for a node that has
+  never trained: a marker beside it (written with the first spend) or the operator's
+  `trained-before=true` makes the node refuse instead; an unreadable file is refused,
+  never reset; the server's view of the history is adopted only where the operator
+  allows it (`adopt-server-history=true`) and only when it lengthens the ledger.
+A node that cannot open or lock its ledger trains nothing: the reason goes to its own
+log, one fixed sentence to the server.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +38,92 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
+from common.config import NodeConfig
 from common.files import atomic_write_text
 from common.records import decode_float, encode
 
 STATE_KEY = "dpfl-ledger"
+
+
+class LedgerUnavailable(RuntimeError):
+    """This node cannot use its ledger now; it trains nothing and spends nothing. The
+    message is a fixed sentence for the server; the reason is in the node's log."""
+
+
+UNAVAILABLE = ("this node cannot open its privacy ledger (the reason is in the node's own "
+               "log); it trains nothing and spends nothing until its operator fixes it")
+BUSY = ("this node's privacy ledger is in use by another request (another run training on "
+        "this node) for longer than the node's ledger-wait; nothing trained, nothing spent")
+
+
+def unavailable(detail: str) -> LedgerUnavailable:
+    """The exception for a ledger this node cannot use: `detail` to the node's log, the
+    fixed sentence to the server."""
+    print(f"dpfl node: privacy ledger unavailable: {detail}", file=sys.stderr, flush=True)
+    return LedgerUnavailable(UNAVAILABLE)
+
+
+def lock_file(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def trained_marker(path: Path) -> Path:
+    """Beside the ledger: says that this node has spent budget, so that a ledger file
+    that went missing is refused rather than taken for a fresh node's."""
+    return path.with_name(path.name + ".trained")
+
+
+@contextmanager
+def locked(path: Path, wait: float) -> Iterator[None]:
+    """Hold the exclusive lock beside ledger `path` (across processes); wait at most
+    `wait` seconds for it, then raise LedgerUnavailable(BUSY)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file(path), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise unavailable(f"{lock_file(path)}: {exc}") from None
+    try:
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    print(f"dpfl node: {lock_file(path)} still held after {wait:g} s "
+                          "(ledger-wait); the request is refused", file=sys.stderr, flush=True)
+                    raise LedgerUnavailable(BUSY) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+            except OSError as exc:
+                raise unavailable(f"{lock_file(path)}: cannot be locked ({exc})") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def held_ledger(context: Context, node: NodeConfig, server_view: str | None = None
+                ) -> Iterator[Ledger]:
+    """This node's ledger for one request that may spend: loaded under the node's lock,
+    which is held until the block ends (the caller plans, trains, spends and saves inside
+    it). Raises LedgerUnavailable when the ledger cannot be opened, read or locked."""
+    path = node.ledger_file
+    if path is None:  # ephemeral: this run's Context.state only (one message at a time)
+        yield load_ledger(context, None, server_view if node.adopt_server_history else None)
+        return
+    with locked(path, node.ledger_wait):
+        if not path.exists() and (node.trained_before or trained_marker(path).exists()):
+            why = (f"its marker {trained_marker(path)} says this node has trained before"
+                   if trained_marker(path).exists() else "node config trained-before=true")
+            raise unavailable(f"{path} is missing, but {why}: restore the ledger file, or "
+                              "reset it deliberately (dpfl ledger reset)")
+        try:
+            ledger = load_ledger(context, path, server_view if node.adopt_server_history else None)
+        except (OSError, ValueError) as exc:
+            raise unavailable(str(exc)) from None
+        yield ledger
 
 
 @dataclass
@@ -61,10 +162,11 @@ class Ledger:
 
 def load_ledger(context: Context, path: Path | None = None, server_view: str | None = None
                 ) -> Ledger:
-    """The client's own ledger: the longer of node state and the ledger file. The server's
-    view of this client's history (`server_view`, JSON) is only a safety net for a
-    client that has lost its ledger: it is never read when a ledger file exists, and
-    otherwise only adopted when it extends the client's own history (`adopt_view`)."""
+    """The client's own ledger: the longer of node state and the ledger file (requests
+    that spend read it through `held_ledger`). The server's view of this client's
+    history (`server_view`, JSON; passed only where the node's operator allows it) is
+    never read when a ledger file exists, and otherwise only adopted when it extends the
+    client's own history (`adopt_view`)."""
     candidates = []
     if STATE_KEY in context.state.config_records:
         candidates.append(
@@ -102,8 +204,14 @@ def adopt_view(ledger: Ledger, history_json: str | None) -> Ledger:
 
 
 def save_ledger(context: Context, ledger: Ledger, path: Path | None = None) -> None:
+    """Write the ledger (synced) to its file, the first time a history is saved also the
+    marker that this node has trained, and keep a copy in the node's state."""
     text = ledger.to_json()
     if path is not None:
+        if ledger.history and not trained_marker(path).exists():
+            atomic_write_text(trained_marker(path), "this node has spent privacy budget: its "
+                              f"ledger is {path.name}; a missing ledger is refused, never reset "
+                              "(dpfl ledger reset moves it aside deliberately)\n")
         atomic_write_text(path, text)
     context.state.config_records[STATE_KEY] = ConfigRecord({"json": text})
 
@@ -173,6 +281,9 @@ def load_replay(ledger: Ledger, path: Path | None, key: str
 
 def show_ledger(path: Path, *, delta: float, accountant: str) -> str:
     if not path.exists():
+        if trained_marker(path).exists():
+            return (f"{path}: MISSING, but {trained_marker(path).name} says this node has "
+                    "trained: the node refuses to train until the file is restored or reset")
         return f"{path}: no ledger (nothing spent yet)"
     ledger = Ledger.from_json(path.read_text(), source=str(path))
     steps = privacy.total_steps(ledger.history)
@@ -186,15 +297,20 @@ def show_ledger(path: Path, *, delta: float, accountant: str) -> str:
             f"{ledger.noise_multiplier}, history {[list(e) for e in ledger.history]}")
 
 
-def reset_ledger(path: Path) -> Path:
-    """Move a ledger file aside (never delete it); returns where it went."""
-    import time
-
-    if not path.exists():
+def reset_ledger(path: Path, *, wait: float = 60.0) -> Path | None:
+    """Move a ledger file aside (never delete it), under the node's lock, and remove its
+    marker, so that the node's next request starts a new ledger at epsilon 0: the
+    operator's deliberate reset. Returns where the ledger went (None: the file was
+    already missing and only the marker that refused a fresh start is removed)."""
+    marker = trained_marker(path)
+    if not path.exists() and not marker.exists():
         raise FileNotFoundError(f"{path}: no ledger to reset")
-    backup = path.with_name(f"{path.stem}.reset-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
-    path.rename(backup)
-    spare = replay_file(path)
-    if spare.exists():
-        spare.unlink()
+    with locked(path, wait):
+        backup = None
+        if path.exists():
+            stamp = time.strftime('%Y%m%d-%H%M%S')
+            backup = path.with_name(f"{path.stem}.reset-{stamp}{path.suffix}")
+            path.rename(backup)
+        replay_file(path).unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
     return backup

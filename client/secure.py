@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import wire
-from client.ledger import load_ledger, save_ledger
+from client.ledger import held_ledger, save_ledger
 from client.trainer import BudgetExceeded, integer_gradient_sum, plan_release, resolve_device
 from common import ddp, keys
 from common.config import ExperimentConfig, NodeConfig
@@ -30,6 +30,7 @@ from common.secagg import Participant, ProtocolError, PublicKeys
 
 STATE_KEY = "dpfl-secagg"
 MAX_SCALE = 2.0**62
+MAX_SERVER_ROUND = 2**40  # the masks' nonce holds it (client.app.MAX_SERVER_ROUND)
 
 
 def wire_dtype(bits: int) -> type:
@@ -39,7 +40,13 @@ def wire_dtype(bits: int) -> type:
 
 
 def _round_of(msg: Message) -> int:
-    return int(keys.number(msg.content[keys.CONFIG][keys.SERVER_ROUND], keys.SERVER_ROUND))
+    """The round a stage is for; a number no stage can use is refused at every stage,
+    before anything is spent."""
+    server_round = int(keys.number(msg.content[keys.CONFIG][keys.SERVER_ROUND], keys.SERVER_ROUND))
+    if not 1 <= server_round <= MAX_SERVER_ROUND:
+        raise ProtocolError(f"server-round={server_round} must be an integer in "
+                            f"[1, {MAX_SERVER_ROUND}]")
+    return server_round
 
 
 def _save(context: Context, participant: Participant) -> None:
@@ -90,39 +97,43 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     _require(cfg)
     request = wire.decode_request(msg)
     config = msg.content[keys.CONFIG]
-    ledger = load_ledger(context, node.ledger_file, request.known_history)
-    problem = problem_of(cfg, node, request)
-    scale = keys.number(config[keys.SCALE], keys.SCALE)
-    if not problem and not (0 < scale <= MAX_SCALE):
-        problem = f"scale={scale!r} must be in (0, {MAX_SCALE:g}]"
-    if problem:
-        return refusal(msg, ledger, cfg, node, f"{problem}; round {request.server_round} "
-                       "refused, nothing spent")
-    participant = _load(context, request.server_round)
-    shares = json.loads(str(config[keys.SHARES]))
-    participant.receive({int(i): ct.encode() for i, ct in shares.items()})
-    participant.check_ready()  # before any data is read or budget spent
-    data = data_of(cfg, node)
-    names = parameter_names(cfg.train.model, data.shape, data.num_classes)
-    encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,
-                            dim=sum(request.weights[n].size for n in names))
-    try:
-        plan = plan_release(
-            ledger, encoding=encoding, priv=cfg.privacy, planned_rounds=int(request.planned_rounds),
-            threshold=participant.threshold, distributed=cfg.secure.noise == "distributed",
-            client=f"client {node.partition_id}", num_examples=len(data),
-            min_noise_multiplier=node.min_noise_multiplier,
-            min_share_noise_multiplier=node.min_share_noise_multiplier)
-    except BudgetExceeded as exc:
+    _round_of(msg)
+    # One spender at a time: the node's ledger is held from here to the synced save.
+    with held_ledger(context, node, request.known_history) as ledger:
+        problem = problem_of(cfg, node, request)
+        scale = keys.number(config[keys.SCALE], keys.SCALE)
+        if not problem and not (0 < scale <= MAX_SCALE):
+            problem = f"scale={scale!r} must be in (0, {MAX_SCALE:g}]"
+        if problem:
+            return refusal(msg, ledger, cfg, node, f"{problem}; round {request.server_round} "
+                           "refused, nothing spent")
+        participant = _load(context, request.server_round)
+        shares = json.loads(str(config[keys.SHARES]))
+        participant.receive({int(i): ct.encode() for i, ct in shares.items()})
+        participant.check_ready()  # before any data is read or budget spent
+        data = data_of(cfg, node)
+        names = parameter_names(cfg.train.model, data.shape, data.num_classes)
+        encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,
+                                dim=sum(request.weights[n].size for n in names))
+        try:
+            plan = plan_release(
+                ledger, encoding=encoding, priv=cfg.privacy,
+                planned_rounds=int(request.planned_rounds), threshold=participant.threshold,
+                distributed=cfg.secure.noise == "distributed", client=f"client {node.partition_id}",
+                num_examples=len(data), min_noise_multiplier=node.min_noise_multiplier,
+                min_share_noise_multiplier=node.min_share_noise_multiplier)
+        except BudgetExceeded as exc:
+            save_ledger(context, ledger, node.ledger_file)
+            return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
+        release = integer_gradient_sum(request.weights, data, model_name=cfg.train.model,
+                                       encoding=encoding, mu_share=plan.mu_share,
+                                       device=str(resolve_device(cfg.runtime.device)))
+        # Everything that could fail is done before the spend (nothing is spent for what
+        # cannot be released), and the spend is saved before anything leaves: once masked
+        # and sent, t reveals expose the sum.
+        masked: np.ndarray = participant.masked(release).astype(wire_dtype(participant.bits))
+        ledger.spend(plan.entry)
         save_ledger(context, ledger, node.ledger_file)
-        return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
-    release = integer_gradient_sum(request.weights, data, model_name=cfg.train.model,
-                                   encoding=encoding, mu_share=plan.mu_share,
-                                   device=str(resolve_device(cfg.runtime.device)))
-    # Spent before anything leaves: once masked and sent, t reveals expose the sum.
-    ledger.spend(plan.entry)
-    save_ledger(context, ledger, node.ledger_file)
-    masked = participant.masked(release)
     _save(context, participant)
     metrics = {
         keys.NUM_EXAMPLES: len(data), keys.PARTITION_ID: node.partition_id, keys.REFUSED: 0,
@@ -130,8 +141,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
         keys.NOISE_MULTIPLIER: plan.noise_multiplier, keys.SAMPLE_RATE: 1.0, keys.STEPS: 1,
     }
     out = wire.reply(msg, metrics, ledger.history)
-    out.content.array_records[keys.MASKED] = ArrayRecord(
-        {keys.MASKED: Array(masked.astype(wire_dtype(participant.bits)))})
+    out.content.array_records[keys.MASKED] = ArrayRecord({keys.MASKED: Array(masked)})
     return out
 
 

@@ -178,6 +178,21 @@ def all_finite(grads: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def computed_gradients(model: nn.Module) -> list[torch.Tensor]:
+    """What the backward pass left on each trainable parameter, whatever the mode: its
+    gradient, or (Opacus' `ew` mode, which leaves `p.grad` None) its per-sample
+    gradients; every non-finite per-sample value shows in one of them. A parameter the
+    loss does not reach has neither (and carries nothing of the data); a pass that left
+    nothing at all to check is an error, never taken for a finite one."""
+    out = [t for p in model.parameters() if p.requires_grad
+           for t in [p.grad if p.grad is not None else getattr(p, "grad_sample", None)]
+           if isinstance(t, torch.Tensor)]
+    if not out and any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError("the backward pass left no gradient and no per-sample gradient: "
+                           "the round's values cannot be checked finite, so it releases nothing")
+    return out
+
+
 def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                 x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward on the batch, with every sample whose gradient is not finite
@@ -191,7 +206,7 @@ def finite_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: n
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
         loss.backward()
-        if len(y) == 0 or all_finite([p.grad for p in model.parameters() if p.grad is not None]):
+        if len(y) == 0 or all_finite(computed_gradients(model)):
             return loss, y
         bad = nonfinite_samples(model, len(y), x.device)
         if not bool(bad.any()):

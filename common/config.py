@@ -9,6 +9,7 @@ key) and the allowed range, so a bad config stops before any training.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -352,6 +353,24 @@ MAX_CANARIES = 20_000  # the auditor holds every canary input in memory
 # rest in the environment variable NODE_CONFIG_ENV (the same `k=v ...` syntax). Both are
 # in the node operator's hands; the run config is in the hands of whoever starts the run.
 NODE_CONFIG_ENV = "DPFL_NODE_CONFIG"
+# node config ledger-path value for a ledger kept in the run's Context.state only
+EPHEMERAL_LEDGER = ":ephemeral:"
+STATE_DIR_ENV = "DPFL_STATE_DIR"
+
+
+def state_dir() -> Path:
+    """The node's state folder: DPFL_STATE_DIR, else $XDG_STATE_HOME/dpfl, else
+    ~/.local/state/dpfl (the node operator's environment, never the server's)."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "dpfl"
+
+
+def default_ledger_file(partition_id: int) -> Path:
+    """Where a node keeps its ledger unless its node config says otherwise: one file per
+    partition-id in the state folder, for every run on this machine."""
+    return state_dir() / "ledgers" / f"partition-{partition_id}.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,8 +388,16 @@ class NodeConfig:
     dataset: str = ""  # or in a table or Hugging Face format (csv:PATH, ...), used whole
     label_column: str = "label"  # its label column
     classes: str = ""  # the classes its labels take, in the federation's order ('a,b,c')
-    ledger_path: str = ""  # this node's ledger file
+    # this node's ledger file (default: `default_ledger_file`); EPHEMERAL_LEDGER keeps it
+    # in the run's Context.state only, a budget per run (the operator's explicit choice)
+    ledger_path: str = ""
     ledger_dir: str = ""  # simulation: one ledger file per partition in this folder
+    ledger_wait: float = 120.0  # seconds a request waits for another one's ledger lock
+    # the operator says this node has trained before: a missing ledger file is refused
+    trained_before: bool = False
+    # a node with no ledger of its own may take the server's view of its history (only
+    # ever lengthening it); off by default: a fresh node would adopt phantom steps
+    adopt_server_history: bool = False
     require_dp: bool = True
     max_epsilon: float = 8.0
     max_delta: float = 1e-5
@@ -405,6 +432,10 @@ class NodeConfig:
                "must be >= 0 and finite")
         _check(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
                "must be > 0 (inf: no bound)")
+        _check(0 <= self.ledger_wait < math.inf, "node config ledger-wait", self.ledger_wait,
+               "must be >= 0 seconds and finite")
+        _check(not (self.ledger_path and self.ledger_dir), "node config ledger-path",
+               self.ledger_path, "and ledger-dir both name the ledger: set one")
         if self.dataset:
             from common.data import classes_problem, own_data_problem
 
@@ -429,11 +460,15 @@ class NodeConfig:
 
     @property
     def ledger_file(self) -> Path | None:
+        """This node's ledger file; None only for an ephemeral ledger (node config
+        ledger-path=":ephemeral:")."""
+        if self.ledger_path == EPHEMERAL_LEDGER:
+            return None
         if self.ledger_path:
             return Path(self.ledger_path).expanduser()
         if self.ledger_dir:
             return Path(self.ledger_dir).expanduser() / f"partition-{self.partition_id}.json"
-        return None
+        return default_ledger_file(self.partition_id)
 
     def named_source_problem(self, data: DataConfig, model: str) -> str | None:
         """Why this node will not read the data or import the model code the run config

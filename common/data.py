@@ -468,10 +468,14 @@ def _from_table(table: Any, label_column: str, partition_by: str, where: str) ->
         raise DataError(f"{where}: column(s) {', '.join(bad)} are not numeric; dpfl reads "
                         "numeric features or one image column (encode or drop the others)")
     x = features.to_numpy(dtype=np.float64)
-    if not np.isfinite(x).all():
-        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise DataError(f"{where}: {len(rows)} row(s) hold missing or non-finite values "
-                        f"(first: row {int(rows[0])})")
+    # Checked in the dtype the records are trained in: a value beyond float32's range
+    # is finite here and inf in training.
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(x.astype(np.float32)).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise DataError(f"{where}: {len(rows)} row(s) hold missing or non-finite values, or "
+                        f"values beyond float32's range (first: row {int(rows[0])})")
     labels = table[label_column].to_numpy()
     if pd.isna(labels).any():
         raise DataError(f"{where}: the label column {label_column!r} has missing values")

@@ -155,8 +155,9 @@ def _ledger(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from client.ledger import reset_ledger, show_ledger
+    from common.config import default_ledger_file
 
-    path = Path(args.path)
+    path = Path(args.path) if args.path else default_ledger_file(args.partition_id)
     if args.ledger_command == "show":
         print(show_ledger(path, delta=args.delta, accountant=args.accountant))
         return 0
@@ -167,8 +168,9 @@ def _ledger(args: argparse.Namespace) -> int:
               "those records is then the sum of both budgets. Re-run with --yes to reset.")
         return 1
     backup = reset_ledger(path)
-    print(f"reset: the ledger was moved to {backup}; {path} no longer exists, so the next "
-          "round starts a new ledger at epsilon 0")
+    moved = f"the ledger was moved to {backup}" if backup else "the ledger was already missing"
+    print(f"reset: {moved} and its trained-before marker removed; the next round starts a new "
+          "ledger at epsilon 0")
     return 0
 
 
@@ -252,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("show", "epsilon spent and the history"),
                        ("reset", "move the ledger aside (asks for --yes)")):
         p = lsub.add_parser(name, help=text)
-        p.add_argument("path")
+        p.add_argument("path", nargs="?", help="the ledger file (default: the node's default "
+                       "ledger, under DPFL_STATE_DIR or ~/.local/state/dpfl)")
+        p.add_argument("--partition-id", type=int, default=0,
+                       help="with no path: the default ledger of this partition-id")
         p.add_argument("--delta", type=float, default=1e-5)
         p.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
         if name == "reset":

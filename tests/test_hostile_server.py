@@ -239,7 +239,7 @@ def test_weights_built_to_overflow_are_refused_before_any_data_is_read(tmp_path)
     assert not (tmp_path / "node-3.json").exists()
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "functorch", "ew"])
 def test_a_record_that_overflows_contributes_nothing_and_the_release_stays_finite(mode):
     """With the norm bound lifted, crafted weights overflow for one bright record only.
     The update released with that record is finite, as it is without it (the record

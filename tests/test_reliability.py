@@ -195,7 +195,9 @@ def test_sampler_state_is_json_safe():
 # ---- the server's view as a floor for a client's ledger ------------------------------
 
 
-def test_client_with_a_lost_ledger_adopts_the_history_the_server_saw():
+def test_a_node_allowed_to_adopt_takes_the_history_the_server_saw_for_a_lost_ledger():
+    """Only with its operator's `adopt-server-history=true` (test_ledger_guard.py: a
+    fresh node offered a history ignores it by default)."""
     from common.records import ClientRecord
     from server.wire import train_config
 
@@ -205,7 +207,8 @@ def test_client_with_a_lost_ledger_adopts_the_history_the_server_saw():
     msg = train_message(GLOBAL, server_round=4, planned_rounds=6)
     msg.content[keys.CONFIG] = train_config(server_round=4, planned_rounds=6,
                                             known_history=s.privacy.history(3))
-    reply = client_train(msg, _ctx())  # fresh node state: no ledger of its own
+    # fresh node state: no ledger of its own
+    reply = client_train(msg, _ctx(node_extra={"adopt-server-history": True}))
     m = reply.content[keys.METRICS]
     sigma = float(m[keys.NOISE_MULTIPLIER])  # its own calibration, never the server's sigma
     history = json.loads(str(reply.content[keys.PRIVACY][keys.HISTORY]))

@@ -115,12 +115,15 @@ def test_ledger_survives_client_restart(tmp_path):
         privacy.epsilon([(sigma, q, 3 * steps)], 1e-5), rel=1e-9)
 
 
-def test_corrupt_ledger_file_is_an_error_not_a_reset(tmp_path):
+def test_corrupt_ledger_file_is_an_error_not_a_reset(tmp_path, capsys):
+    from client.ledger import LedgerUnavailable
+
     path = tmp_path / "ledger.json"
     path.write_text("{not json")
     ctx = context(partition_id=1, node_extra={keys.NODE_LEDGER_PATH: str(path)})
-    with pytest.raises(ValueError, match="refusing to reset epsilon"):
+    with pytest.raises(LedgerUnavailable, match="trains nothing and spends nothing"):
         _run_rounds(ctx, rounds=1, planned=2)
+    assert "refusing to reset epsilon" in capsys.readouterr().err  # the node's log
     assert path.read_text() == "{not json"
 
 
