@@ -227,14 +227,6 @@ def _run_text(run: str, items: tuple) -> bytes:
 
 
 MAX_PLANNED_ROUNDS = 1_000_000
-MAX_SERVER_ROUND = 2**40  # a round number that every stage can encode (secure masks: 16 bytes)
-
-
-def round_problem(server_round: int) -> str | None:
-    """Why a request's round number is refused (before anything is spent), or None."""
-    if not 1 <= server_round <= MAX_SERVER_ROUND:
-        return f"server-round={server_round!r} must be an integer in [1, {MAX_SERVER_ROUND}]"
-    return None
 
 
 def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.TrainRequest) -> str | None:
@@ -247,7 +239,7 @@ def request_problem(cfg: ExperimentConfig, node: NodeConfig, request: wire.Train
         node.policy_problem(cfg.privacy) or own_data_problem(cfg, node)
     if problem:
         return problem
-    problem = round_problem(request.server_round)
+    problem = wire.round_problem(request.server_round)
     if problem:
         return problem
     planned = request.planned_rounds

@@ -30,7 +30,6 @@ from common.secagg import Participant, ProtocolError, PublicKeys
 
 STATE_KEY = "dpfl-secagg"
 MAX_SCALE = 2.0**62
-MAX_SERVER_ROUND = 2**40  # the masks' nonce holds it (client.app.MAX_SERVER_ROUND)
 
 
 def wire_dtype(bits: int) -> type:
@@ -43,9 +42,9 @@ def _round_of(msg: Message) -> int:
     """The round a stage is for; a number no stage can use is refused at every stage,
     before anything is spent."""
     server_round = int(keys.number(msg.content[keys.CONFIG][keys.SERVER_ROUND], keys.SERVER_ROUND))
-    if not 1 <= server_round <= MAX_SERVER_ROUND:
-        raise ProtocolError(f"server-round={server_round} must be an integer in "
-                            f"[1, {MAX_SERVER_ROUND}]")
+    problem = wire.round_problem(server_round)
+    if problem:
+        raise ProtocolError(problem)
     return server_round
 
 

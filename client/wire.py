@@ -13,6 +13,16 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from common import keys
 from common.arrays import from_array_record, to_array_record
 
+MAX_SERVER_ROUND = 2**40  # a round number every stage can use (the secure masks' nonce: 16 bytes)
+
+
+def round_problem(server_round: int) -> str | None:
+    """Why a request's round number is refused, at every stage and before anything is
+    spent, or None."""
+    if not 1 <= server_round <= MAX_SERVER_ROUND:
+        return f"server-round={server_round!r} must be an integer in [1, {MAX_SERVER_ROUND}]"
+    return None
+
 
 @dataclass(frozen=True)
 class TrainRequest:
