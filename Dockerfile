@@ -73,8 +73,8 @@ RUN pip install --find-links "/tmp/build/${TORCH_WHEELS#.docker/}" --index-url "
     && python -c "import common, client.app, server.app" \
     && rm -rf /tmp/build
 RUN if [ "$FEATURES" = "1" ]; then \
-        DPFL_CACHE_DIR=/state/cache python -c "from common.data import load_split; \
-[load_split(s, features='scatter') for s in ('train', 'test')]"; \
+        DPFL_CACHE_DIR=/state/cache python -c "from common.config import data_config; \
+from common.data import load_split; [load_split(data_config(), s, 'scatter') for s in ('train', 'test')]"; \
     fi
 
 # The app code is shipped by `flwr run` with each run; the installed copy provides the

@@ -30,29 +30,29 @@ from client.ledger import Ledger, held_ledger, load_replay, save_ledger, save_re
 from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
 from common import audit, keys, privacy
 from common.aggregation import model_problem
+from common.catalogue import DEFAULT_DATASET, class_list
 from common.config import (
     NODE_CONFIG_ENV,
+    DataConfig,
     ExperimentConfig,
     NodeConfig,
     parse_config,
     parse_node_config,
 )
 from common.data import (
-    DataError,
-    Split,
     cached_split,
-    class_list,
     input_spec,
     load_split,
     own_partition_of,
-    own_spec,
-    own_split,
     partition_of,
     partitions_of,
     source_fingerprint,
 )
+from common.errors import DataError
 from common.models import MODEL_FEATURES, build_model, get_weights
 from common.records import run_label
+from common.split import Split
+from common.tables import own_spec, own_split
 
 app = ClientApp()
 
@@ -158,7 +158,7 @@ def _load_records(cfg: ExperimentConfig, node: NodeConfig, features: str) -> Spl
         split = _own(node, lambda: own_split(node.dataset, node.label_column, node.classes,
                                              features))
     elif node.data_dir:
-        split = load_split("train", node.data_dir, features)
+        split = load_split(_node_folder(cfg, node), "train", features)
     elif node.cache_records:
         # A deployed node: features of its own records only (a simulation's actors share
         # one copy of the whole training set's, computed once).
@@ -179,6 +179,11 @@ def with_canaries(cfg: ExperimentConfig, node: NodeConfig, split: Split) -> Spli
     return split.with_records(np.concatenate([split.images, x]), np.concatenate([split.labels, y]))
 
 
+def _node_folder(cfg: ExperimentConfig, node: NodeConfig) -> DataConfig:
+    """The run's data config for the Fashion-MNIST files in the node's own data-dir."""
+    return dataclasses.replace(cfg.data, dataset=DEFAULT_DATASET, data_dir=node.data_dir)
+
+
 def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
     problem = node.named_source_problem(cfg.data, cfg.train.model)
     if problem:  # before any file is opened
@@ -194,7 +199,7 @@ def _num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
         return len(_own(node, lambda: own_split(node.dataset, node.label_column,
                                                 node.classes))) + slots
     if node.data_dir:
-        return len(load_split("train", node.data_dir).labels) + slots
+        return len(load_split(_node_folder(cfg, node), "train").labels) + slots
     return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
 
 

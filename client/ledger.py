@@ -39,15 +39,13 @@ from flwr.app import ConfigRecord, Context
 
 from common import privacy
 from common.config import NodeConfig
+from common.errors import LedgerUnavailable
 from common.files import atomic_write_text
 from common.records import decode_float, encode
 
 STATE_KEY = "dpfl-ledger"
 
 
-class LedgerUnavailable(RuntimeError):
-    """This node cannot use its ledger now; it trains nothing and spends nothing. The
-    message is a fixed sentence for the server; the reason is in the node's log."""
 
 
 UNAVAILABLE = ("this node cannot open its privacy ledger (the reason is in the node's own "

@@ -27,11 +27,8 @@ from client.ledger import Ledger
 from common import ddp, privacy
 from common.config import PrivacyConfig, RuntimeConfig, TrainConfig
 from common.data import Split
+from common.errors import BudgetExceeded
 from common.models import build_model, get_weights, set_weights
-
-
-class BudgetExceeded(RuntimeError):
-    """The round would push the client's epsilon past its budget."""
 
 
 @dataclass(frozen=True)

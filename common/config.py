@@ -14,8 +14,22 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from common.catalogue import (
+    DEFAULT_DATASET,
+    MODEL_NAMES,
+    classes_problem,
+    dataset_problem,
+    default_model,
+    default_partitions,
+    is_import_path,
+    model_problem_for,
+    own_data_problem,
+)
+from common.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
@@ -33,8 +47,6 @@ NOISE_PLACEMENTS = ("local", "distributed")
 ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wrong-shape")
 
 
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -140,6 +152,19 @@ class FederationConfig:
             self.discovery == "auto" and self.num_partitions > FULL_DISCOVERY_LIMIT)
 
 
+@dataclass(frozen=True)
+class SourceKey:
+    """What a run's records are, as opposed to how they are partitioned: the key of every
+    per-process copy of them (common.data). Fashion-MNIST is its folder alone."""
+
+    dataset: str
+    data_dir: str = ""
+    label_column: str = "label"
+    partition_by: str = ""
+    standardize: bool = True
+    classes: str = ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     dataset: str  # common/data.py: fashion-mnist, digits, breast-cancer, csv:PATH, parquet:PATH
@@ -153,9 +178,14 @@ class DataConfig:
     standardize: bool  # a table's features standardised with the training part's statistics
     classes: str  # the federation's class list, public ('a,b,c'); "": the labels, sorted
 
-    def __post_init__(self) -> None:
-        from common.data import classes_problem, dataset_problem
+    @property
+    def source(self) -> SourceKey:
+        if self.dataset == DEFAULT_DATASET:
+            return SourceKey(self.dataset, self.data_dir)
+        return SourceKey(self.dataset, "", self.label_column, self.partition_by,
+                         self.standardize, self.classes)
 
+    def __post_init__(self) -> None:
         problem = dataset_problem(self.dataset)
         _check(problem is None, "dataset", self.dataset, problem or "")
         problem = classes_problem(self.classes)
@@ -193,12 +223,10 @@ class TrainConfig:
     momentum: float
 
     def __post_init__(self) -> None:
-        from common.models import MODELS, is_import_path  # local import: models pulls in torch
-
         _check(
-            self.model in MODELS or self.model == AUTO_MODEL or is_import_path(self.model),
+            self.model in MODEL_NAMES or self.model == AUTO_MODEL or is_import_path(self.model),
             "model", self.model,
-            f"must be {AUTO_MODEL}, one of {', '.join(MODELS)}, or 'package.module:builder'"
+            f"must be {AUTO_MODEL}, one of {', '.join(MODEL_NAMES)}, or 'package.module:builder'"
         )
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
@@ -437,8 +465,6 @@ class NodeConfig:
         _check(not (self.ledger_path and self.ledger_dir), "node config ledger-path",
                self.ledger_path, "and ledger-dir both name the ledger: set one")
         if self.dataset:
-            from common.data import classes_problem, own_data_problem
-
             problem = own_data_problem(self.dataset)
             _check(problem is None, "node config dataset", self.dataset, problem or "")
             _check(not self.data_dir, "node config dataset", self.dataset,
@@ -475,8 +501,6 @@ class NodeConfig:
         names, or None. A path, download or module chosen by the server would let it make
         the node read any file (and learn of it from errors) or run any importable code;
         decided from the two configs alone, before any file is opened."""
-        from common.models import is_import_path
-
         if self.read_named_files:
             return None
         if is_import_path(model):
@@ -643,9 +667,6 @@ class ExperimentConfig:
     def _resolve_model(self) -> None:
         """model=auto and num-partitions=0 become the dataset's defaults; a model that
         cannot take the dataset's records is refused by name."""
-        from common.data import default_partitions
-        from common.models import default_model, model_problem_for
-
         data, train = self.data, self.train
         if self.federation.num_partitions == 0:
             object.__setattr__(self, "federation", replace(
@@ -797,6 +818,17 @@ def parse_overrides(text: str) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key] = raw
     return out
+
+
+def data_config(**fields: Any) -> DataConfig:
+    """The default run's data config with `fields` (DataConfig's names) replaced: for
+    tools and tests that read data outside a run."""
+    return replace(_default_data(), **fields)
+
+
+@lru_cache(maxsize=1)
+def _default_data() -> DataConfig:
+    return resolve_config({}).data
 
 
 def resolve_config(overrides: Mapping[str, Any]) -> ExperimentConfig:

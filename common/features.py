@@ -11,16 +11,14 @@ mapped), so every process of a run shares one copy.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
-from common.files import atomic_write
+from common.cache import arrays_once
+from common.catalogue import FEATURES
 
-FEATURES = ("scatter",)
 SCATTER_SHAPE = (81, 7, 7)  # of a 1 x 28 x 28 image
 _J, _ORIENTATIONS, _COEFFICIENTS = 2, 8, 81  # 1 + J L + L^2 J (J - 1) / 2
 MIN_SIDE = 8
@@ -67,35 +65,24 @@ def scattering(images: np.ndarray, *, chunk: int = 2000) -> np.ndarray:
     return out
 
 
-def cache_path(kind: str, images: np.ndarray, cache_dir: Path) -> Path:
+def _digest(kind: str, images: np.ndarray) -> str:
+    return f"{kind}-{hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]}"
+
+
+def cache_path(kind: str, images: np.ndarray, folder: Path) -> Path:
     """Where the `kind` features of exactly these images are cached (keyed by their bytes)."""
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    return cache_dir / f"{kind}-{digest}.npy"
+    return folder / f"{_digest(kind, images)}-x.npy"
 
 
-def cached_features(kind: str, images: np.ndarray, cache_dir: Path) -> np.ndarray:
-    """Features of `images`, computed once and shared through a memory-mapped file."""
+def cached_features(kind: str, images: np.ndarray, folder: Path) -> np.ndarray:
+    """Features of `images`, computed once on this machine (float16) and shared through a
+    memory-mapped file (common.cache)."""
     problem = feature_problem(kind, tuple(images.shape[1:]))
     if problem:
         raise ValueError(problem)
-    path = cache_path(kind, images, cache_dir)
-    digest = path.stem.removeprefix(f"{kind}-")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{kind}-{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process computes, the others wait and share
-        try:
-            if not path.exists():
-                feats = scattering(images).astype(np.float16)
-                atomic_write(path, lambda tmp: np.save(tmp, feats))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    features = np.load(path, mmap_mode="r")
-    os.utime(path)  # used now: eviction keeps what is in use (the whole training set's)
-    from common.data import evict_oldest
-
-    evict_oldest(cache_dir, f"{kind}-*.npy", KEEP_FEATURES,
-                 lambda p: [p, p.with_name(f".{p.stem}.lock")])
-    return features
+    return arrays_once(folder, _digest(kind, images),
+                       lambda: {"x": scattering(images).astype(np.float16)},
+                       names=("x",), keep=KEEP_FEATURES, mmap="x")["x"]
 
 
 KEEP_FEATURES = 8  # feature sets kept (a node's partitions under past run configs)

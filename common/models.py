@@ -17,9 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-Shape = tuple[int, ...]
-IMAGE_28: Shape = (1, 28, 28)  # Fashion-MNIST
-SCATTER: Shape = (81, 7, 7)  # its scattering features (common.features)
+from common.catalogue import (  # noqa: F401 (model names and shapes, re-exported)
+    IMAGE_28,
+    MODEL_FEATURES,
+    MODEL_NAMES,
+    SCATTER,
+    Shape,
+    default_model,
+    is_import_path,
+    model_problem_for,
+)
 
 
 def _cnn(shape: Shape, classes: int) -> nn.Module:
@@ -85,35 +92,12 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "cnn": _cnn, "mlp": _mlp, "logreg": _logreg, "scatter-linear": _scatter_linear,
     "resnet-gn": _resnet_gn,
 }
-# Models that take fixed features (common.features) instead of raw images.
-MODEL_FEATURES: dict[str, str] = {"scatter-linear": "scatter"}
+if tuple(MODELS) != MODEL_NAMES:
+    raise ImportError("common.catalogue.MODEL_NAMES must name every registered model")
 # The input shape a model is built for when none is given (Fashion-MNIST's), and the
 # shapes it accepts (None: any).
 _DEFAULT_SHAPE: dict[str, Shape] = {"scatter-linear": SCATTER}
 _ONLY_SHAPE: dict[str, Shape] = {"cnn": IMAGE_28}
-
-
-def default_model(dataset: str) -> str:
-    """What model=auto means: the scattering network on Fashion-MNIST, a linear model
-    otherwise. On the small bundled sets at epsilon = 3 the linear model beats the MLP
-    (digits 85.5% against 72.4%, breast-cancer 93.0% against 88.6%): the noise grows
-    with the parameter count, the signal of a few hundred records per client does not."""
-    return "scatter-linear" if dataset == "fashion-mnist" else "logreg"
-
-
-def model_problem_for(model: str, dataset: str) -> str | None:
-    """Why `model` cannot take `dataset`'s records (from names alone), or None."""
-    if model in MODEL_FEATURES and dataset == "breast-cancer":
-        return (f"computes scattering features of images; dataset={dataset!r} is a table: "
-                "use mlp or logreg, or model=auto")
-    return None
-
-
-def is_import_path(name: str) -> bool:
-    """`package.module:builder`: a user's model builder, called as builder(shape, classes)."""
-    module, sep, attr = name.partition(":")
-    return bool(sep and attr.isidentifier()
-                and all(part.isidentifier() for part in module.split(".")))
 
 
 def _builder(name: str) -> Callable[[Shape, int], nn.Module]:

@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from common import ddp
+
 Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, share, steps)
 SKELLAM = "skellam"
 
@@ -130,8 +132,6 @@ def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
     them), Gaussian entries by Opacus' compute_rdp at the same orders, converted as
     Opacus converts RDP."""
     from opacus.accountants.analysis.rdp import compute_rdp
-
-    from common import ddp
 
     orders = ddp.RDP_ORDERS
     total = [0.0] * len(orders)

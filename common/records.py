@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from common.config import FIELD_TYPES, default_run_config, parse_config
 from common.files import atomic_write, atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -318,8 +319,6 @@ class RunInfo(Record):
         """The run's ExperimentConfig, read as this dpfl reads it: keys an older dpfl
         wrote and this one does not know are dropped, missing ones take today's defaults,
         and encoded numbers ("inf") are decoded."""
-        from common.config import FIELD_TYPES, default_run_config, parse_config
-
         known = {k: v for k, v in self.run_config.items() if k in FIELD_TYPES}
         known = {k: decode_float(v) if FIELD_TYPES[k][2] is float and isinstance(v, str) else v
                  for k, v in known.items()}

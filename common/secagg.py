@@ -47,9 +47,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-
-class ProtocolError(ValueError):
-    """A protocol step was asked for something that would break its guarantee."""
+from common.errors import ProtocolError
 
 
 def prg(key: bytes, server_round: int, size: int, bits: int) -> np.ndarray:

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import audit
 from common.config import ExperimentConfig, parse_config
-from common.data import DataError, Split, held_out_split, partitions_of
+from common.data import held_out_split, partitions_of
+from common.errors import DataError
 from common.models import (
     MODEL_FEATURES,
     build_model,
@@ -27,6 +28,7 @@ from common.models import (
     set_weights,
 )
 from common.records import RunDir, run_dir
+from common.split import Split
 from server import checkpoint, loop
 from server.audit import CanaryScorer
 from server.strategy import CohortFedAvg

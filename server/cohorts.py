@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import FederationConfig
+from common.errors import FederationError
 from server.replies import NodeInfo, query_problem, short_error
 from server.wire import query_message, send_and_receive
 
@@ -37,8 +38,6 @@ DISCOVERY_TIMEOUT = 120.0
 DISCOVERY_BATCH = 500  # queries in flight at once
 
 
-class FederationError(RuntimeError):
-    """Fewer nodes than the run was configured for: it does not start."""
 
 
 def next_cohort(

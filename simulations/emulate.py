@@ -30,12 +30,13 @@ import time
 import numpy as np
 
 from common import ddp, privacy
+from common.config import data_config
 from common.data import load_split
 from common.models import build_model, get_weights
 
 
 def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
-    s = load_split(split, "", "scatter")
+    s = load_split(data_config(), split, "scatter")
     x = np.asarray(s.images, dtype=np.float32).reshape(len(s), 27, -1)  # GroupNorm(27, 81)
     x = (x - x.mean(axis=2, keepdims=True)) / np.sqrt(x.var(axis=2, keepdims=True) + 1e-5)
     return x.reshape(len(s), -1), s.labels

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common import audit, privacy
+from common.catalogue import DEFAULT_DATASET
 from common.config import (
     NODE_CONFIG_ENV,
     ConfigError,
@@ -31,14 +32,12 @@ from common.config import (
     project_root,
     resolve_config,
 )
-from common.data import DEFAULT_DATASET, input_spec, locate, partitions_of
+from common.data import input_spec, partitions_of, release_cached
+from common.errors import SimulationError
+from common.fashion_mnist import locate
 from common.models import MODEL_FEATURES, build_model, dp_problem
 from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
-
-
-class SimulationError(RuntimeError):
-    """The run did not complete; the message says where its logs are."""
 
 
 def toml_value(value: Any) -> str:
@@ -119,10 +118,7 @@ def release_data() -> None:
     only follows the run from here, for as long as it lasts."""
     import gc
 
-    from common import data
-
-    for cached in (data._load_split, data._carved, data.cached_partitions, data.own_split):
-        cached.cache_clear()
+    release_cached()
     gc.collect()
 
 

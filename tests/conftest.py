@@ -31,9 +31,9 @@ def hermetic(request, monkeypatch, tmp_path_factory):
     if request.node.get_closest_marker("slow"):
         yield
         return
-    from common import data
+    from common import cache, fashion_mnist
 
-    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path_factory.getbasetemp() / "no-system-dataset")
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv(data.URL_ENV, "http://127.0.0.1:9/")  # refuses: nothing is downloaded
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path_factory.getbasetemp() / "no-system-dataset")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv(fashion_mnist.URL_ENV, "http://127.0.0.1:9/")  # refuses: nothing is downloaded
     yield

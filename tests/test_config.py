@@ -112,7 +112,7 @@ def test_round_trip_to_run_config():
 
 
 def test_simulate_checks_delta_and_partitions_before_starting(tmp_path):
-    from common.data import DataError
+    from common.errors import DataError
     from simulations.simulate import prepare
 
     with pytest.raises(ConfigError, match=r"target-delta=0.01 must be < 1/n .* smallest client"):

@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data
-from common.data import FILES, DataError, locate, partition_indices, read_idx
+from common import cache, fashion_mnist
+from common.config import data_config
+from common.data import load_split, partition_of
+from common.errors import DataError
+from common.fashion_mnist import FILES, locate, read_idx
+from common.partitions import partition_indices
 from tests.helpers import TINY_DATA
 
 
@@ -25,7 +29,7 @@ def _official(monkeypatch):
         raw = gzip.decompress((Path(TINY_DATA) / name).read_bytes())
         shape = read_idx(Path(TINY_DATA) / name, verify=False).shape
         table[name] = (hashlib.sha256(raw).hexdigest(), len(raw), shape)
-    monkeypatch.setattr(data, "FILES", table)
+    monkeypatch.setattr(fashion_mnist, "FILES", table)
     return Path(TINY_DATA)
 
 
@@ -47,9 +51,9 @@ def http_server(tmp_path):
 
 
 def _isolate(monkeypatch, tmp_path, url):
-    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system")
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(data.URL_ENV, url)
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(fashion_mnist.URL_ENV, url)
 
 
 def test_download_verifies_and_caches(http_server, tmp_path, monkeypatch):
@@ -111,8 +115,8 @@ def test_not_gzip_is_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_real_data_loads_with_expected_shapes():
-    train = data.load_split("train")
-    test = data.load_split("test")
+    train = load_split(data_config(), "train")
+    test = load_split(data_config(), "test")
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert set(np.unique(train.labels)) == set(range(10))
 
@@ -146,7 +150,7 @@ def test_dirichlet_is_skewed():
 
 def test_partition_id_out_of_range():
     with pytest.raises(DataError, match="partition-id=10"):
-        data.load_partition(10, 10, partitioner="iid", seed=0)
+        partition_of(data_config(partitioner="iid", seed=0), 10, 10)
 
 
 @pytest.mark.slow
@@ -160,22 +164,22 @@ def test_real_files_match_the_official_checksums():
 def test_scatter_features_are_cached_and_shared(tmp_path):
     from common.features import cached_features
 
-    images = data.load_split("test", TINY_DATA).images[:40]
+    images = load_split(data_config(data_dir=TINY_DATA), "test").images[:40]
     first = cached_features("scatter", images, tmp_path)
     assert first.shape == (40, 81, 7, 7) and np.isfinite(first).all()
-    files = sorted(p.name for p in tmp_path.glob("scatter-*.npy"))
+    files = sorted(p.name for p in tmp_path.glob("scatter-*-x.npy"))
     again = cached_features("scatter", images, tmp_path)
-    assert np.array_equal(first, again) and sorted(p.name for p in tmp_path.glob("scatter-*.npy")) == files
+    assert np.array_equal(first, again) and sorted(p.name for p in tmp_path.glob("scatter-*-x.npy")) == files
     other = cached_features("scatter", images[:20], tmp_path)  # other data: its own file
-    assert len(list(tmp_path.glob("scatter-*.npy"))) == 2 and np.allclose(other, first[:20], rtol=2e-3, atol=2e-3)  # float16
+    assert len(list(tmp_path.glob("scatter-*-x.npy"))) == 2 and np.allclose(other, first[:20], rtol=2e-3, atol=2e-3)  # float16
     with pytest.raises(ValueError, match="features='nope'"):
         cached_features("nope", images, tmp_path)
 
 
 def test_tiny_real_subset_loads_from_a_data_dir():
     """The fast suite's data: real Fashion-MNIST rows in the official format."""
-    train = data.load_split("train", TINY_DATA)
-    test = data.load_split("test", TINY_DATA)
+    train = load_split(data_config(data_dir=TINY_DATA), "train")
+    test = load_split(data_config(data_dir=TINY_DATA), "test")
     assert train.images.shape == (1000, 1, 28, 28) and len(test) == 300
     assert np.bincount(train.labels).tolist() == [100] * 10
     assert abs(float(train.images.mean())) < 0.2  # normalised with the dataset's mean/std

@@ -13,8 +13,9 @@ from flwr.app.message.message import make_message
 
 from client.app import query as client_query
 from common import keys
-from common.config import ConfigError, parse_node_config, resolve_config
-from common.data import DataError, held_out_split, input_spec, load_split, partitions_of
+from common.config import ConfigError, data_config, parse_node_config, resolve_config
+from common.data import held_out_split, input_spec, load_split, partitions_of
+from common.errors import DataError
 from common.models import build_model
 from common.records import RunDir
 from server import app as server_app
@@ -49,7 +50,7 @@ def test_a_table_is_read_with_its_label_column_and_a_recorded_test_split(tmp_pat
     df.to_csv(path, index=False) if kind == "csv" else df.to_parquet(path)
     cfg = resolve_config({"dataset": f"{kind}:{path}", "label-column": "diagnosis"})
     assert cfg.train.model == "logreg"  # model=auto on a table
-    test, train = held_out_split(cfg.data), load_split("train", "", "", cfg.data.dataset, "diagnosis")
+    test, train = held_out_split(cfg.data), load_split(data_config(dataset=cfg.data.dataset, label_column="diagnosis"), "train")
     assert len(test) == 40 and len(train) == 160  # 20% carved out for the server's evaluation
     assert train.shape == (5,) and train.num_classes == 2
     assert set(np.unique(train.labels)) == {0, 1}  # "sick" -> 0, "well" -> 1 (sorted)
@@ -71,7 +72,7 @@ def test_bad_tables_are_refused_naming_file_and_column(tmp_path, mangle, message
     path = tmp_path / "bad.csv"
     mangle(_table()).to_csv(path, index=False)
     with pytest.raises(DataError, match=message) as err:
-        load_split("train", "", "", f"csv:{path}", "diagnosis")
+        load_split(data_config(dataset=f"csv:{path}", label_column="diagnosis"), "train")
     assert str(path) in str(err.value)
 
 
@@ -79,9 +80,9 @@ def test_unreadable_and_missing_files_and_unknown_datasets_are_named(tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
     with pytest.raises(DataError, match=f"{bad}.*unreadable as parquet"):
-        load_split("train", "", "", f"parquet:{bad}", "label")
+        load_split(data_config(dataset=f"parquet:{bad}", label_column="label"), "train")
     with pytest.raises(DataError, match="no such file"):
-        load_split("train", "", "", f"csv:{tmp_path / 'none.csv'}", "label")
+        load_split(data_config(dataset=f"csv:{tmp_path / 'none.csv'}", label_column="label"), "train")
     with pytest.raises(ConfigError, match="dataset"):
         resolve_config({"dataset": "cifar10"})
     with pytest.raises(ConfigError, match="model.*scattering.*table"):
@@ -89,12 +90,12 @@ def test_unreadable_and_missing_files_and_unknown_datasets_are_named(tmp_path):
     table = tmp_path / "t.csv"
     _table().to_csv(table, index=False)
     with pytest.raises(DataError, match=f"{table}.*computed from images"):
-        load_split("train", "", "scatter", f"csv:{table}", "diagnosis")
+        load_split(data_config(dataset=f"csv:{table}", label_column="diagnosis"), "train", "scatter")
 
 
 def test_bundled_datasets_are_real_and_offline():
-    digits = load_split("train", "", "", "digits")
-    cancer = load_split("test", "", "", "breast-cancer")
+    digits = load_split(data_config(dataset="digits"), "train")
+    cancer = load_split(data_config(dataset="breast-cancer"), "test")
     assert digits.shape == (1, 8, 8) and digits.num_classes == 10 and len(digits) == 1438
     assert cancer.shape == (30,) and cancer.num_classes == 2 and len(cancer) == 114
     model = build_model("mlp", shape=digits.shape, classes=digits.num_classes)
@@ -155,7 +156,7 @@ def test_natural_partitions_make_each_id_a_client_end_to_end(tmp_path):
             "partition-by": "hospital", "num-partitions": 4, "data-dir": "", "model": "auto"}
     cfg = resolve_config(over)
     parts = partitions_of(cfg.data, 4)
-    train = load_split("train", "", "", cfg.data.dataset, "diagnosis", "hospital")
+    train = load_split(data_config(dataset=cfg.data.dataset, label_column="diagnosis", partition_by="hospital", partitioner="natural"), "train")
     assert train.shape == (5,)  # the id column is not a feature
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(train)))
     carved = df.iloc[np.random.default_rng(0).permutation(300)[60:]]  # the carved training part
@@ -189,15 +190,15 @@ def _image_folder(root, sizes=((12, 12),) * 30):
 
 def test_an_image_folder_is_read_with_its_classes_and_refused_with_mixed_sizes(tmp_path):
     _image_folder(tmp_path / "imgs")
-    train = load_split("train", "", "", f"imagefolder:{tmp_path / 'imgs'}")
+    train = load_split(data_config(dataset=f"imagefolder:{tmp_path / 'imgs'}"), "train")
     assert train.shape == (1, 12, 12) and train.num_classes == 2 and len(train) == 24
     bright = train.images.reshape(len(train), -1).mean(axis=1)
     assert bright[train.labels == 1].min() > bright[train.labels == 0].max()  # 'light' after 'dark'
     _image_folder(tmp_path / "mixed", sizes=[(12, 12)] * 5 + [(10, 12)] + [(12, 12)] * 10)
     with pytest.raises(DataError, match="mixed shapes"):
-        load_split("train", "", "", f"imagefolder:{tmp_path / 'mixed'}")
+        load_split(data_config(dataset=f"imagefolder:{tmp_path / 'mixed'}"), "train")
     with pytest.raises(DataError, match="no such folder"):
-        load_split("train", "", "", f"imagefolder:{tmp_path / 'none'}")
+        load_split(data_config(dataset=f"imagefolder:{tmp_path / 'none'}"), "train")
 
 
 def test_a_saved_hugging_face_dataset_uses_its_own_test_split(tmp_path):
@@ -208,8 +209,8 @@ def test_a_saved_hugging_face_dataset_uses_its_own_test_split(tmp_path):
                                "test": datasets.Dataset.from_pandas(df[100:])})
     dd.save_to_disk(str(tmp_path / "saved"))
     ds = f"disk:{tmp_path / 'saved'}"
-    train = load_split("train", "", "", ds, "diagnosis")
-    test = load_split("test", "", "", ds, "diagnosis")
+    train = load_split(data_config(dataset=ds, label_column="diagnosis"), "train")
+    test = load_split(data_config(dataset=ds, label_column="diagnosis"), "test")
     assert len(train) == 100 and len(test) == 20 and train.shape == (5,)  # nothing carved
 
 
@@ -220,10 +221,10 @@ def test_hf_names_load_a_local_dataset_folder_and_fail_clearly_offline(tmp_path,
     folder = tmp_path / "local"
     folder.mkdir()
     _table(n=150).to_csv(folder / "train.csv", index=False)
-    train = load_split("train", "", "", f"hf:{folder}", "diagnosis")
+    train = load_split(data_config(dataset=f"hf:{folder}", label_column="diagnosis"), "train")
     assert len(train) == 120 and train.num_classes == 2  # one split: 20% carved out
     with pytest.raises(DataError, match="hf dataset no-such-user/no-such-dataset: cannot load"):
-        load_split("train", "", "", "hf:no-such-user/no-such-dataset", "label")
+        load_split(data_config(dataset="hf:no-such-user/no-such-dataset", label_column="label"), "train")
 
 
 def test_the_groupnorm_resnet_takes_colour_images_and_opacus_accepts_it():
@@ -254,7 +255,7 @@ def test_secure_aggregation_and_an_audit_run_on_another_dataset(tmp_path):
 def test_an_image_folder_without_the_partition_column_is_named(tmp_path):
     _image_folder(tmp_path / "imgs")
     with pytest.raises(DataError, match="no column 'hospital' to partition by"):
-        load_split("train", "", "", f"imagefolder:{tmp_path / 'imgs'}", "label", "hospital")
+        load_split(data_config(dataset=f"imagefolder:{tmp_path / 'imgs'}", label_column="label", partition_by="hospital", partitioner="natural"), "train")
 
 
 def test_scattering_features_for_images_of_any_size_and_channels():
@@ -271,7 +272,7 @@ def test_scattering_features_for_images_of_any_size_and_channels():
         feature_shape("scatter", (1, 4, 4))
     cfg = resolve_config({"dataset": "digits", "model": "scatter-linear"})
     assert input_spec(cfg.data, "scatter") == ((81, 2, 2), 10)
-    train = load_split("train", "", "scatter", "digits")
+    train = load_split(data_config(dataset="digits"), "train", "scatter")
     assert train.shape == (81, 2, 2) and len(train) == 1438 and train.num_classes == 10
     model = build_model("scatter-linear", shape=(243, 8, 8), classes=10)
     assert model(__import__("torch").zeros(2, 243, 8, 8)).shape == (2, 10)
@@ -290,16 +291,16 @@ def test_the_class_list_and_standardisation_are_the_run_s_choice(tmp_path):
     path = tmp_path / "t.csv"
     df.to_csv(path, index=False)
     ds = f"csv:{path}"
-    standardised = load_split("train", "", "", ds, "diagnosis")
-    given = load_split("train", "", "", ds, "diagnosis", "", False)
+    standardised = load_split(data_config(dataset=ds, label_column="diagnosis"), "train")
+    given = load_split(data_config(dataset=ds, label_column="diagnosis", standardize=False), "train")
     carved = df.iloc[np.random.default_rng(0).permutation(len(df))[40:]]
     assert np.allclose(given.images, carved[[f"f{i}" for i in range(5)]].to_numpy(), atol=1e-6)
     assert np.abs(standardised.images.mean(axis=0)).max() < 1e-5
     assert not np.allclose(standardised.images, given.images)
-    reordered = load_split("train", "", "", ds, "diagnosis", "", True, "well,sick")
+    reordered = load_split(data_config(dataset=ds, label_column="diagnosis", standardize=True, classes="well,sick"), "train")
     assert (reordered.labels == 1 - standardised.labels).all()  # sorted: sick, well
     with pytest.raises(DataError, match=r"'sick' are not in the run's classes \(well, ill\)"):
-        load_split("train", "", "", ds, "diagnosis", "", True, "well,ill")
+        load_split(data_config(dataset=ds, label_column="diagnosis", standardize=True, classes="well,ill"), "train")
     for bad, message in [("sick", "at least two"), ("a,,b", "empty"), ("a,b,a", "twice")]:
         with pytest.raises(ConfigError, match=f"classes.*{message}"):
             resolve_config({"classes": bad})

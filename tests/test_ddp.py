@@ -123,11 +123,12 @@ def _clipped_sum(weights, images, labels, clip):
 
 def test_integer_release_decodes_to_the_clipped_gradient_sum():
     from client.trainer import integer_gradient_sum
+    from common.config import data_config
     from common.data import load_split
     from common.models import build_model, get_weights
     from tests.helpers import TINY_DATA
 
-    data = load_split("train", TINY_DATA)
+    data = load_split(data_config(data_dir=TINY_DATA), "train")
     part = type(data)(np.asarray(data.images[:120]), data.labels[:120])
     weights = get_weights(build_model("logreg", seed=0))
     enc = ddp.Encoding(clip=0.1, scale=1e4, dim=sum(v.size for v in weights.values()))
@@ -142,11 +143,12 @@ def test_integer_release_decodes_to_the_clipped_gradient_sum():
 
 def test_integer_release_adds_the_share_and_ignores_a_non_finite_record():
     from client.trainer import integer_gradient_sum
+    from common.config import data_config
     from common.data import load_split
     from common.models import build_model, get_weights
     from tests.helpers import TINY_DATA
 
-    data = load_split("train", TINY_DATA)
+    data = load_split(data_config(data_dir=TINY_DATA), "train")
     images = np.asarray(data.images[:20]).copy()
     weights = get_weights(build_model("logreg", seed=0))
     enc = ddp.Encoding(clip=0.1, scale=1e3, dim=sum(v.size for v in weights.values()))

@@ -21,8 +21,9 @@ from client.ledger import Ledger, load_ledger
 from client.trainer import train_round
 from common import keys, privacy
 from common.config import ConfigError, parse_node_config, resolve_config
-from common.data import DataError, Split
+from common.errors import DataError
 from common.models import build_model, get_weights
+from common.split import Split
 from tests.helpers import context, metadata, new_strategy, train_message, weights_of
 
 GLOBAL = get_weights(build_model("logreg", seed=0))

@@ -306,7 +306,8 @@ def test_a_secure_release_waits_for_the_ledger_lock_too():
 
 def test_non_finite_own_records_are_checked_in_the_dtype_they_train_in(tmp_path):
     """A value above float32's range is finite in float64 and inf in training."""
-    from common.data import DataError, own_split
+    from common.errors import DataError
+    from common.tables import own_split
 
     table = tmp_path / "t.csv"
     rows = ["a,b,label"] + [f"{i / 10},{i / 20},{i % 2}" for i in range(20)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from common.data import partition_indices
+from common.partitions import partition_indices
 from common.records import RunDir
 from server import app as server_app
 from server.cohorts import FederationError
@@ -76,7 +76,7 @@ def test_a_run_refuses_to_start_without_the_configured_federation(tmp_path, disc
 def test_iid_partitions_are_flwr_datasets_shards_computed_at_once():
     """The IID split is computed in one pass (flwr-datasets builds one dataset per
     partition: a minute for 100,000), and is exactly what its IidPartitioner gives."""
-    from common.data import _partitioner_indices
+    from common.partitions import _partitioner_indices
 
     labels = np.random.default_rng(0).integers(0, 10, 1003)
     for n in (1, 7, 100, 1003):
@@ -200,7 +200,7 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
     import shutil
 
     from client.app import _config, _node, _records
-    from common.data import CACHE_ENV, cache_dir
+    from common.cache import CACHE_ENV, cache_dir
     from tests.helpers import context
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
@@ -211,26 +211,26 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
     cfg, node = _config(ctx), _node(ctx)
     splits = cache_dir() / "splits"
     first = _records(cfg, node)
-    assert len(list(splits.glob("*.json"))) == 1
+    assert len(list(splits.glob("*-x.npy"))) == 1
     again = _records(cfg, node)
     assert np.array_equal(first.images, again.images) and np.array_equal(first.labels, again.labels)
     assert again.images.dtype == np.float32 and len(again) == 1000
     images = data / "train-images-idx3-ubyte.gz"
     os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
     _records(cfg, node)
-    assert len(list(splits.glob("*.json"))) == 2  # a changed file: built again
+    assert len(list(splits.glob("*-x.npy"))) == 2  # a changed file: built again
     sim = context(partition_id=0, harness_policy=False, data_dir="", model="logreg",
                   node_extra={"data-dir": str(data), "cache-records": False})
     _records(_config(sim), _node(sim))
-    assert len(list(splits.glob("*.json"))) == 2  # the simulation harness's nodes: no files
+    assert len(list(splits.glob("*-x.npy"))) == 2  # the simulation harness's nodes: no files
     # Keys a run config can vary (here the file again) never fill the node's disk.
     from common.data import KEEP_SPLITS
 
     for step in range(2, 2 + KEEP_SPLITS):
         os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + step * 10**9))
         _records(cfg, node)
-    assert len(list(splits.glob("*.json"))) == KEEP_SPLITS
-    assert len(list(splits.glob("*.npy"))) == 2 * KEEP_SPLITS
+    assert len(list(splits.glob("*-x.npy"))) == KEEP_SPLITS
+    assert len(list(splits.glob("*.npy"))) == 3 * KEEP_SPLITS  # images, labels, classes
     assert np.array_equal(_records(cfg, node).images, first.images)  # the newest is kept
 
 
@@ -251,7 +251,7 @@ def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, mon
     features for the records of its partition, not for the whole training set."""
     from client.app import _config, _node, _records
     from client.app import train as client_train
-    from common.data import CACHE_ENV, cache_dir
+    from common.cache import CACHE_ENV, cache_dir
     from common.models import build_model, get_weights
     from tests.helpers import context, train_message
 
@@ -267,16 +267,17 @@ def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, mon
     reply = client_train(train_message(get_weights(build_model(
         "scatter-linear", shape=(81, 7, 7), classes=10)), dst=ctx.node_id), ctx)
     assert not reply.has_error() and reply.content["metrics"]["refused"] == 0
-    (features,) = (cache_dir() / "features").glob("scatter-*.npy")
+    (features,) = (cache_dir() / "features").glob("scatter-*-x.npy")
     assert np.load(features, mmap_mode="r").shape == (100, 81, 7, 7)  # its 100, not 1,000
     # Where the whole training set's features are cached already, a node reads its rows.
+    from common.config import data_config
     from common.data import load_split
 
-    whole = load_split("train", TINY_DATA, "scatter")
+    whole = load_split(data_config(data_dir=TINY_DATA), "train", "scatter")
     other = context(partition_id=4, harness_policy=False, model="scatter-linear",
                     node_extra={"read-named-files": True})
     split = _records(_config(other), _node(other))
-    assert len(list((cache_dir() / "features").glob("scatter-*.npy"))) == 2  # no third
+    assert len(list((cache_dir() / "features").glob("scatter-*-x.npy"))) == 2  # no third
     from common.data import partitions_of
 
     rows = partitions_of(_config(other).data, 10)[4]

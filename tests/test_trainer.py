@@ -10,8 +10,8 @@ from client.app import train as client_train
 from client.trainer import train_round
 from common import keys, privacy
 from common.config import resolve_config
-from common.data import Split
 from common.models import build_model, get_weights
+from common.split import Split
 from tests.helpers import PARTITION_SIZE, context, train_message, weights_of
 from tests.test_privacy import dp_accounting_epsilon
 
