@@ -31,14 +31,7 @@ from client.trainer import BudgetExceeded, RoundResult, plan_spend, train_round
 from common import audit, keys, privacy
 from common.aggregation import model_problem
 from common.catalogue import DEFAULT_DATASET, class_list
-from common.config import (
-    NODE_CONFIG_ENV,
-    DataConfig,
-    ExperimentConfig,
-    NodeConfig,
-    parse_config,
-    parse_node_config,
-)
+from common.config import DataConfig, ExperimentConfig, parse_config
 from common.data import (
     cached_split,
     input_spec,
@@ -50,6 +43,7 @@ from common.data import (
 )
 from common.errors import DataError
 from common.models import MODEL_FEATURES, build_model, get_weights
+from common.node import NODE_CONFIG_ENV, NodeConfig, parse_node_config
 from common.records import run_label
 from common.split import Split
 from common.tables import own_spec, own_split

@@ -38,9 +38,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from common import privacy
-from common.config import NodeConfig
 from common.errors import LedgerUnavailable
 from common.files import atomic_write_text
+from common.node import NodeConfig
 from common.records import decode_float, encode
 
 STATE_KEY = "dpfl-ledger"

@@ -24,8 +24,9 @@ from client import wire
 from client.ledger import held_ledger, save_ledger
 from client.trainer import BudgetExceeded, integer_gradient_sum, plan_release, resolve_device
 from common import ddp, keys
-from common.config import ExperimentConfig, NodeConfig
+from common.config import ExperimentConfig
 from common.models import parameter_names
+from common.node import NodeConfig
 from common.secagg import Participant, ProtocolError, PublicKeys
 
 STATE_KEY = "dpfl-secagg"

@@ -9,7 +9,6 @@ key) and the allowed range, so a bad config stops before any training.
 from __future__ import annotations
 
 import math
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -27,7 +26,6 @@ from common.catalogue import (
     default_partitions,
     is_import_path,
     model_problem_for,
-    own_data_problem,
 )
 from common.errors import ConfigError
 
@@ -49,7 +47,7 @@ ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wr
 
 
 
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+def check_field(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} {rule}")
 
@@ -82,64 +80,64 @@ class FederationConfig:
     discovery: str  # all: every node asked at start; lazy: a node when first sampled
 
     def __post_init__(self) -> None:
-        _check(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
-        _check(self.discovery in DISCOVERY, "discovery", self.discovery,
+        check_field(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        check_field(self.discovery in DISCOVERY, "discovery", self.discovery,
                f"must be one of {', '.join(DISCOVERY)}")
-        _check(
+        check_field(
             0.0 < self.fraction_train <= 1.0,
             "fraction-train", self.fraction_train, "must be in (0, 1]",
         )
-        _check(self.num_partitions >= 0, "num-partitions", self.num_partitions,
+        check_field(self.num_partitions >= 0, "num-partitions", self.num_partitions,
                "must be >= 1 (or 0: the dataset's default)")
         top = self.num_partitions or math.inf  # 0: checked again once resolved
-        _check(
+        check_field(
             1 <= self.min_train_clients <= top,
             "min-train-clients", self.min_train_clients,
             f"must be in [1, num-partitions={self.num_partitions}]",
         )
-        _check(
+        check_field(
             1 <= self.min_available_clients <= top,
             "min-available-clients", self.min_available_clients,
             f"must be in [1, num-partitions={self.num_partitions}]",
         )
-        _check(
+        check_field(
             self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
             "max-update-norm", self.max_update_norm, "must be >= 0 (0 disables the bound)",
         )
-        _check(
+        check_field(
             0 < self.server_learning_rate < math.inf,
             "server-learning-rate", self.server_learning_rate, "must be > 0 and finite",
         )
-        _check(
+        check_field(
             0 <= self.server_momentum < 1, "server-momentum", self.server_momentum,
             "must be in [0, 1)",
         )
-        _check(
+        check_field(
             self.server_lr_schedule in LR_SCHEDULES, "server-lr-schedule",
             self.server_lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}",
         )
-        _check(0 <= self.server_ema < 1, "server-ema", self.server_ema, "must be in [0, 1)")
-        _check(
+        check_field(0 <= self.server_ema < 1, "server-ema", self.server_ema, "must be in [0, 1)")
+        check_field(
             self.max_idle_rounds >= 0, "max-idle-rounds", self.max_idle_rounds,
             "must be >= 0 (0: never stop early)",
         )
-        _check(
+        check_field(
             self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
             f"must be one of {', '.join(CLIENT_SAMPLING)}",
         )
-        _check(
+        check_field(
             self.aggregation in AGGREGATIONS, "aggregation", self.aggregation,
             f"must be one of {', '.join(AGGREGATIONS)}",
         )
-        _check(
+        check_field(
             0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction,
             "must be in [0, 0.5)",
         )
-        _check(self.krum_malicious >= 0, "krum-malicious", self.krum_malicious, "must be >= 0")
-        _check(self.krum_select >= 1, "krum-select", self.krum_select, "must be >= 1")
+        check_field(self.krum_malicious >= 0, "krum-malicious", self.krum_malicious, "must be >= 0")
+        check_field(self.krum_select >= 1, "krum-select", self.krum_select, "must be >= 1")
         for key, value in (("round-timeout", self.round_timeout),
                            ("node-wait-timeout", self.node_wait_timeout)):
-            _check(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
+            check_field(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
 
     def clients_per_round(self, num_clients: int) -> int:
         return clients_per_round(num_clients, self.fraction_train, self.min_train_clients)
@@ -187,31 +185,31 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         problem = dataset_problem(self.dataset)
-        _check(problem is None, "dataset", self.dataset, problem or "")
+        check_field(problem is None, "dataset", self.dataset, problem or "")
         problem = classes_problem(self.classes)
-        _check(problem is None, "classes", self.classes, problem or "")
-        _check(bool(self.label_column), "label-column", self.label_column, "must not be empty")
+        check_field(problem is None, "classes", self.classes, problem or "")
+        check_field(bool(self.label_column), "label-column", self.label_column, "must not be empty")
         natural = self.partitioner == "natural"
-        _check(not natural or (bool(self.partition_by) and ":" in self.dataset), "partitioner",
+        check_field(not natural or (bool(self.partition_by) and ":" in self.dataset), "partitioner",
                self.partitioner, "needs a table (dataset=csv:PATH or parquet:PATH) and "
                "partition-by=COLUMN, the column whose values are the clients")
-        _check(not self.partition_by or natural, "partition-by", self.partition_by,
+        check_field(not self.partition_by or natural, "partition-by", self.partition_by,
                "needs partitioner=natural")
-        _check(self.partition_by != self.label_column, "partition-by", self.partition_by,
+        check_field(self.partition_by != self.label_column, "partition-by", self.partition_by,
                "must not be the label column")
-        _check(
+        check_field(
             self.partitioner in PARTITIONERS, "partitioner", self.partitioner,
             f"must be one of {', '.join(PARTITIONERS)}",
         )
-        _check(
+        check_field(
             self.dirichlet_alpha > 0 and math.isfinite(self.dirichlet_alpha),
             "dirichlet-alpha", self.dirichlet_alpha, "must be > 0",
         )
-        _check(
+        check_field(
             1 <= self.labels_per_client <= 10,
             "labels-per-client", self.labels_per_client, "must be in [1, 10]",
         )
-        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check_field(self.seed >= 0, "seed", self.seed, "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,16 +221,16 @@ class TrainConfig:
     momentum: float
 
     def __post_init__(self) -> None:
-        _check(
+        check_field(
             self.model in MODEL_NAMES or self.model == AUTO_MODEL or is_import_path(self.model),
             "model", self.model,
             f"must be {AUTO_MODEL}, one of {', '.join(MODEL_NAMES)}, or 'package.module:builder'"
         )
-        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
-        _check(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
-        _check(0 < self.learning_rate < math.inf, "learning-rate", self.learning_rate,
+        check_field(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
+        check_field(self.batch_size >= 0, "batch-size", self.batch_size, "must be >= 0 (0: full batch)")
+        check_field(0 < self.learning_rate < math.inf, "learning-rate", self.learning_rate,
                "must be > 0 and finite")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        check_field(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,11 +245,11 @@ class BaselineConfig:
     server_momentum: float
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 0, "baseline-batch-size", self.batch_size,
+        check_field(self.batch_size >= 0, "baseline-batch-size", self.batch_size,
                "must be >= 0 (0: full batch)")
-        _check(0 < self.learning_rate < math.inf, "baseline-learning-rate", self.learning_rate,
+        check_field(0 < self.learning_rate < math.inf, "baseline-learning-rate", self.learning_rate,
                "must be > 0 and finite")
-        _check(0 <= self.server_momentum < 1, "baseline-server-momentum", self.server_momentum,
+        check_field(0 <= self.server_momentum < 1, "baseline-server-momentum", self.server_momentum,
                "must be in [0, 1)")
 
 
@@ -269,31 +267,31 @@ class PrivacyConfig:
     participation_margin: float
 
     def __post_init__(self) -> None:
-        _check(
+        check_field(
             self.target_epsilon > 0, "target-epsilon", self.target_epsilon,
             "must be > 0 (use inf or dp=false for the non-private baseline)",
         )
-        _check(
+        check_field(
             0 < self.target_delta < 1, "target-delta", self.target_delta, "must be in (0, 1)"
         )
-        _check(
+        check_field(
             self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
             "noise-multiplier", self.noise_multiplier,
             "must be >= 0 (0 calibrates it from target-epsilon)",
         )
-        _check(
+        check_field(
             0 < self.max_grad_norm < math.inf,
             "max-grad-norm", self.max_grad_norm, "must be > 0 and finite",
         )
-        _check(
+        check_field(
             self.accountant in ACCOUNTANTS, "accountant", self.accountant,
             f"must be one of {', '.join(ACCOUNTANTS)}",
         )
-        _check(
+        check_field(
             self.calibrate_for in CALIBRATE_FOR, "calibrate-for", self.calibrate_for,
             f"must be one of {', '.join(CALIBRATE_FOR)}",
         )
-        _check(
+        check_field(
             self.participation_margin >= 1 and math.isfinite(self.participation_margin),
             "participation-margin", self.participation_margin, "must be >= 1",
         )
@@ -334,18 +332,18 @@ class SecureAggregationConfig:
     secagg_headroom: float
 
     def __post_init__(self) -> None:
-        _check(self.secure_aggregation in SECURE_AGGREGATION, "secure-aggregation",
+        check_field(self.secure_aggregation in SECURE_AGGREGATION, "secure-aggregation",
                self.secure_aggregation, f"must be one of {', '.join(SECURE_AGGREGATION)}")
-        _check(self.noise in NOISE_PLACEMENTS, "noise", self.noise,
+        check_field(self.noise in NOISE_PLACEMENTS, "noise", self.noise,
                f"must be one of {', '.join(NOISE_PLACEMENTS)}")
-        _check(self.noise == "local" or self.enabled, "noise", self.noise,
+        check_field(self.noise == "local" or self.enabled, "noise", self.noise,
                "needs secure-aggregation=secagg+ (without it the server sees each share, "
                "which carries too little noise alone)")
-        _check(8 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "must be in [8, 62]")
-        _check(0.5 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold,
+        check_field(8 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "must be in [8, 62]")
+        check_field(0.5 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold,
                "must be in (0.5, 1] (a fraction of the cohort; above half, so that no server "
                "can collect both secrets of one client)")
-        _check(0 < self.secagg_headroom <= 1, "secagg-headroom", self.secagg_headroom,
+        check_field(0 < self.secagg_headroom <= 1, "secagg-headroom", self.secagg_headroom,
                "must be in (0, 1]")
 
     @property
@@ -368,210 +366,11 @@ class AuditConfig:
     audit_canaries: int
 
     def __post_init__(self) -> None:
-        _check(0 <= self.audit_canaries <= MAX_CANARIES, "audit-canaries", self.audit_canaries,
+        check_field(0 <= self.audit_canaries <= MAX_CANARIES, "audit-canaries", self.audit_canaries,
                f"must be in [0, {MAX_CANARIES}] (0: no audit)")
 
 
 MAX_CANARIES = 20_000  # the auditor holds every canary input in memory
-
-
-# The data holder's side: node config. In deployment it is Flower's node config
-# (`flower-supernode --node-config`); Flower's simulation sets only partition-id and
-# num-partitions per virtual node, so the harness that starts the simulation passes the
-# rest in the environment variable NODE_CONFIG_ENV (the same `k=v ...` syntax). Both are
-# in the node operator's hands; the run config is in the hands of whoever starts the run.
-NODE_CONFIG_ENV = "DPFL_NODE_CONFIG"
-# node config ledger-path value for a ledger kept in the run's Context.state only
-EPHEMERAL_LEDGER = ":ephemeral:"
-STATE_DIR_ENV = "DPFL_STATE_DIR"
-
-
-def state_dir() -> Path:
-    """The node's state folder: DPFL_STATE_DIR, else $XDG_STATE_HOME/dpfl, else
-    ~/.local/state/dpfl (the node operator's environment, never the server's)."""
-    if os.environ.get(STATE_DIR_ENV):
-        return Path(os.environ[STATE_DIR_ENV]).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "dpfl"
-
-
-def default_ledger_file(partition_id: int) -> Path:
-    """Where a node keeps its ledger unless its node config says otherwise: one file per
-    partition-id in the state folder, for every run on this machine."""
-    return state_dir() / "ledgers" / f"partition-{partition_id}.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeConfig:
-    """One node's identity, files and privacy policy, owned by its data holder.
-
-    The policy is enforced by the client as the stricter of the policy and the run
-    config: a run that asks for less privacy than the node allows (DP off, a larger
-    target-epsilon or target-delta, a smaller fixed noise multiplier) is refused and
-    spends nothing. Defaults are private: DP required, epsilon <= 8 at delta <= 1e-5."""
-
-    partition_id: int
-    num_partitions: int
-    data_dir: str = ""  # the node's own records (IDX files), used whole
-    dataset: str = ""  # or in a table or Hugging Face format (csv:PATH, ...), used whole
-    label_column: str = "label"  # its label column
-    classes: str = ""  # the classes its labels take, in the federation's order ('a,b,c')
-    # this node's ledger file (default: `default_ledger_file`); EPHEMERAL_LEDGER keeps it
-    # in the run's Context.state only, a budget per run (the operator's explicit choice)
-    ledger_path: str = ""
-    ledger_dir: str = ""  # simulation: one ledger file per partition in this folder
-    ledger_wait: float = 120.0  # seconds a request waits for another one's ledger lock
-    # the operator says this node has trained before: a missing ledger file is refused
-    trained_before: bool = False
-    # a node with no ledger of its own may take the server's view of its history (only
-    # ever lengthening it); off by default: a fresh node would adopt phantom steps
-    adopt_server_history: bool = False
-    require_dp: bool = True
-    max_epsilon: float = 8.0
-    max_delta: float = 1e-5
-    min_noise_multiplier: float = 0.0
-    # secure aggregation: the least noise of its own share (noise std over the rounded
-    # sensitivity), so that its release alone keeps a stated epsilon
-    min_share_noise_multiplier: float = 0.0
-    max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
-    simulated_attacks: bool = False  # only a simulation harness sets this
-    # only a simulation harness sets this: read the files (or download the dataset) that
-    # the run config names in dataset= and data-dir=, and import the model code it names
-    # in model=. A deployed node reads its own data-dir or a bundled dataset and builds a
-    # registered model, never a path or module the server chose.
-    read_named_files: bool = False
-    # keep this node's prepared records in its cache folder (a deployed node runs every
-    # message in a new process); a simulation's actors keep them in memory instead
-    cache_records: bool = True
-
-    def __post_init__(self) -> None:
-        _check(self.num_partitions >= 1, "node config num-partitions", self.num_partitions,
-               "must be >= 1")
-        _check(0 <= self.partition_id < self.num_partitions, "node config partition-id",
-               self.partition_id, f"must be in [0, {self.num_partitions - 1}] "
-               f"(num-partitions={self.num_partitions})")
-        _check(self.max_epsilon > 0, "node config max-epsilon", self.max_epsilon,
-               "must be > 0 (inf: no cap)")
-        _check(0 < self.max_delta < 1, "node config max-delta", self.max_delta, "must be in (0, 1)")
-        _check(0 <= self.min_noise_multiplier < math.inf, "node config min-noise-multiplier",
-               self.min_noise_multiplier, "must be >= 0 and finite")
-        _check(0 <= self.min_share_noise_multiplier < math.inf,
-               "node config min-share-noise-multiplier", self.min_share_noise_multiplier,
-               "must be >= 0 and finite")
-        _check(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
-               "must be > 0 (inf: no bound)")
-        _check(0 <= self.ledger_wait < math.inf, "node config ledger-wait", self.ledger_wait,
-               "must be >= 0 seconds and finite")
-        _check(not (self.ledger_path and self.ledger_dir), "node config ledger-path",
-               self.ledger_path, "and ledger-dir both name the ledger: set one")
-        if self.dataset:
-            problem = own_data_problem(self.dataset)
-            _check(problem is None, "node config dataset", self.dataset, problem or "")
-            _check(not self.data_dir, "node config dataset", self.dataset,
-                   "and data-dir both name the node's records: set one")
-            _check(bool(self.label_column), "node config label-column", self.label_column,
-                   "must not be empty")
-            problem = classes_problem(self.classes)
-            _check(problem is None and bool(self.classes), "node config classes", self.classes,
-                   problem or "must list the classes of the node's labels, in the federation's "
-                   "order ('a,b,...'), with node config dataset")
-        else:
-            _check(not self.classes, "node config classes", self.classes,
-                   "goes with node config dataset (the node's own records)")
-
-    @property
-    def own_data(self) -> bool:
-        """This node trains on its own records (data-dir or dataset), not a partition."""
-        return bool(self.data_dir or self.dataset)
-
-    @property
-    def ledger_file(self) -> Path | None:
-        """This node's ledger file; None only for an ephemeral ledger (node config
-        ledger-path=":ephemeral:")."""
-        if self.ledger_path == EPHEMERAL_LEDGER:
-            return None
-        if self.ledger_path:
-            return Path(self.ledger_path).expanduser()
-        if self.ledger_dir:
-            return Path(self.ledger_dir).expanduser() / f"partition-{self.partition_id}.json"
-        return default_ledger_file(self.partition_id)
-
-    def named_source_problem(self, data: DataConfig, model: str) -> str | None:
-        """Why this node will not read the data or import the model code the run config
-        names, or None. A path, download or module chosen by the server would let it make
-        the node read any file (and learn of it from errors) or run any importable code;
-        decided from the two configs alone, before any file is opened."""
-        if self.read_named_files:
-            return None
-        if is_import_path(model):
-            return (f"the run config names code to import on this node (model={model!r}); "
-                    "this node builds only registered models (node config read-named-files "
-                    "is for simulation harnesses)")
-        if ":" in data.dataset and not self.own_data:
-            return (f"the run config names a file or download for the data "
-                    f"(dataset={data.dataset!r}); this node reads only its own records (node "
-                    "config data-dir or dataset) or a bundled dataset (node config "
-                    "read-named-files is for simulation harnesses)")
-        if data.data_dir and not self.own_data:
-            return (f"the run config names a data folder on this node (data-dir="
-                    f"{data.data_dir!r}); this node reads only its own data-dir (node config) "
-                    "(read-named-files is for simulation harnesses)")
-        return None
-
-    def policy_problem(self, priv: PrivacyConfig) -> str | None:
-        """Why this node refuses a run with privacy config `priv`, or None. Depends only on
-        the two configs, never on the node's data."""
-        if not priv.private:
-            if self.require_dp:
-                return ("the run asks for no differential privacy (dp=false or "
-                        "target-epsilon=inf) but this node requires it (node config require-dp)")
-            return None
-        if priv.target_epsilon > self.max_epsilon:
-            return (f"the run's target-epsilon={priv.target_epsilon} exceeds this node's "
-                    f"max-epsilon={self.max_epsilon}")
-        if priv.target_delta > self.max_delta:
-            return (f"the run's target-delta={priv.target_delta} exceeds this node's "
-                    f"max-delta={self.max_delta}")
-        if 0 < priv.noise_multiplier < self.min_noise_multiplier:
-            return (f"the run's noise-multiplier={priv.noise_multiplier} is below this node's "
-                    f"min-noise-multiplier={self.min_noise_multiplier}")
-        return None
-
-
-NODE_FIELD_TYPES = {
-    f.name.replace("_", "-"): {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
-    for f in fields(NodeConfig)
-}
-
-
-def parse_node_config(node_config: Mapping[str, Any], env_text: str = "") -> NodeConfig:
-    """The node's config: `env_text` (NODE_CONFIG_ENV, `k=v ...`) overridden by Flower's
-    node config. Unknown keys and bad values stop with the key named."""
-    merged = {**(parse_overrides(env_text) if env_text.strip() else {}), **dict(node_config)}
-    unknown = sorted(set(merged) - set(NODE_FIELD_TYPES))
-    if unknown:
-        raise ConfigError(f"unknown node config key(s): {', '.join(unknown)}; known keys: "
-                          f"{', '.join(sorted(NODE_FIELD_TYPES))}")
-    for key in ("partition-id", "num-partitions"):
-        if key not in merged:
-            raise ConfigError(f"node config lacks {key}")
-    return NodeConfig(**{k.replace("-", "_"): _coerce(f"node config {k}", v, NODE_FIELD_TYPES[k])
-                         for k, v in merged.items()})
-
-
-def node_policy_for(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The node policy a simulation harness gives its virtual nodes so that they accept
-    exactly the run it starts (its data holders and its server are the same person)."""
-    priv = cfg.privacy
-    return {
-        "require-dp": priv.private,
-        "max-epsilon": priv.target_epsilon if priv.private else math.inf,
-        "max-delta": priv.target_delta,
-        "min-noise-multiplier": priv.noise_multiplier,
-        "simulated-attacks": bool(cfg.attack.modes),
-        "read-named-files": ":" in cfg.data.dataset or bool(cfg.data.data_dir)
-                            or ":" in cfg.train.model,
-    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -587,15 +386,15 @@ class RuntimeConfig:
     keep_transcript: bool  # secure aggregation: save what the server received each round
 
     def __post_init__(self) -> None:
-        _check(
+        check_field(
             self.grad_sample_mode in GRAD_SAMPLE_MODES, "grad-sample-mode",
             self.grad_sample_mode, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
         )
-        _check(
+        check_field(
             self.device in DEVICES, "device", self.device, f"must be one of {', '.join(DEVICES)}"
         )
-        _check(self.num_threads >= 0, "num-threads", self.num_threads, "must be >= 0 (0: torch default)")
-        _check(
+        check_field(self.num_threads >= 0, "num-threads", self.num_threads, "must be >= 0 (0: torch default)")
+        check_field(
             all(c.isalnum() or c in "-_." for c in self.run_name),
             "run-name", self.run_name, "may hold only letters, digits, '-', '_' and '.'",
         )
@@ -613,10 +412,10 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.modes if a not in ATTACKS]
-        _check(not unknown, "attack", self.attack,
+        check_field(not unknown, "attack", self.attack,
                f"must be empty or comma-separated names from {', '.join(ATTACKS)}")
-        _check(self.attackers >= 0, "attackers", self.attackers, "must be >= 0")
-        _check(0 < self.attack_scale < math.inf, "attack-scale", self.attack_scale,
+        check_field(self.attackers >= 0, "attackers", self.attackers, "must be >= 0")
+        check_field(0 < self.attack_scale < math.inf, "attack-scale", self.attack_scale,
                "must be > 0 and finite")
 
     @property
@@ -648,18 +447,18 @@ class ExperimentConfig:
         fed = self.federation
         if self.secure.enabled:
             self._check_secure()
-        _check(
+        check_field(
             self.attack.attackers <= fed.num_partitions, "attackers", self.attack.attackers,
             f"must be <= num-partitions={fed.num_partitions}",
         )
         if fed.aggregation in ("krum", "multikrum"):
             k = fed.clients_per_round(fed.num_partitions)
-            _check(
+            check_field(
                 k > 2 * fed.krum_malicious + 2, "krum-malicious", fed.krum_malicious,
                 f"must satisfy clients per round ({k}) > 2 * krum-malicious + 2",
             )
         if fed.aggregation == "multikrum":
-            _check(
+            check_field(
                 fed.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
                 fed.krum_select, "must be <= the clients sampled per round",
             )
@@ -674,27 +473,27 @@ class ExperimentConfig:
         if train.model == AUTO_MODEL:
             object.__setattr__(self, "train", replace(train, model=default_model(data.dataset)))
         problem = model_problem_for(self.train.model, data.dataset)
-        _check(problem is None, "model", self.train.model, problem or "")
+        check_field(problem is None, "model", self.train.model, problem or "")
 
     def _check_secure(self) -> None:
         """What secure aggregation's integer release needs: one accounted full-batch
         DP-SGD step per participation, and a server that never looks at one update."""
         key = "secure-aggregation=secagg+"
         priv, fed, train = self.privacy, self.federation, self.train
-        _check(priv.private, "dp", priv.dp, f"must be true with a finite target-epsilon for {key}")
-        _check(priv.accountant == "rdp", "accountant", priv.accountant,
+        check_field(priv.private, "dp", priv.dp, f"must be true with a finite target-epsilon for {key}")
+        check_field(priv.accountant == "rdp", "accountant", priv.accountant,
                f"must be rdp for {key} (Skellam releases are composed in RDP)")
-        _check(train.batch_size == 0, "batch-size", train.batch_size,
+        check_field(train.batch_size == 0, "batch-size", train.batch_size,
                f"must be 0 (full batch: one DP-SGD step per released update) for {key}")
-        _check(train.local_epochs == 1, "local-epochs", train.local_epochs, f"must be 1 for {key}")
-        _check(train.momentum == 0, "momentum", train.momentum, f"must be 0 for {key}")
-        _check(fed.min_train_clients >= 2, "min-train-clients", fed.min_train_clients,
+        check_field(train.local_epochs == 1, "local-epochs", train.local_epochs, f"must be 1 for {key}")
+        check_field(train.momentum == 0, "momentum", train.momentum, f"must be 0 for {key}")
+        check_field(fed.min_train_clients >= 2, "min-train-clients", fed.min_train_clients,
                f"must be >= 2 for {key} (a cohort of one is no aggregation)")
-        _check(fed.aggregation == "fedavg", "aggregation", fed.aggregation,
+        check_field(fed.aggregation == "fedavg", "aggregation", fed.aggregation,
                f"must be fedavg for {key} (the server sees only the sum)")
-        _check(fed.max_update_norm == 0, "max-update-norm", fed.max_update_norm,
+        check_field(fed.max_update_norm == 0, "max-update-norm", fed.max_update_norm,
                f"must be 0 for {key} (no single update is visible to bound)")
-        _check(not self.attack.modes, "attack", self.attack.attack,
+        check_field(not self.attack.modes, "attack", self.attack.attack,
                f"must be empty for {key} (simulated attacks alter single updates)")
 
     @property
@@ -748,7 +547,7 @@ def _field_types() -> dict[str, tuple[str, str, type]]:
 FIELD_TYPES = _field_types()
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+def coerce_value(key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -786,7 +585,7 @@ def parse_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in run_config.items():
         section, name, typ = FIELD_TYPES[key]
-        kwargs[section][name] = _coerce(key, value, typ)
+        kwargs[section][name] = coerce_value(key, value, typ)
     built = {s: cls(**kwargs[s]) for s, (cls, _) in _SECTIONS.items()}
     return ExperimentConfig(**built)
 

@@ -36,7 +36,7 @@ QUERY_METRIC_KEYS = frozenset({PARTITION_ID, NUM_EXAMPLES, OWN_DATA})
 HISTORY = "history"
 REASON = "reason"
 
-# Node config (common.config.NodeConfig has them all)
+# Node config (common.node.NodeConfig has them all)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_DIR = "data-dir"

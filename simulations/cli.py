@@ -155,7 +155,7 @@ def _ledger(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from client.ledger import reset_ledger, show_ledger
-    from common.config import default_ledger_file
+    from common.node import default_ledger_file
 
     path = Path(args.path) if args.path else default_ledger_file(args.partition_id)
     if args.ledger_command == "show":

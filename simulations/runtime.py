@@ -276,7 +276,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path,
                          extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """A private simulation SuperLink; yields the name of its connection in FLWR_HOME.
     `extra_env` reaches every process it starts, the virtual clients included (the node
-    operator's channel in simulation: see common.config.NODE_CONFIG_ENV)."""
+    operator's channel in simulation: see common.node.NODE_CONFIG_ENV)."""
     port = free_port()  # Flower 1.41 serves Runtime, Control and Fleet APIs on this one port
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(

@@ -23,11 +23,9 @@ from typing import Any
 from common import audit, privacy
 from common.catalogue import DEFAULT_DATASET
 from common.config import (
-    NODE_CONFIG_ENV,
     ConfigError,
     ExperimentConfig,
     default_run_config,
-    node_policy_for,
     parse_config,
     project_root,
     resolve_config,
@@ -36,6 +34,7 @@ from common.data import input_spec, partitions_of, release_cached
 from common.errors import SimulationError
 from common.fashion_mnist import locate
 from common.models import MODEL_FEATURES, build_model, dp_problem
+from common.node import NODE_CONFIG_ENV, node_policy_for
 from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
 

@@ -21,7 +21,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 def node_state(monkeypatch, tmp_path_factory):
     """Every test's nodes keep their default ledgers in a fresh folder of their own,
     never in the user's state folder (slow tests' processes inherit it too)."""
-    from common.config import STATE_DIR_ENV
+    from common.node import STATE_DIR_ENV
 
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path_factory.mktemp("node-state")))
 

@@ -10,7 +10,8 @@ from flwr.app.message.message import make_message
 
 from common import keys
 from common.arrays import from_array_record, to_array_record
-from common.config import default_run_config, node_policy_for, parse_config
+from common.config import default_run_config, parse_config
+from common.node import node_policy_for
 
 # The tiny real Fashion-MNIST subset (tests/data/README.md): 1,000 training records, so
 # the NUM_PARTITIONS partitions of the fast tests' run config hold PARTITION_SIZE each.

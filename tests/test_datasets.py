@@ -13,10 +13,11 @@ from flwr.app.message.message import make_message
 
 from client.app import query as client_query
 from common import keys
-from common.config import ConfigError, data_config, parse_node_config, resolve_config
+from common.config import ConfigError, data_config, resolve_config
 from common.data import held_out_split, input_spec, load_split, partitions_of
 from common.errors import DataError
 from common.models import build_model
+from common.node import parse_node_config
 from common.records import RunDir
 from server import app as server_app
 from tests.helpers import context, metadata, run_config

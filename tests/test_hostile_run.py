@@ -20,7 +20,8 @@ import pytest
 
 from client.ledger import Ledger
 from common import privacy
-from common.config import NODE_CONFIG_ENV, default_run_config, project_root
+from common.config import default_run_config, project_root
+from common.node import NODE_CONFIG_ENV
 from simulations import runtime
 from simulations.simulate import format_overrides
 

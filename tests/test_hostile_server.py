@@ -20,9 +20,10 @@ from client.app import train as client_train
 from client.ledger import Ledger, load_ledger
 from client.trainer import train_round
 from common import keys, privacy
-from common.config import ConfigError, parse_node_config, resolve_config
+from common.config import ConfigError, resolve_config
 from common.errors import DataError
 from common.models import build_model, get_weights
+from common.node import parse_node_config
 from common.split import Split
 from tests.helpers import context, metadata, new_strategy, train_message, weights_of
 

@@ -33,8 +33,8 @@ from client.ledger import (
     trained_marker,
 )
 from common import keys
-from common.config import EPHEMERAL_LEDGER, STATE_DIR_ENV, default_ledger_file
 from common.models import build_model, get_weights
+from common.node import EPHEMERAL_LEDGER, STATE_DIR_ENV, default_ledger_file
 from tests.helpers import context, train_message
 from tests.test_privacy import dp_accounting_epsilon
 
