@@ -20,11 +20,13 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import wire
+from client import requests, selection, wire
+from client.budget import plan_release
 from client.ledger import held_ledger, save_ledger
-from client.trainer import BudgetExceeded, integer_gradient_sum, plan_release, resolve_device
+from client.trainer import integer_gradient_sum, resolve_device
 from common import ddp, keys
 from common.config import ExperimentConfig
+from common.errors import BudgetExceeded
 from common.models import parameter_names
 from common.node import NodeConfig
 from common.secagg import Participant, ProtocolError, PublicKeys
@@ -90,28 +92,27 @@ def shares_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     return _reply(msg, **{keys.SHARES: json.dumps({str(j): ct.decode() for j, ct in boxes.items()})})
 
 
-def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig,
-                 *, problem_of, refusal, data_of) -> Message:
-    """Train and release. `problem_of`, `refusal`, `data_of` are the train handler's own
-    steps (client.app), so both paths refuse and read data the same way."""
+def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
+                 ) -> Message:
+    """Train and release, refusing and reading data as the plain train handler does."""
     _require(cfg)
     request = wire.decode_request(msg)
     config = msg.content[keys.CONFIG]
     _round_of(msg)
     # One spender at a time: the node's ledger is held from here to the synced save.
     with held_ledger(context, node, request.known_history) as ledger:
-        problem = problem_of(cfg, node, request)
+        problem = requests.request_problem(cfg, node, request)
         scale = keys.number(config[keys.SCALE], keys.SCALE)
         if not problem and not (0 < scale <= MAX_SCALE):
             problem = f"scale={scale!r} must be in (0, {MAX_SCALE:g}]"
         if problem:
-            return refusal(msg, ledger, cfg, node, f"{problem}; round {request.server_round} "
-                           "refused, nothing spent")
+            return requests.refusal(msg, ledger, cfg, node, f"{problem}; round "
+                                    f"{request.server_round} refused, nothing spent")
         participant = _load(context, request.server_round)
         shares = json.loads(str(config[keys.SHARES]))
         participant.receive({int(i): ct.encode() for i, ct in shares.items()})
         participant.check_ready()  # before any data is read or budget spent
-        data = data_of(cfg, node)
+        data = selection.records_for(cfg, node)
         names = parameter_names(cfg.train.model, data.shape, data.num_classes)
         encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,
                                 dim=sum(request.weights[n].size for n in names))
@@ -124,7 +125,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
                 min_share_noise_multiplier=node.min_share_noise_multiplier)
         except BudgetExceeded as exc:
             save_ledger(context, ledger, node.ledger_file)
-            return refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
+            return requests.refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
         release = integer_gradient_sum(request.weights, data, model_name=cfg.train.model,
                                        encoding=encoding, mu_share=plan.mu_share,
                                        device=str(resolve_device(cfg.runtime.device)))

@@ -7,10 +7,11 @@ import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
+from client.budget import plan_spend
 from client.ledger import Ledger
-from client.trainer import BudgetExceeded, plan_spend
 from common import privacy
 from common.config import resolve_config
+from common.errors import BudgetExceeded
 
 
 def dp_accounting_epsilon(history, delta):

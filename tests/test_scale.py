@@ -199,7 +199,8 @@ def test_a_deployed_node_prepares_its_records_once_and_again_when_its_files_chan
     import os
     import shutil
 
-    from client.app import _config, _node, _records
+    from client.app import _config, _node
+    from client.selection import prepared as _records
     from common.cache import CACHE_ENV, cache_dir
     from tests.helpers import context
 
@@ -249,8 +250,9 @@ def test_bench_scale_runs_clients_on_a_gpu(tmp_path):
 def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, monkeypatch):
     """A deployed node (it keeps its records: cache-records) computes the model's fixed
     features for the records of its partition, not for the whole training set."""
-    from client.app import _config, _node, _records
+    from client.app import _config, _node
     from client.app import train as client_train
+    from client.selection import prepared as _records
     from common.cache import CACHE_ENV, cache_dir
     from common.models import build_model, get_weights
     from tests.helpers import context, train_message
