@@ -64,17 +64,8 @@ class FederationConfig:
     min_train_clients: int
     min_available_clients: int
     num_partitions: int
-    max_update_norm: float
-    server_learning_rate: float
-    server_momentum: float
-    server_lr_schedule: str
-    server_ema: float
     client_sampling: str
     max_idle_rounds: int
-    aggregation: str
-    trim_fraction: float
-    krum_malicious: int
-    krum_select: int
     round_timeout: float
     node_wait_timeout: float
     discovery: str  # all: every node asked at start; lazy: a node when first sampled
@@ -101,6 +92,56 @@ class FederationConfig:
             f"must be in [1, num-partitions={self.num_partitions}]",
         )
         check_field(
+            self.max_idle_rounds >= 0, "max-idle-rounds", self.max_idle_rounds,
+            "must be >= 0 (0: never stop early)",
+        )
+        check_field(
+            self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
+            f"must be one of {', '.join(CLIENT_SAMPLING)}",
+        )
+        for key, value in (("round-timeout", self.round_timeout),
+                           ("node-wait-timeout", self.node_wait_timeout)):
+            check_field(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
+
+    def clients_per_round(self, num_clients: int) -> int:
+        return clients_per_round(num_clients, self.fraction_train, self.min_train_clients)
+
+    @property
+    def lazy_discovery(self) -> bool:
+        """Nodes are asked which partition they hold only when first sampled (never all at
+        once): discovery=lazy, or auto beyond FULL_DISCOVERY_LIMIT partitions."""
+        return self.discovery == "lazy" or (
+            self.discovery == "auto" and self.num_partitions > FULL_DISCOVERY_LIMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How the server turns a round's updates into the next model: the aggregation rule
+    (robust rules for untrusted clients), the update-norm bound, and the server
+    optimizer (learning rate, momentum, schedule, weight averaging for evaluation)."""
+
+    aggregation: str
+    trim_fraction: float
+    krum_malicious: int
+    krum_select: int
+    max_update_norm: float
+    server_learning_rate: float
+    server_momentum: float
+    server_lr_schedule: str
+    server_ema: float
+
+    def __post_init__(self) -> None:
+        check_field(
+            self.aggregation in AGGREGATIONS, "aggregation", self.aggregation,
+            f"must be one of {', '.join(AGGREGATIONS)}",
+        )
+        check_field(
+            0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction,
+            "must be in [0, 0.5)",
+        )
+        check_field(self.krum_malicious >= 0, "krum-malicious", self.krum_malicious, "must be >= 0")
+        check_field(self.krum_select >= 1, "krum-select", self.krum_select, "must be >= 1")
+        check_field(
             self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
             "max-update-norm", self.max_update_norm, "must be >= 0 (0 disables the bound)",
         )
@@ -117,37 +158,6 @@ class FederationConfig:
             self.server_lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}",
         )
         check_field(0 <= self.server_ema < 1, "server-ema", self.server_ema, "must be in [0, 1)")
-        check_field(
-            self.max_idle_rounds >= 0, "max-idle-rounds", self.max_idle_rounds,
-            "must be >= 0 (0: never stop early)",
-        )
-        check_field(
-            self.client_sampling in CLIENT_SAMPLING, "client-sampling", self.client_sampling,
-            f"must be one of {', '.join(CLIENT_SAMPLING)}",
-        )
-        check_field(
-            self.aggregation in AGGREGATIONS, "aggregation", self.aggregation,
-            f"must be one of {', '.join(AGGREGATIONS)}",
-        )
-        check_field(
-            0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction,
-            "must be in [0, 0.5)",
-        )
-        check_field(self.krum_malicious >= 0, "krum-malicious", self.krum_malicious, "must be >= 0")
-        check_field(self.krum_select >= 1, "krum-select", self.krum_select, "must be >= 1")
-        for key, value in (("round-timeout", self.round_timeout),
-                           ("node-wait-timeout", self.node_wait_timeout)):
-            check_field(0 < value < math.inf, key, value, "must be > 0 seconds and finite")
-
-    def clients_per_round(self, num_clients: int) -> int:
-        return clients_per_round(num_clients, self.fraction_train, self.min_train_clients)
-
-    @property
-    def lazy_discovery(self) -> bool:
-        """Nodes are asked which partition they hold only when first sampled (never all at
-        once): discovery=lazy, or auto beyond FULL_DISCOVERY_LIMIT partitions."""
-        return self.discovery == "lazy" or (
-            self.discovery == "auto" and self.num_partitions > FULL_DISCOVERY_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -433,6 +443,7 @@ class AttackConfig:
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     federation: FederationConfig
+    server: ServerConfig
     data: DataConfig
     train: TrainConfig
     privacy: PrivacyConfig
@@ -451,16 +462,17 @@ class ExperimentConfig:
             self.attack.attackers <= fed.num_partitions, "attackers", self.attack.attackers,
             f"must be <= num-partitions={fed.num_partitions}",
         )
-        if fed.aggregation in ("krum", "multikrum"):
+        srv = self.server
+        if srv.aggregation in ("krum", "multikrum"):
             k = fed.clients_per_round(fed.num_partitions)
             check_field(
-                k > 2 * fed.krum_malicious + 2, "krum-malicious", fed.krum_malicious,
+                k > 2 * srv.krum_malicious + 2, "krum-malicious", srv.krum_malicious,
                 f"must satisfy clients per round ({k}) > 2 * krum-malicious + 2",
             )
-        if fed.aggregation == "multikrum":
+        if srv.aggregation == "multikrum":
             check_field(
-                fed.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
-                fed.krum_select, "must be <= the clients sampled per round",
+                srv.krum_select <= fed.clients_per_round(fed.num_partitions), "krum-select",
+                srv.krum_select, "must be <= the clients sampled per round",
             )
 
     def _resolve_model(self) -> None:
@@ -489,9 +501,10 @@ class ExperimentConfig:
         check_field(train.momentum == 0, "momentum", train.momentum, f"must be 0 for {key}")
         check_field(fed.min_train_clients >= 2, "min-train-clients", fed.min_train_clients,
                f"must be >= 2 for {key} (a cohort of one is no aggregation)")
-        check_field(fed.aggregation == "fedavg", "aggregation", fed.aggregation,
+        check_field(self.server.aggregation == "fedavg", "aggregation", self.server.aggregation,
                f"must be fedavg for {key} (the server sees only the sum)")
-        check_field(fed.max_update_norm == 0, "max-update-norm", fed.max_update_norm,
+        check_field(self.server.max_update_norm == 0, "max-update-norm",
+                    self.server.max_update_norm,
                f"must be 0 for {key} (no single update is visible to bound)")
         check_field(not self.attack.modes, "attack", self.attack.attack,
                f"must be empty for {key} (simulated attacks alter single updates)")
@@ -508,7 +521,7 @@ class ExperimentConfig:
     @property
     def server_momentum(self) -> float:
         """The server momentum in force (the baseline's without DP)."""
-        return self.federation.server_momentum if self.privacy.private \
+        return self.server.server_momentum if self.privacy.private \
             else self.baseline.server_momentum
 
     def to_run_config(self) -> dict[str, Any]:
@@ -523,6 +536,7 @@ class ExperimentConfig:
 # section -> (class, prefix of its run-config keys)
 _SECTIONS: dict[str, tuple[type, str]] = {
     "federation": (FederationConfig, ""),
+    "server": (ServerConfig, ""),
     "data": (DataConfig, ""),
     "train": (TrainConfig, ""),
     "privacy": (PrivacyConfig, ""),

@@ -75,7 +75,7 @@ def describe(cfg: ExperimentConfig, state: loop.RunState, run: RunDir, parameter
     log.info("%d rounds, %d of %d clients a round, %s, model %s (%d parameters), aggregation %s",
              fed.num_rounds, fed.clients_per_round(state.num_clients), state.num_clients,
              f"DP-SGD target epsilon={priv.target_epsilon} delta={priv.target_delta}"
-             if priv.private else "NON-PRIVATE", cfg.train.model, parameters, fed.aggregation)
+             if priv.private else "NON-PRIVATE", cfg.train.model, parameters, cfg.server.aggregation)
 
 
 @app.main()

@@ -256,7 +256,7 @@ def finish(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: Ru
     summary = RunSummary.of(
         state.history, record, num_clients=state.num_clients,
         wall_seconds=state.elapsed_before + time.time() - started, resumed=state.resumed,
-        aggregation=cfg.federation.aggregation, stopped_early=stopped, epsilon_lower_bound=bound)
+        aggregation=cfg.server.aggregation, stopped_early=stopped, epsilon_lower_bound=bound)
     run.write_summary(summary)
     log.info("done: final accuracy %.4f, epsilon max %.3f (target %s), %d rounds in %.0fs -> %s",
              summary.final_accuracy, summary.epsilon_max, summary.target_epsilon, summary.rounds,

@@ -90,9 +90,10 @@ class CohortFedAvg(FedAvg):
         self.partition_sizes = dict(partition_sizes or {})
         self.cohorts = Cohorts(fed, seed=cfg.data.seed)
         self.privacy = PrivacyView(delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant)
+        self.srv = srv = cfg.server
         self.optimizer = optimizer.ServerOptimizer(
-            learning_rate=fed.server_learning_rate, momentum=cfg.server_momentum,
-            schedule=fed.server_lr_schedule, ema=fed.server_ema, num_rounds=fed.num_rounds)
+            learning_rate=srv.server_learning_rate, momentum=cfg.server_momentum,
+            schedule=srv.server_lr_schedule, ema=srv.server_ema, num_rounds=fed.num_rounds)
         self.opt_state = optimizer.OptimizerState()
         self.outcomes: dict[int, RoundOutcome] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # round -> the model it sent
@@ -135,7 +136,7 @@ class CohortFedAvg(FedAvg):
         judged = Judged(msg, reported, self.privacy.assess(reported) if reported else None,
                         classify(msg, reference=sent, nodes=nodes,
                                  partition_sizes=self.partition_sizes,
-                                 max_update_norm=self.fed.max_update_norm))
+                                 max_update_norm=self.srv.max_update_norm))
         self._judged[id(msg)] = judged
         return judged
 
@@ -182,9 +183,9 @@ class CohortFedAvg(FedAvg):
         out.aggregated = True
         out.train_loss = mean_loss(accepted)
         average, used = robust_aggregate(
-            self.fed.aggregation, [a.update for a in accepted], [a.num_examples for a in accepted],
-            trim_fraction=self.fed.trim_fraction, krum_malicious=self.fed.krum_malicious,
-            krum_select=self.fed.krum_select)
+            self.srv.aggregation, [a.update for a in accepted], [a.num_examples for a in accepted],
+            trim_fraction=self.srv.trim_fraction, krum_malicious=self.srv.krum_malicious,
+            krum_select=self.srv.krum_select)
         out.partitions_aggregated = sorted(accepted[i].partition_id for i in used)
         self.opt_state, model = optimizer.step(self.optimizer, self.opt_state, server_round,
                                                sent, average)

@@ -160,3 +160,28 @@ def test_the_secure_aggregation_threshold_is_more_than_half_and_at_least_the_fra
     assert [sec.threshold(k) for k in (1, 2, 3, 5, 10, 100)] == [1, 2, 3, 4, 8, 80]
     sec = resolve_config({"secure-aggregation": "secagg+", "secagg-threshold": 0.51}).secure
     assert [sec.threshold(k) for k in (2, 4, 10)] == [2, 3, 6]
+
+
+def test_the_pyproject_table_follows_the_config_sections():
+    """`[tool.flwr.app.config]` lists the keys section by section, each under a comment
+    naming its section and class, in the order of the code's sections: a reader of the
+    defaults sees the code's structure."""
+    import re
+    from dataclasses import fields
+
+    from common.config import _SECTIONS, project_root
+
+    text = (project_root() / "pyproject.toml").read_text()
+    table = text[text.index("[tool.flwr.app.config]"):].split("\n[", 1)[0]
+    seen: list[tuple[str, list[str]]] = []
+    for line in table.splitlines()[1:]:
+        header = re.match(r"# --- (\w+) \((\w+)\)", line)
+        if header:
+            seen.append((header.group(1), []))
+        elif line and not line.startswith("#"):
+            seen[-1][1].append(line.split("=")[0].strip())
+    expected = [(name, [prefix + f.name.replace("_", "-") for f in fields(cls)])
+                for name, (cls, prefix) in _SECTIONS.items()]
+    headers = {m.group(1): m.group(2) for m in re.finditer(r"# --- (\w+) \((\w+)\)", table)}
+    assert {name: cls.__name__ for name, (cls, _) in _SECTIONS.items()} == headers
+    assert [(n, sorted(k)) for n, k in seen] == [(n, sorted(k)) for n, k in expected]
