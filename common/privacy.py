@@ -19,6 +19,9 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
 
 from common import ddp
 
@@ -95,14 +98,11 @@ def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "rdp") 
             raise ValueError(f"accountant={accountant!r} cannot compose Skellam releases; use rdp")
         return _mixed_rdp_epsilon(hist, delta)
     if accountant == "rdp":
-        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+        from opacus.accountants.analysis.rdp import get_privacy_spent
         from opacus.accountants.rdp import RDPAccountant
 
         orders = RDPAccountant.DEFAULT_ALPHAS
-        rdp = sum(
-            compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-            for sigma, q, steps in hist
-        )
+        rdp = sum(_rdp_per_step(q, sigma, tuple(orders)) * steps for sigma, q, steps in hist)
         eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         return float(eps)
     if accountant == "prv":
@@ -127,12 +127,22 @@ def epsilon_alone(history: Iterable[Sequence], delta: float, accountant: str = "
     return epsilon(alone, delta, accountant)
 
 
+@lru_cache(maxsize=4096)
+def _rdp_per_step(q: float, sigma: float, orders: tuple) -> np.ndarray:
+    """Opacus' RDP of one subsampled Gaussian step at `orders`: `compute_rdp` is that
+    times the steps (exactly: it multiplies), and its fractional orders take
+    milliseconds, so every (q, sigma) is computed once per process. Read-only."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders))
+    rdp.setflags(write=False)
+    return rdp
+
+
 def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
     """A history with Skellam releases: RDP over integer orders (the Skellam bound needs
     them), Gaussian entries by Opacus' compute_rdp at the same orders, converted as
     Opacus converts RDP."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     orders = ddp.RDP_ORDERS
     total = [0.0] * len(orders)
     for e in hist:
@@ -141,7 +151,7 @@ def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
             rdp = [steps * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
         else:
             sigma, q, steps = e
-            rdp = list(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)))
+            rdp = list(_rdp_per_step(q, sigma, tuple(orders)) * steps)
         total = [x + y for x, y in zip(total, rdp, strict=True)]
     return ddp.rdp_to_epsilon(total, orders, delta)
 

@@ -138,7 +138,8 @@ def _audit_run(tmp_path, **overrides):
     return run
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["local-noise", "secure-aggregation"])
+@pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["local-noise", "secure-aggregation"])
 def test_the_audit_catches_noise_secretly_turned_down(tmp_path, monkeypatch, secure):
     """Each client adds 5% of the noise its ledger records: the ledgers say epsilon 1,
     the canaries say far more."""
@@ -151,7 +152,8 @@ def test_the_audit_catches_noise_secretly_turned_down(tmp_path, monkeypatch, sec
     assert run.summary().epsilon_lower_bound == pytest.approx(result["epsilon_lower_bound"])
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["local-noise", "secure-aggregation"])
+@pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["local-noise", "secure-aggregation"])
 def test_a_correct_mechanism_is_never_accused(tmp_path, secure):
     extra = {"secure-aggregation": "secagg+", "noise": "distributed"} if secure else {}
     for seed in (1, 2, 3):

@@ -103,6 +103,7 @@ def test_bundled_datasets_are_real_and_offline():
     assert model(__import__("torch").from_numpy(digits.images[:3])).shape == (3, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,floor", [("digits", 0.6), ("breast-cancer", 0.8)])
 def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, dataset, floor):
     """10 clients, every one every round, epsilon 3: far above chance (10% / 63%)."""
@@ -241,6 +242,7 @@ def test_the_groupnorm_resnet_takes_colour_images_and_opacus_accepts_it():
         build_model("resnet-gn", shape=(30,), classes=2)
 
 
+@pytest.mark.slow
 def test_secure_aggregation_and_an_audit_run_on_another_dataset(tmp_path):
     """The integer release, the server's decoding and the auditor take the dataset's
     shape and classes (breast-cancer: 30 features, 2 classes)."""
@@ -279,6 +281,7 @@ def test_scattering_features_for_images_of_any_size_and_channels():
     assert model(__import__("torch").zeros(2, 243, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_scattering_trains_privately_on_another_image_dataset(tmp_path):
     over = {"dataset": "digits", "data-dir": "", "model": "scatter-linear", "num-rounds": 30,
             "fraction-train": 1.0, "target-epsilon": 3.0, "learning-rate": 2.0}

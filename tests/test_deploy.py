@@ -269,18 +269,29 @@ def test_deployed_nodes_train_on_their_own_tables(tmp_path):
     assert not leftovers
 
 
-def test_ledger_reset_says_what_it_does_and_keeps_the_old_file(tmp_path):
+def test_ledger_reset_says_what_it_does_and_keeps_the_old_file(tmp_path, capsys):
+    """`dpfl ledger show|reset` (the command's own entry point, in this process)."""
+    from client.ledger import trained_marker
+    from simulations.cli import main
+
     path = tmp_path / "ledger.json"
     path.write_text(json.dumps({"history": [[1.0, 1.0, 4]], "noise_multiplier": 1.0}))
-    dpfl = runtime.tool("dpfl")
-    show = subprocess.run([dpfl, "ledger", "show", str(path)], capture_output=True, text=True)
-    assert show.returncode == 0 and re.search(r"epsilon \d+\.\d+ at delta 1e-05", show.stdout)
-    dry = subprocess.run([dpfl, "ledger", "reset", str(path)], capture_output=True, text=True)
-    assert dry.returncode == 1 and "--yes" in dry.stdout and path.exists()
-    done = subprocess.run([dpfl, "ledger", "reset", str(path), "--yes"], capture_output=True, text=True)
-    assert done.returncode == 0 and not path.exists()
+    trained_marker(path).write_text("trained")
+    assert main(["ledger", "show", str(path)]) == 0
+    assert re.search(r"epsilon \d+\.\d+ at delta 1e-05", capsys.readouterr().out)
+    assert main(["ledger", "reset", str(path)]) == 1
+    assert "--yes" in capsys.readouterr().out and path.exists()
+    assert main(["ledger", "reset", str(path), "--yes"]) == 0
+    assert "marker removed" in capsys.readouterr().out
+    assert not path.exists() and not trained_marker(path).exists()
     (backup,) = tmp_path.glob("ledger.reset-*.json")
     assert json.loads(backup.read_text())["history"] == [[1.0, 1.0, 4]]
+    # A ledger that went missing while its marker stayed: shown as such, reset deliberately.
+    trained_marker(path).write_text("trained")
+    assert main(["ledger", "show", str(path)]) == 0
+    assert "MISSING" in capsys.readouterr().out
+    assert main(["ledger", "reset", str(path), "--yes"]) == 0
+    assert "already missing" in capsys.readouterr().out and not trained_marker(path).exists()
 
 
 SECURE_RUN = ("num-partitions=4 num-rounds=3 fraction-train=1.0 min-train-clients=2 "

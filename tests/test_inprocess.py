@@ -28,6 +28,7 @@ def _run(tmp_path, name, workers, **over):
                            backend=Backend(runtime="inprocess", workers=workers), progress=None))
 
 
+@pytest.mark.slow
 def test_a_private_run_trains_under_every_client_s_ledger(tmp_path):
     run = _run(tmp_path, "private", 2, **{"target-epsilon": 3.0})
     rows, summary, priv = run.rounds(), read_json(run.path / "summary.json"), run.privacy()
@@ -47,6 +48,7 @@ def test_a_private_run_trains_under_every_client_s_ledger(tmp_path):
     assert (run.logs / "server.log").read_text().count("round ") >= 4
 
 
+@pytest.mark.slow
 def test_the_schedule_does_not_change_what_is_computed(tmp_path):
     """A non-private run is reproducible: one worker or two (messages served in another
     order, by other processes), the same final model to the last bit."""
@@ -59,6 +61,7 @@ def test_the_schedule_does_not_change_what_is_computed(tmp_path):
     assert [r.partitions_trained for r in one.rounds()] == [r.partitions_trained for r in two.rounds()]
 
 
+@pytest.mark.slow
 def test_a_failing_client_is_an_error_reply_and_the_run_goes_on(tmp_path):
     """A node whose partition is out of range raises in the ClientApp: the server gets
     Flower's error reply, as from a SuperNode, and the other clients' rounds go on."""
@@ -137,6 +140,7 @@ def test_ray_options_need_flower_s_runtime():
         Backend(workers=-1)
 
 
+@pytest.mark.slow
 def test_bench_run_times_a_whole_command_and_names_every_process(tmp_path):
     from simulations.bench import command_figures
 
@@ -178,6 +182,7 @@ def test_workers_that_cannot_start_stop_the_pool_with_the_reason(tmp_path):
             pool.submit(query_message(1))
 
 
+@pytest.mark.slow
 def test_a_script_read_from_standard_input_can_simulate(tmp_path):
     """`python - <<EOF`: multiprocessing would re-import `<stdin>` in every worker (none
     would start); the runtime starts them without the caller's main module."""

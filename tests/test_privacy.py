@@ -137,3 +137,19 @@ def test_guard_message_states_the_privacy_consequence():
     with pytest.raises(BudgetExceeded, match=r"client 7 would reach epsilon=.* > budget 1.0"):
         plan_spend(Ledger(), num_examples=600, train=cfg.train, priv=cfg.privacy,
                    planned_rounds=1, client="client 7")
+
+
+def test_epsilon_from_the_per_step_cache_is_opacus_compute_rdp_bit_for_bit():
+    """RDP is computed once per (q, sigma) and multiplied by the steps, as compute_rdp
+    itself does: the same epsilon to the last bit as Opacus over the whole history."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rng = random.Random(7)
+    for _ in range(4):
+        history = [(rng.uniform(0.3, 5.0), rng.uniform(0.001, 1.0), rng.randint(1, 3000))
+                   for _ in range(rng.randint(1, 3))]
+        rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=t, orders=orders)
+                  for s, q, t in privacy.merge_history(history))
+        expected = float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0])
+        assert privacy.epsilon(history, 1e-5) == expected
