@@ -88,7 +88,7 @@ class CanaryScorer:
 
     def observe_replies(self, sent: Mapping[str, np.ndarray], replies: Iterable[Message],
                         verdict: Any) -> None:
-        """Per-client updates: `verdict(msg)` is the strategy's classify of a reply."""
+        """Per-client updates: `verdict(msg)` is the verdict aggregation took of a reply."""
         t0 = time.time()
         lr = self.cfg.client_train.learning_rate
         base = self.flat(sent)

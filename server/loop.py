@@ -34,7 +34,6 @@ from common.records import (
 from server import checkpoint, wire
 from server.audit import CanaryScorer
 from server.audit import finish as audit_finish
-from server.replies import classify
 from server.secure_round import SecureRound, payload_bytes
 from server.strategy import CohortFedAvg
 
@@ -139,9 +138,7 @@ def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunSt
     strategy.outcomes[server_round].bytes_up = sum(
         payload_bytes(r.content) for r in replies if not r.has_error())
     if scorer is not None:
-        scorer.observe_replies(state.model, replies, lambda m: classify(
-            m, reference=state.model, nodes=strategy.cohorts.nodes,
-            partition_sizes=strategy.partition_sizes))
+        scorer.observe_replies(state.model, replies, strategy.verdict)
     new, _ = strategy.aggregate_train(server_round, replies)
     return from_array_record(new) if new is not None else None
 

@@ -140,6 +140,12 @@ class CohortFedAvg(FedAvg):
         self._judged[id(msg)] = judged
         return judged
 
+    def verdict(self, msg: Message) -> Accepted | Rejected:
+        """What `judge` found of a reply of the latest round (judging it now if it has not
+        been): the audit scorer reads the same verdict as aggregation, never its own."""
+        j = self._judged.get(id(msg))
+        return (j if j is not None and j.reply is msg else self.judge(msg)).verdict
+
     def aggregate(self, server_round: int, replies: list[Message],
                   sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The new global model from the replies to the model `sent`, or None when too few

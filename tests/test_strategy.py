@@ -84,6 +84,25 @@ def test_update_norm_bound():
     assert isinstance(verdict, Rejected) and "exceeds max-update-norm" in verdict.reason
 
 
+def test_the_audit_scorer_reads_the_verdict_aggregation_took():
+    """An audit run's scorer used to classify each reply again, without the update-norm
+    bound, so it could score an update that aggregation had rejected. Now both read
+    the strategy's one verdict of the reply."""
+    from server.replies import NodeInfo
+
+    s = new_strategy(partition_sizes={1: 100}, max_update_norm=5.0)
+    s.cohorts.nodes[1] = NodeInfo(1, 100, False)
+    s._sent = {1: GLOBAL}
+    reply = train_reply(1, _shifted(10.0), metrics=reply_metrics(1))
+    judged = s.judge(reply)
+    assert isinstance(judged.verdict, Rejected) and s.verdict(reply) is judged.verdict
+    again = train_reply(1, _shifted(10.0), metrics=reply_metrics(1))  # not judged yet
+    assert isinstance(s.verdict(again), Rejected)
+    # what the scorer did before: a verdict of its own, without the bound
+    assert isinstance(classify(reply, reference=GLOBAL, nodes=s.cohorts.nodes,
+                               partition_sizes=s.partition_sizes), Accepted)
+
+
 def test_read_privacy_uses_the_declared_partition_and_bounds_the_history():
     nodes = {10: NodeInfo(4, 100, False)}
     reported = read_privacy(train_reply(10, metrics=reply_metrics(9), history="[[2.0, 0.5, 3]]"), nodes)
