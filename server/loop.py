@@ -17,11 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from common import keys, privacy
-from common.arrays import from_array_record, to_array_record
+from common import privacy
 from common.config import ExperimentConfig, project_root
 from common.records import (
     RoundRecord,
@@ -124,10 +122,7 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
 def send_fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState
                       ) -> wire.Sent:
     """Sample round `server_round`'s cohort and send it the global model."""
-    arrays = to_array_record(state.model)
-    messages = strategy.configure_train(
-        server_round, arrays, ConfigRecord({keys.PLANNED_ROUNDS: state.planned}), grid)
-    return wire.send(grid, messages)
+    return wire.send(grid, strategy.configure(server_round, state.model, state.planned, grid))
 
 
 def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunState,
@@ -139,8 +134,7 @@ def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunSt
         payload_bytes(r.content) for r in replies if not r.has_error())
     if scorer is not None:
         scorer.observe_replies(state.model, replies, strategy.verdict)
-    new, _ = strategy.aggregate_train(server_round, replies)
-    return from_array_record(new) if new is not None else None
+    return strategy.aggregate(server_round, replies)
 
 
 @dataclass

@@ -228,7 +228,7 @@ class SecureRound:
         out.failed = out.sampled - out.trained - out.refused - out.invalid
         out.aggregated, out.noise_shares = True, len(u3)
         out.partitions_aggregated = u3
-        self.strategy._log(server_round)
+        self.strategy.log_reasons(server_round)
         return self._step(server_round, model, total, scale, sum(sizes[p] for p in u3))
 
     def _step(self, server_round: int, model: dict[str, np.ndarray], total: np.ndarray,
@@ -250,7 +250,7 @@ class SecureRound:
     def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> dict[str, np.ndarray] | None:
         out.failed = max(out.sampled - out.trained - out.refused - out.invalid, 0)
         out.reasons.append(f"{reason}: the global model is kept")
-        self.strategy._log(server_round)
+        self.strategy.log_reasons(server_round)
         return None  # the global model is kept
 
 

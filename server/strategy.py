@@ -1,11 +1,14 @@
-"""FedAvg over cohorts of partitions: configure a round, aggregate its replies.
+"""FedAvg over cohorts of partitions: the server's state across rounds, and one round's
+sample and aggregate.
 
-The subclass keeps Flower's FedAvg contract (configure_train -> messages,
-aggregate_train -> new arrays) and delegates each job: `Cohorts` discovers nodes and
-samples the round, `replies.classify` judges each reply, `PrivacyView` keeps what every
-client reported, `robust_aggregate` combines the accepted updates and the server
-optimizer (`optimizer.step`) moves the global model. No differential privacy is added
-here: every client adds its own noise before anything reaches the server.
+`CohortFedAvg` holds what persists between rounds (the cohort sampler, the clients'
+privacy as heard, the server optimizer's state, each round's outcome) and delegates each
+job: `Cohorts` discovers nodes and samples the round, `replies.classify` judges each
+reply, `PrivacyView` keeps what every client reported, `robust_aggregate` combines the
+accepted updates and the server optimizer (`optimizer.step`) moves the global model. It
+works on plain named arrays; Flower's types stay at the wire (server/wire.py). No
+differential privacy is added here: every client adds its own noise before anything
+reaches the server.
 """
 
 from __future__ import annotations
@@ -13,18 +16,16 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from common import keys
 from common.aggregation import robust_aggregate
-from common.arrays import from_array_record, to_array_record
+from common.arrays import to_array_record
 from common.config import ExperimentConfig
 from common.records import ClientRecord
 from server import optimizer
@@ -76,16 +77,13 @@ class Judged:
     verdict: Accepted | Rejected
 
 
-class CohortFedAvg(FedAvg):
+class CohortFedAvg:
     """FedAvg whose rounds sample partitions in cohorts and whose aggregation excludes,
     with a reason, every reply that failed, refused or is malformed."""
 
     def __init__(self, cfg: ExperimentConfig, *, partition_sizes: Mapping[int, int] | None = None
                  ) -> None:
         fed = cfg.federation
-        super().__init__(fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
-                         min_available_nodes=fed.min_available_clients,
-                         fraction_evaluate=0.0, min_evaluate_nodes=0)
         self.fed = fed
         self.partition_sizes = dict(partition_sizes or {})
         self.cohorts = Cohorts(fed, seed=cfg.data.seed)
@@ -101,28 +99,23 @@ class CohortFedAvg(FedAvg):
 
     # ---- configure ----------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure(self, server_round: int, model: Mapping[str, np.ndarray], planned: int,
+                  grid: Grid, arrays: ArrayRecord | None = None) -> list[Message]:
+        """Round `server_round`'s cohort and a training request for each member: the
+        model (`arrays`: it as an ArrayRecord, when already converted), the round and the
+        participations each client's noise is calibrated for."""
         cohort = self.cohorts.sample(grid)
         self.outcomes[server_round] = RoundOutcome(
             sampled=len(cohort.members), partitions_sampled=cohort.partitions,
             reasons=list(cohort.reasons))
-        self._sent = {server_round: from_array_record(arrays)}
-        planned = int(keys.number(config[keys.PLANNED_ROUNDS], keys.PLANNED_ROUNDS))
-        return [train_message(node, arrays, train_config(
+        self._sent = {server_round: dict(model)}
+        record = arrays if arrays is not None else to_array_record(model)
+        return [train_message(node, record, train_config(
                     server_round=server_round, planned_rounds=planned,
                     known_history=self.privacy.history(pid)))
                 for node, pid in cohort.members]
 
     # ---- aggregate ----------------------------------------------------------------------
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        model = self.aggregate(server_round, list(replies), self._sent.pop(server_round))
-        if model is None:
-            return None, None
-        out = self.outcomes[server_round]
-        return to_array_record(model), MetricRecord({keys.TRAIN_LOSS: out.train_loss})
 
     def judge(self, msg: Message, sent: Mapping[str, np.ndarray] | None = None) -> Judged:
         """Read and check one reply to the model `sent` (by default the one the latest
@@ -147,10 +140,12 @@ class CohortFedAvg(FedAvg):
         return (j if j is not None and j.reply is msg else self.judge(msg)).verdict
 
     def aggregate(self, server_round: int, replies: list[Message],
-                  sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+                  sent: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
         """The new global model from the replies to the model `sent`, or None when too few
         are usable (the global model is kept). Records each reply's privacy first, valid or
         not: the client may have trained and spent before its reply was found unusable."""
+        if sent is None:
+            sent = self._sent.pop(server_round)
         out = self.outcomes.setdefault(server_round, RoundOutcome())
         judged = []
         for msg in replies:
@@ -183,9 +178,9 @@ class CohortFedAvg(FedAvg):
             out.reasons.append(
                 f"only {len(accepted)} valid update(s), fewer than min-train-clients="
                 f"{self.fed.min_train_clients}: the global model is kept")
-            self._log(server_round)
+            self.log_reasons(server_round)
             return None
-        self._log(server_round)
+        self.log_reasons(server_round)
         out.aggregated = True
         out.train_loss = mean_loss(accepted)
         average, used = robust_aggregate(
@@ -197,7 +192,7 @@ class CohortFedAvg(FedAvg):
                                                sent, average)
         return model
 
-    def _log(self, server_round: int) -> None:
+    def log_reasons(self, server_round: int) -> None:
         for reason in self.outcomes[server_round].reasons:
             log.warning("round %d: %s", server_round, reason)
 
