@@ -78,31 +78,54 @@ def query_problem(metrics: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _metrics(msg: Message) -> dict[str, Any]:
-    content = msg.content
-    return dict(content[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+@dataclass(frozen=True)
+class Reply:
+    """One train reply, decoded once: everything the server reads of it. The privacy it
+    reports (valid or not: the client may have trained and spent before its reply was
+    found unusable; None when it carries no readable history) and the verdict on it:
+    Accepted (its update can be averaged into the round's model), Rejected (failed,
+    refused, invalid, with the reason), or None when its payload is not an update to
+    judge (a secure round's masked vector, which the secure round checks)."""
+
+    node: int
+    reported: ReportedPrivacy | None
+    verdict: Accepted | Rejected | None
 
 
-def _history(msg: Message) -> list:
-    priv = msg.content.config_records.get(keys.PRIVACY)
-    return privacy.merge_history(json.loads(str(priv[keys.HISTORY])))  # type: ignore[index]
-
-
-def read_privacy(msg: Message, nodes: Mapping[int, NodeInfo]) -> ReportedPrivacy | None:
-    """The history a reply carries (valid or not: the client may have trained and spent
-    before its reply was found unusable), under the partition its node declared at
-    discovery (the reply's own claim only for an undiscovered node); None when the reply
-    has no readable history."""
+def decode(msg: Message, *, reference: Mapping[str, np.ndarray] | None,
+           nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int] | None = None,
+           max_update_norm: float = 0.0) -> Reply:
+    """Read a train reply once: its metrics, its history and (with `reference`, the
+    round's global model) its update."""
+    node = msg.metadata.src_node_id
     if msg.has_error():
+        return Reply(node, None, Rejected(
+            "failed", f"node {node} failed: {short_error(msg.error.reason or '')}"))
+    content = msg.content
+    metrics = dict(content[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+    try:
+        priv = content.config_records.get(keys.PRIVACY)
+        history: list | None = privacy.merge_history(json.loads(str(priv[keys.HISTORY])))  # type: ignore[index]
+    except (KeyError, ValueError, TypeError):
+        history = None
+    reported = _reported(node, metrics, history, nodes)
+    verdict: Accepted | Rejected | None = _judge(node, content, metrics, history, nodes,
+                                                  partition_sizes or {})
+    if verdict is None and reference is not None:
+        verdict = _payload(node, content, metrics, reference, max_update_norm)
+    return Reply(node, reported, verdict)
+
+
+def _reported(node: int, metrics: Mapping[str, Any], history: list | None,
+              nodes: Mapping[int, NodeInfo]) -> ReportedPrivacy | None:
+    """The history under the partition its node declared at discovery (the reply's own
+    claim only for an undiscovered node)."""
+    if history is None or len(history) > MAX_HISTORY_ENTRIES:
         return None
-    metrics = _metrics(msg)
-    info = nodes.get(msg.metadata.src_node_id)
+    info = nodes.get(node)
     try:
         pid = info.partition_id if info is not None else int(
             keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID))
-        history = _history(msg)
-        if len(history) > MAX_HISTORY_ENTRIES:
-            return None
         return ReportedPrivacy(
             partition_id=pid, history=[list(e) for e in history],
             claimed_epsilon=keys.number(metrics.get(keys.EPSILON, 0.0), keys.EPSILON),
@@ -134,29 +157,21 @@ def identity_problem(node: int, metrics: Mapping[str, Any], nodes: Mapping[int, 
     return None
 
 
-def judge_reply(msg: Message, *, nodes: Mapping[int, NodeInfo],
-                partition_sizes: Mapping[int, int] | None = None) -> Rejected | None:
-    """Everything about a train reply but its payload: failed, malformed metrics, a false
-    identity or record count, no readable history, or refused. None: judge the payload."""
-    node = msg.metadata.src_node_id
-    if msg.has_error():
-        return Rejected("failed", f"node {node} failed: {short_error(msg.error.reason or '')}")
-    content = msg.content
+def _judge(node: int, content: Any, metrics: Mapping[str, Any], history: list | None,
+           nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int]) -> Rejected | None:
+    """Everything about a reply but its payload: malformed metrics, a false identity or
+    record count, no readable history, or refused. None: judge the payload."""
     if keys.METRICS not in content.metric_records:
         return Rejected("invalid", f"node {node}: reply has no metrics")
-    metrics = _metrics(msg)
     refused = bool(metrics.get(keys.REFUSED))
     problem = None if refused else metrics_problem(metrics)
     if problem is None:
         try:
-            problem = identity_problem(node, metrics, nodes, partition_sizes or {})
+            problem = identity_problem(node, metrics, nodes, partition_sizes)
         except (KeyError, ValueError) as exc:
             problem = f"reply has no usable partition-id or num-examples ({exc})"
-    if problem is None:
-        try:
-            _history(msg)
-        except (KeyError, ValueError, TypeError):
-            problem = "reply has no privacy record with a readable history"
+    if problem is None and history is None:
+        problem = "reply has no privacy record with a readable history"
     if problem:
         return Rejected("invalid", f"node {node}: {problem}")
     if refused:
@@ -166,14 +181,9 @@ def judge_reply(msg: Message, *, nodes: Mapping[int, NodeInfo],
     return None
 
 
-def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
-             nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int] | None = None,
-             max_update_norm: float = 0.0) -> Accepted | Rejected:
-    """Whether a train reply can be averaged into `reference` (the round's global model)."""
-    rejected = judge_reply(msg, nodes=nodes, partition_sizes=partition_sizes)
-    if rejected is not None:
-        return rejected
-    node, content, metrics = msg.metadata.src_node_id, msg.content, _metrics(msg)
+def _payload(node: int, content: Any, metrics: Mapping[str, Any],
+             reference: Mapping[str, np.ndarray], max_update_norm: float) -> Accepted | Rejected:
+    """Whether the reply's update can be averaged into `reference`."""
     if len(content.array_records) != 1 or keys.ARRAYS not in content.array_records:
         return Rejected("invalid", f"node {node}: reply must carry exactly one ArrayRecord named 'arrays'")
     try:
@@ -189,3 +199,21 @@ def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
     return Accepted(partition_id=int(keys.number(metrics[keys.PARTITION_ID], keys.PARTITION_ID)),
                     update=update, num_examples=keys.number(metrics[keys.NUM_EXAMPLES], keys.NUM_EXAMPLES),
                     train_loss=keys.number(metrics[keys.TRAIN_LOSS], keys.TRAIN_LOSS))
+
+
+# One-question views of `decode`, for callers that need one answer.
+
+
+def read_privacy(msg: Message, nodes: Mapping[int, NodeInfo]) -> ReportedPrivacy | None:
+    """The privacy a reply reports (see Reply.reported)."""
+    return decode(msg, reference=None, nodes=nodes).reported
+
+
+def classify(msg: Message, *, reference: Mapping[str, np.ndarray],
+             nodes: Mapping[int, NodeInfo], partition_sizes: Mapping[int, int] | None = None,
+             max_update_norm: float = 0.0) -> Accepted | Rejected:
+    """Whether a train reply can be averaged into `reference` (the round's global model)."""
+    verdict = decode(msg, reference=reference, nodes=nodes, partition_sizes=partition_sizes,
+                     max_update_norm=max_update_norm).verdict
+    assert verdict is not None  # a reference was given: the payload was judged
+    return verdict

@@ -33,7 +33,7 @@ from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
 from server import optimizer, wire
 from server.audit import CanaryScorer
-from server.replies import judge_reply, read_privacy, short_error
+from server.replies import Rejected, decode, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
 from server.wire import stage_message, train_config
 
@@ -181,11 +181,13 @@ class SecureRound:
         dim = sum(model[n].size for n in self.names)
         heard = set()
         for node, r in got.items():
-            reported = read_privacy(r, s.cohorts.nodes)
+            decoded = decode(r, reference=None, nodes=s.cohorts.nodes,
+                             partition_sizes=s.partition_sizes)
+            reported = decoded.reported
             if reported is not None:
                 s.privacy.record(reported)
                 heard.add(reported.partition_id)
-            rejected = judge_reply(r, nodes=s.cohorts.nodes, partition_sizes=s.partition_sizes)
+            rejected = decoded.verdict if isinstance(decoded.verdict, Rejected) else None
             problem = rejected.reason if rejected else _masked_problem(r, dim, bits)
             if rejected is not None and rejected.kind == "refused":
                 out.refused += 1

@@ -31,7 +31,7 @@ from common.records import ClientRecord
 from server import optimizer
 from server.cohorts import Cohorts
 from server.privacy_view import PrivacyView
-from server.replies import Accepted, Rejected, ReportedPrivacy, classify, read_privacy
+from server.replies import Accepted, Rejected, ReportedPrivacy, decode
 from server.wire import train_config, train_message
 
 log = logging.getLogger("dpfl.server")
@@ -124,12 +124,13 @@ class CohortFedAvg:
         `aggregate` takes what it found."""
         if sent is None:
             sent = next(reversed(self._sent.values()))
-        nodes = self.cohorts.nodes
-        reported = read_privacy(msg, nodes)
+        decoded = decode(msg, reference=sent, nodes=self.cohorts.nodes,
+                         partition_sizes=self.partition_sizes,
+                         max_update_norm=self.srv.max_update_norm)
+        reported, verdict = decoded.reported, decoded.verdict
+        assert verdict is not None  # a reference was given: the payload was judged
         judged = Judged(msg, reported, self.privacy.assess(reported) if reported else None,
-                        classify(msg, reference=sent, nodes=nodes,
-                                 partition_sizes=self.partition_sizes,
-                                 max_update_norm=self.srv.max_update_norm))
+                        verdict)
         self._judged[id(msg)] = judged
         return judged
 
