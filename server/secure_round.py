@@ -31,7 +31,7 @@ from common.config import ExperimentConfig
 from common.data import input_spec
 from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
-from server import optimizer, wire
+from server import wire
 from server.audit import CanaryScorer
 from server.replies import Rejected, decode, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
@@ -245,9 +245,7 @@ class SecureRound:
             at += w.size
             average[name] = (w.astype(np.float64) - self.cfg.train.learning_rate * g).astype(w.dtype)
         self.last_average = average
-        s = self.strategy
-        s.opt_state, new = optimizer.step(s.optimizer, s.opt_state, server_round, model, average)
-        return new
+        return self.strategy.step(server_round, model, average)
 
     def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> dict[str, np.ndarray] | None:
         out.failed = max(out.sampled - out.trained - out.refused - out.invalid, 0)

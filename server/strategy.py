@@ -189,6 +189,13 @@ class CohortFedAvg:
             trim_fraction=self.srv.trim_fraction, krum_malicious=self.srv.krum_malicious,
             krum_select=self.srv.krum_select)
         out.partitions_aggregated = sorted(accepted[i].partition_id for i in used)
+        return self.step(server_round, sent, average)
+
+    def step(self, server_round: int, sent: Mapping[str, np.ndarray],
+             average: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The round's new global model: the server optimizer's step from the model `sent`
+        towards the cohort's `average` (however the round obtained it: averaged updates,
+        or a secure round's unmasked sum)."""
         self.opt_state, model = optimizer.step(self.optimizer, self.opt_state, server_round,
                                                sent, average)
         return model
