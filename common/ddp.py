@@ -117,35 +117,3 @@ def rdp_to_epsilon(rdp: Sequence[float], orders: Sequence[int], delta: float) ->
     return max(best, 0.0)
 
 
-Release = tuple[float, float, float, int]  # (mu, l1, l2, steps), integer units
-
-
-def epsilon(history: Sequence[Release], delta: float, orders: Sequence[int] = RDP_ORDERS) -> float:
-    """Epsilon at `delta` of a composition of Skellam releases [(mu, l1, l2, steps), ...]."""
-    if not history:
-        return 0.0
-    rdp = [sum(steps * skellam_rdp(a, mu, l1, l2) for mu, l1, l2, steps in history) for a in orders]
-    return rdp_to_epsilon(rdp, orders, delta)
-
-
-def calibrate_mu(target_epsilon: float, delta: float, l1: float, l2: float, steps: int,
-                 prior: Sequence[Release] = ()) -> float:
-    """The smallest total Skellam variance (to 0.1%) for which `steps` more releases after
-    `prior` stay within `target_epsilon`."""
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    if epsilon(prior, delta) >= target_epsilon:
-        raise ValueError("the prior releases already spend the target epsilon")
-
-    def eps(mu: float) -> float:
-        return epsilon([*prior, (mu, l1, l2, steps)], delta)
-
-    lo, hi = 1e-6, max(1.0, l2 * l2)
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 4
-        if hi > 1e30:
-            raise ValueError("no Skellam variance reaches the target epsilon")
-    while hi / lo > 1.001:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
-    return hi

@@ -34,10 +34,22 @@ PRIVACY_MODEL = (
     "with Poisson sampling, per-sample gradient clipping and Gaussian noise, and composes "
     "its epsilon over every step it takes in every round it joins (RDP accountant unless "
     "the config says PRV). A record's guarantee is its own client's (epsilon, delta); the "
-    "tables report the maximum and the mean over clients, never a weighted average. The "
-    "server sees the clients' noisy models; there is no secure aggregation and no "
-    "client-level (user-level) guarantee."
+    "tables report the maximum and the mean over clients, never a weighted average. There "
+    "is no client-level (user-level) guarantee."
 )
+LOCAL_SEEN = "With local noise the server sees each client's noisy model."
+SECURE_SEEN = (
+    "With secure-aggregation=secagg+ the server sees only each cohort's sum (SecAgg+): each "
+    "client releases one full-batch step, clipped per record, rounded to integers and "
+    "masked; with noise=distributed it adds its share of Skellam noise, so that the "
+    "threshold of survivors carries the noise its ledger records (docs/secure-aggregation.md).")
+
+
+def privacy_model(runs: list[Run]) -> str:
+    """The report's privacy model, saying what the server saw in these runs."""
+    secure = {r.cfg.secure.enabled for r in runs}
+    seen = [text for on, text in ((False, LOCAL_SEEN), (True, SECURE_SEEN)) if on in secure]
+    return " ".join([PRIVACY_MODEL, *seen])
 
 
 @dataclass
@@ -325,7 +337,7 @@ def report(sweep_dir: Path) -> Path:
         + ("." if not over_budget else f", EXCEPT {', '.join(r.name for r in over_budget)}."),
         "",
         "## Accuracy per round", "", "![accuracy per round](accuracy_per_round.png)", "",
-        "## Privacy model", "", PRIVACY_MODEL, "",
+        "## Privacy model", "", privacy_model(runs), "",
         "## Config", "",
         f"Varying: {', '.join(varying) if varying else '(nothing)'}. Shared by every point:", "",
         "| key | value |", "|---|---|",

@@ -148,3 +148,16 @@ def read_rounds(path):
     from common.records import RunDir
 
     return [r.to_json() for r in RunDir(Path(path).parent).rounds()]
+
+
+def skellam_epsilon(history, delta):
+    """Epsilon of Skellam releases alone [(mu, l1, l2, steps), ...], composed here from the
+    Skellam RDP bound (common.ddp): the tests' own composition, to check the accountant's."""
+    from common import ddp
+
+    if not history:
+        return 0.0
+    orders = ddp.RDP_ORDERS
+    rdp = [sum(steps * ddp.skellam_rdp(a, mu, l1, l2) for mu, l1, l2, steps in history)
+           for a in orders]
+    return ddp.rdp_to_epsilon(rdp, orders, delta)

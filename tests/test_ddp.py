@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.special import ive, logsumexp
 
-from common import ddp
+from common import ddp, privacy
+from tests.helpers import skellam_epsilon
 
 
 def exact_skellam_renyi(alpha: int, mu: float, shift: int) -> float:
@@ -40,7 +41,7 @@ def test_composed_epsilon_approaches_the_gaussian_mechanism_from_above():
 
     l2, steps, delta = 20.0, 15, 1e-5
     for mu in (2e3, 2e4, 2e5):
-        eps = ddp.epsilon([(mu, l2 * l2, l2, steps)], delta)
+        eps = privacy.epsilon([(privacy.SKELLAM, mu, l2 * l2, l2, mu, steps)], delta)
         acc = RdpAccountant(orders=list(ddp.RDP_ORDERS))
         acc.compose(dp_accounting.GaussianDpEvent(math.sqrt(mu) / l2), steps)
         gauss = acc.get_epsilon(delta)
@@ -88,14 +89,21 @@ def test_wrapped_sums_decode_to_the_true_sum():
 def test_calibration_meets_the_target_and_no_less_noise_would():
     enc = ddp.Encoding(clip=0.1, scale=200.0, dim=3970)
     l1, l2 = enc.rounded_l1_bound, enc.rounded_l2_bound
-    mu = ddp.calibrate_mu(3.0, 1e-5, l1, l2, steps=15)
-    assert ddp.epsilon([(mu, l1, l2, 15)], 1e-5) <= 3.0
-    assert ddp.epsilon([(mu / 1.01, l1, l2, 15)], 1e-5) > 3.0
-    prior = [(mu, l1, l2, 5)]
-    more = ddp.calibrate_mu(3.0, 1e-5, l1, l2, steps=10, prior=prior)
-    assert ddp.epsilon([*prior, (more, l1, l2, 10)], 1e-5) <= 3.0
-    with pytest.raises(ValueError, match="already spend"):
-        ddp.calibrate_mu(0.1, 1e-5, l1, l2, steps=1, prior=prior)
+
+    def release(z, steps):
+        mu = (z * l2) ** 2
+        return (privacy.SKELLAM, mu, l1, l2, mu, steps)
+
+    z = privacy.calibrate_skellam(target_epsilon=3.0, target_delta=1e-5, l1=l1, l2=l2, steps=15)
+    assert privacy.epsilon([release(z, 15)], 1e-5) <= 3.0
+    assert privacy.epsilon([release(z / 1.01, 15)], 1e-5) > 3.0
+    prior = [release(z, 5)]
+    more = privacy.calibrate_skellam(target_epsilon=3.0, target_delta=1e-5, l1=l1, l2=l2,
+                                     steps=10, prior=prior)
+    assert privacy.epsilon([*prior, release(more, 10)], 1e-5) <= 3.0
+    with pytest.raises(ValueError, match="already spends"):
+        privacy.calibrate_skellam(target_epsilon=0.1, target_delta=1e-5, l1=l1, l2=l2, steps=1,
+                                  prior=prior)
 
 
 # ---- the client's integer release (client/trainer.py) ----------------------------------
@@ -174,7 +182,7 @@ def test_skellam_releases_live_in_the_same_history_as_dp_sgd_steps():
     delta = 1e-5
     both = privacy.epsilon(hist, delta)
     assert both > privacy.epsilon(hist[:1], delta) and both > privacy.epsilon(hist[1:], delta)
-    assert privacy.epsilon(hist[1:], delta) == pytest.approx(ddp.epsilon([(4e6, 3e5, 1.2e3, 2)], delta))
+    assert privacy.epsilon(hist[1:], delta) == pytest.approx(skellam_epsilon([(4e6, 3e5, 1.2e3, 2)], delta))
     with pytest.raises(ValueError, match="prv"):
         privacy.epsilon(hist, delta, "prv")
     # Alone (only its share of the noise) it is worth far less.

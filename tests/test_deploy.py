@@ -15,7 +15,7 @@ import pytest
 from common.config import project_root
 from common.records import read_json
 from simulations import deploy, runtime
-from tests.helpers import read_rounds, sigkill_tree
+from tests.helpers import read_rounds, sigkill_tree, skellam_epsilon
 from tests.test_privacy import dp_accounting_epsilon
 
 ROOT = project_root()
@@ -311,7 +311,6 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     clipped gradients plus exactly the noise their ledgers account for."""
     import numpy as np
 
-    from common import ddp
     from common.config import resolve_config
     from common.models import build_model, get_weights
     from tests.test_secure_round import _clipped_sum
@@ -373,5 +372,5 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     # Every client's epsilon is its releases' composition, within budget, as the server saw.
     privacy = read_json(out / "privacy.json")["clients"]
     for i, led in ledgers.items():
-        eps = ddp.epsilon([(e[1], e[2], e[3], e[5]) for e in led["history"]], 1e-5)
+        eps = skellam_epsilon([(e[1], e[2], e[3], e[5]) for e in led["history"]], 1e-5)
         assert eps <= 3.0 and float(privacy[str(i)]["epsilon"]) == pytest.approx(eps, rel=1e-6)

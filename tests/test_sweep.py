@@ -134,4 +134,21 @@ def test_sweep_survives_a_kill_records_a_failure_and_reports(tmp_path):
     assert (sweep / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (sweep / "report.md").read_text()
     assert "Record-level differential privacy" in text and "opacus" in text
+    assert "each client's noisy model" in text and "secagg+" not in text  # local noise only
     assert "## Failed points" in text and names[1] in text
+
+
+def test_the_report_says_what_the_server_saw():
+    """A secure-aggregation sweep's report no longer says there is no secure aggregation."""
+    from types import SimpleNamespace
+
+    from simulations.report import privacy_model
+
+    def run(secure):
+        return SimpleNamespace(cfg=SimpleNamespace(secure=SimpleNamespace(enabled=secure)))
+
+    secure = privacy_model([run(True)])
+    assert "only each cohort's sum" in secure and "noisy model" not in secure
+    assert "no secure aggregation" not in secure
+    both = privacy_model([run(True), run(False)])
+    assert "only each cohort's sum" in both and "each client's noisy model" in both
