@@ -4,6 +4,13 @@ Defaults live once, in `[tool.flwr.app.config]` of pyproject.toml. `parse_config
 the run config (defaults + `--run-config` overrides) into an `ExperimentConfig`; nothing
 reads `context.run_config` after that. Every check names the field (by its run-config
 key) and the allowed range, so a bad config stops before any training.
+
+Why one module of ~650 lines: it is the run config's schema, one frozen dataclass per
+section (federation, server, data, train, privacy, attack, baseline, secure, audit,
+runtime, in pyproject's order), each with the checks of its own keys, then the checks
+across sections (ExperimentConfig) and the parser. Split, a reader would lose the one
+place that lists every key and its rule; the node's config is its own module
+(common/node.py).
 """
 
 from __future__ import annotations

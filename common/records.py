@@ -17,6 +17,8 @@ A sweep directory holds `sweep.json` and one run directory per point. JSON has n
 infinity or NaN: `encode` writes them as the strings "inf", "-inf", "nan" and
 `decode_float` reads them back. JSON files are replaced atomically and rounds.jsonl lines
 are written whole and flushed, so a run killed at any moment leaves files that parse.
+One module (~500 lines) because it is one format: every record type, its encoding and the
+run directory that reads and writes them.
 """
 
 from __future__ import annotations
