@@ -153,8 +153,10 @@ class Cluster:
 
 # min-available-clients=3: after node 1's restart a round waits (node-wait-timeout) until
 # it is back, so that it trains again on its ledger file.
+# round-timeout only bounds a wait: generous, so that a busy machine (a first round that
+# computes every node's features) never turns an honest reply into a timed-out one.
 RUN = ("num-partitions=3 num-rounds=4 fraction-train=1.0 min-train-clients=2 "
-       "min-available-clients=3 round-timeout=180.0 node-wait-timeout=120.0 target-epsilon=3.0")
+       "min-available-clients=3 round-timeout=1200.0 node-wait-timeout=120.0 target-epsilon=3.0")
 
 
 @pytest.mark.slow
@@ -179,11 +181,11 @@ def test_deployment_with_tls_auth_restarts_and_ledgers_on_disk(tmp_path):
         # Kill node 1 the moment round 2 is recorded (between rounds) and start it again.
         while len(read_rounds(rounds)) < 2:
             assert run.poll() is None, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
-            assert time.time() - t0 < 400, "round 2 never came"
+            assert time.time() - t0 < 2400, "round 2 never came"
             time.sleep(0.05)
         c.stop("node-1", kill=True)
         c.restart_node(1)
-        assert run.wait(timeout=400) == 0, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
+        assert run.wait(timeout=2400) == 0, (tmp_path / "logs" / "flwr-run-1.log").read_text()[-3000:]
         c.procs.pop("run-1")
         wall = time.time() - t0
 
