@@ -155,18 +155,13 @@ def load(split: str, data_dir: str = "") -> Split:
 
     try:
         key = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    except OSError:
-        key = None  # read() names the missing file
-    arrays = None
-    if key is not None:
         digest = hashlib.sha256(json.dumps({"v": 1, "files": key, "verify": verify,
                                             "normalise": [float(MEAN), float(STD)]}).encode()
                                 ).hexdigest()[:32]
-        try:
-            arrays = arrays_once(cache_dir() / "pixels", digest, read, names=("x", "y"),
-                                 keep=KEEP_PIXELS, mmap="x")
-        except (OSError, ValueError):  # the cache folder cannot serve: decoded in memory
-            arrays = None
-    if arrays is None:
+        arrays = arrays_once(cache_dir() / "pixels", digest, read, names=("x", "y"),
+                             keep=KEEP_PIXELS, mmap="x")
+    except (OSError, ValueError):
+        # A missing file (read() names it) or a cache folder that cannot serve: decoded
+        # in memory. read() reports bad files as DataError, which passes through.
         arrays = read()
     return Split(arrays["x"], arrays["y"])

@@ -101,8 +101,8 @@ def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "rdp") 
         from opacus.accountants.analysis.rdp import get_privacy_spent
         from opacus.accountants.rdp import RDPAccountant
 
-        orders = RDPAccountant.DEFAULT_ALPHAS
-        rdp = sum(_rdp_per_step(q, sigma, tuple(orders)) * steps for sigma, q, steps in hist)
+        orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
+        rdp = sum(_rdp_per_step(q, sigma, orders) * steps for sigma, q, steps in hist)
         eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         return float(eps)
     if accountant == "prv":
@@ -151,7 +151,7 @@ def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
             rdp = [steps * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
         else:
             sigma, q, steps = e
-            rdp = list(_rdp_per_step(q, sigma, tuple(orders)) * steps)
+            rdp = list(_rdp_per_step(q, sigma, orders) * steps)
         total = [x + y for x, y in zip(total, rdp, strict=True)]
     return ddp.rdp_to_epsilon(total, orders, delta)
 
