@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ from common.records import (
 from server import checkpoint, wire
 from server.audit import CanaryScorer
 from server.audit import finish as audit_finish
-from server.secure_round import SecureRound, payload_bytes
+from server.round import Exchange, FedAvgExchange, play
+from server.secure_round import SecureExchange
 from server.strategy import CohortFedAvg
 
 log = logging.getLogger("dpfl.server")
@@ -119,24 +121,6 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
         bytes_up=out.bytes_up, bytes_down=out.bytes_down, noise_shares=out.noise_shares)
 
 
-def send_fedavg_round(grid: Grid, strategy: CohortFedAvg, server_round: int, state: RunState
-                      ) -> wire.Sent:
-    """Sample round `server_round`'s cohort and send it the global model."""
-    return wire.send(grid, strategy.configure(server_round, state.model, state.planned, grid))
-
-
-def receive_fedavg_round(strategy: CohortFedAvg, server_round: int, state: RunState,
-                         sent: wire.Sent, timeout: float, scorer: CanaryScorer | None = None
-                         ) -> Weights | None:
-    """The round's replies, aggregated: the new model, or None."""
-    replies = wire.receive(sent, timeout=timeout, each=strategy.judge) if sent.messages else []
-    strategy.outcomes[server_round].bytes_up = sum(
-        payload_bytes(r.content) for r in replies if not r.has_error())
-    if scorer is not None:
-        scorer.observe_replies(state.model, replies, strategy.verdict)
-    return strategy.aggregate(server_round, replies)
-
-
 @dataclass
 class Trained:
     """A round whose new model is in; its evaluation, checkpoint and records are to do."""
@@ -183,48 +167,44 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
     """Rounds state.next_round .. num-rounds. Returns why the run stopped early, or "".
     With `scorer` (an audit run) it scores the canaries on what each round showed.
 
-    A FedAvg round's evaluation, checkpoint and records are done while the next round's
-    clients train: its model is sent first (the next round depends only on the model
-    and the sampler, never on the evaluation). The checkpoint still holds exactly the
+    Each round is `round.play` with the run's exchange (plain or secure). A round's
+    evaluation, checkpoint and records are done while the next round's clients work:
+    the next round's first messages go out first (it depends only on the model and the
+    sampler, never on the evaluation). The checkpoint still holds exactly the
     state after its round (the sampler's as it was before the next cohort was drawn),
     and it is written before the next round's replies are read; a run killed in
     between resumes from the round before, whose clients answer again from their kept
     replies."""
     fed = cfg.federation
-    secure = SecureRound(cfg, strategy, scorer) if cfg.secure.enabled else None
+    exchange: Exchange = (SecureExchange if cfg.secure.enabled else FedAvgExchange)(
+        cfg, strategy, scorer)
     if state.next_round == 1:
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
 
+    done: Trained | None = None  # the last round, when its records are still to do
+
     def record(done: Trained) -> None:
         record_round(cfg, strategy, run, state, evaluate, done, started, scorer)
 
-    done: Trained | None = None  # the last round, when its records are still to do
     for server_round in range(state.next_round, fed.num_rounds + 1):
         t0, waited = time.time(), wire.Waited.seconds
-        if secure is not None:
-            new = secure.run(grid, server_round, state.model, state.planned)
-            if cfg.runtime.keep_transcript:
-                run.write_transcript(server_round, secure.held.arrays())
-        else:
-            before = strategy.state_dict() if done is not None else None
-            sent = send_fedavg_round(grid, strategy, server_round, state)
-            if done is not None:
-                record(replace(done, strategy_state=before))
-                done = None
-            new = receive_fedavg_round(strategy, server_round, state, sent, fed.round_timeout,
-                                       scorer)
+        # the previous round's records, done while this round's clients train (with the
+        # sampler's state from before this round's draw)
+        previous = None if done is None else replace(done, strategy_state=strategy.state_dict())
+        done = None
+        new = play(grid, strategy, exchange, server_round, state.model, state.planned,
+                   meanwhile=None if previous is None else partial(record, previous))
+        if cfg.runtime.keep_transcript and (transcript := exchange.transcript()) is not None:
+            run.write_transcript(server_round, transcript)
         if new is not None:
             state.model, state.idle = new, 0
         else:
             state.idle += 1
         done = Trained(server_round, seconds=time.time() - t0,
                        seconds_clients=wire.Waited.seconds - waited)
-        stop = bool(fed.max_idle_rounds and state.idle >= fed.max_idle_rounds)
-        if secure is not None or stop:
+        if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
             record(done)
-            done = None
-        if stop:
             reasons = strategy.outcomes[server_round].reasons  # all of them, not the row's 20
             return (f"{state.idle} consecutive round(s) without a valid update (max-idle-rounds="
                     f"{fed.max_idle_rounds}); last: {reasons[-1] if reasons else 'no replies'}")

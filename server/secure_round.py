@@ -1,5 +1,6 @@
-"""One round of secure aggregation (SecAgg+) with an integer release, as four message
-exchanges with the cohort (client/secure.py answers them):
+"""The secure exchange of a round (server/round.py plays it): secure aggregation (SecAgg+)
+with an integer release, as four message exchanges with the cohort (client/secure.py
+answers them):
 
 1. keys    -> each client's two public keys                  (U1: those who answered)
 2. shares  -> U1's keys out; encrypted shares back           (U2)
@@ -22,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common import keys
@@ -33,9 +34,10 @@ from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import ProtocolError, PublicKeys, unmask
 from server import wire
 from server.audit import CanaryScorer
+from server.cohorts import Cohort
 from server.replies import Rejected, decode, short_error
 from server.strategy import CohortFedAvg, RoundOutcome
-from server.wire import stage_message, train_config
+from server.wire import payload_bytes, stage_message, train_config
 
 log = logging.getLogger("dpfl.server")
 
@@ -66,18 +68,6 @@ class Held:
         return out
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's payload: array buffers and config/metric values."""
-    n = 0
-    for rec in content.array_records.values():
-        n += sum(len(a.data) for a in rec.values())
-    for cr in content.config_records.values():
-        n += sum(len(str(v).encode()) if not isinstance(v, bytes) else len(v) for v in cr.values())
-    for mr in content.metric_records.values():
-        n += 8 * len(mr)
-    return n
-
-
 def scale_for(cfg: ExperimentConfig, records: int) -> float:
     """Integer units per unit of gradient: the worst case sum (every one of `records`
     clipped gradients on one coordinate, times secagg-headroom) fills a quarter of the
@@ -88,8 +78,19 @@ def scale_for(cfg: ExperimentConfig, records: int) -> float:
     return 2.0 ** (sec.secagg_bits - 2) / worst
 
 
-class SecureRound:
-    """Runs secure rounds for one run; `held` is what the last round's server received."""
+@dataclass
+class _Started:
+    """A secure round after its first stage's messages went out."""
+
+    cohort: Cohort
+    model: dict[str, np.ndarray]
+    planned: int
+    keys_sent: wire.Sent
+
+
+class SecureExchange:
+    """The secure exchange of a round (server/round.py): the cohort's average from the
+    unmasked sum of its integer releases. `held` is what the last round's server received."""
 
     def __init__(self, cfg: ExperimentConfig, strategy: CohortFedAvg,
                  scorer: CanaryScorer | None = None) -> None:
@@ -99,14 +100,21 @@ class SecureRound:
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
 
-    def _ask(self, grid: Grid, messages: list[Message], out: RoundOutcome, stage: str
-             ) -> dict[int, Message]:
-        """Send, wait (round-timeout), and return the good replies by node; every error
-        or missing reply is a reason."""
+    def transcript(self) -> dict[str, np.ndarray]:
+        return self.held.arrays()
+
+    def _send(self, grid: Grid, messages: list[Message], out: RoundOutcome) -> wire.Sent:
         if not messages:
-            return {}
+            return wire.Sent(grid, 0.0, [], [])
         out.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        replies = wire.send_and_receive(grid, messages, timeout=self.cfg.federation.round_timeout)
+        return wire.send(grid, messages)
+
+    def _replies(self, sent: wire.Sent, out: RoundOutcome, stage: str) -> dict[int, Message]:
+        """Wait (round-timeout) and return the good replies by node; every error or
+        missing reply is a reason."""
+        if not sent.messages:
+            return {}
+        replies = wire.receive(sent, timeout=self.cfg.federation.round_timeout)
         got: dict[int, Message] = {}
         for r in replies:
             node = r.metadata.src_node_id
@@ -115,29 +123,39 @@ class SecureRound:
                 continue
             out.bytes_up += payload_bytes(r.content)
             got[node] = r
-        missing = len(messages) - len(replies)
+        missing = len(sent.messages) - len(replies)
         if missing:
             out.reasons.append(f"{stage}: {missing} node(s) did not reply within round-timeout="
                                f"{self.cfg.federation.round_timeout:g}s")
         return got
 
-    def run(self, grid: Grid, server_round: int, model: dict[str, np.ndarray], planned: int
-            ) -> dict[str, np.ndarray] | None:
-        """The new global model, or None (the model is kept) when the round cannot
-        complete: fewer than the threshold survive, or the sum cannot be unmasked."""
-        s = self.strategy
-        cohort = s.cohorts.sample(grid)
-        out = RoundOutcome(sampled=len(cohort.members), partitions_sampled=cohort.partitions,
-                           reasons=list(cohort.reasons))
-        s.outcomes[server_round] = out
-        self.held = held = Held()
+    def _ask(self, grid: Grid, messages: list[Message], out: RoundOutcome, stage: str
+             ) -> dict[int, Message]:
+        return self._replies(self._send(grid, messages, out), out, stage)
+
+    def send(self, grid: Grid, server_round: int, cohort: Cohort,
+             model: dict[str, np.ndarray], planned: int) -> _Started:
+        """Stage 1 out: every member is asked for its public keys."""
+        self.held = Held()
+        out = self.strategy.outcomes[server_round]
+        rnd = {keys.SERVER_ROUND: server_round}
+        sent = self._send(grid, [stage_message(n, keys.SECAGG_KEYS, rnd)
+                                 for n, _ in cohort.members], out)
+        return _Started(cohort, model, planned, sent)
+
+    def collect(self, server_round: int, started: _Started) -> dict[str, np.ndarray] | None:
+        """Stages 1-4 in: the cohort's average, or None (the model is kept) when the round
+        cannot complete: fewer than the threshold survive, or the sum cannot be unmasked."""
+        s, held, model, planned = self.strategy, self.held, started.model, started.planned
+        grid = started.keys_sent.grid
+        out = s.outcomes[server_round]
+        cohort = started.cohort
         pid_of = dict(cohort.members)
         node_of = {p: n for n, p in cohort.members}
         rnd = {keys.SERVER_ROUND: server_round}
         bits = self.cfg.secure.secagg_bits
 
-        got = self._ask(grid, [stage_message(n, keys.SECAGG_KEYS, rnd) for n, _ in cohort.members],
-                        out, "keys")
+        got = self._replies(started.keys_sent, out, "keys")
         for node, r in got.items():
             try:
                 c, k = json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS]))
@@ -146,7 +164,7 @@ class SecureRound:
                 out.reasons.append(f"keys: node {node}: unreadable reply ({exc})")
         u1 = sorted(held.public_keys)
         if len(u1) < self.cfg.federation.min_train_clients:
-            return self._fail(server_round, out, f"only {len(u1)} client(s) sent keys")
+            return self._fail(out, f"only {len(u1)} client(s) sent keys")
         threshold = self.cfg.secure.threshold(len(u1))
         peers = json.dumps({str(p): [held.public_keys[p].c.hex(), held.public_keys[p].s.hex()]
                             for p in u1})
@@ -163,7 +181,7 @@ class SecureRound:
                 out.reasons.append(f"shares: node {node}: unreadable reply ({exc})")
         u2 = sorted(held.shares)
         if len(u2) < threshold:
-            return self._fail(server_round, out, f"{len(u2)} client(s) sent shares, fewer than "
+            return self._fail(out, f"{len(u2)} client(s) sent shares, fewer than "
                               f"the threshold {threshold}")
 
         sizes = {p: s.cohorts.nodes[node_of[p]].num_examples for p in u2}
@@ -205,7 +223,7 @@ class SecureRound:
         out.trained = len(u3)
         out.partitions_trained = u3
         if len(u3) < threshold:
-            return self._fail(server_round, out, f"{len(u3)} masked release(s), fewer than the "
+            return self._fail(out, f"{len(u3)} masked release(s), fewer than the "
                               f"threshold {threshold}: nothing can be unmasked")
 
         dropped = sorted(set(u2) - set(u3))
@@ -223,20 +241,18 @@ class SecureRound:
                            {p: held.public_keys[p] for p in u2}, server_round=server_round,
                            bits=bits, threshold=threshold)
         except (ProtocolError, ValueError) as exc:
-            return self._fail(server_round, out, f"the sum could not be unmasked: {exc}")
+            return self._fail(out, f"the sum could not be unmasked: {exc}")
         held.total = total
         if self.scorer is not None:  # an audit run: the auditor sees what the server sees
             self.scorer.observe_sum(model, total.astype(np.float64) / scale, u3)
         out.failed = out.sampled - out.trained - out.refused - out.invalid
         out.aggregated, out.noise_shares = True, len(u3)
         out.partitions_aggregated = u3
-        self.strategy.log_reasons(server_round)
-        return self._step(server_round, model, total, scale, sum(sizes[p] for p in u3))
+        return self._average(model, total, scale, sum(sizes[p] for p in u3))
 
-    def _step(self, server_round: int, model: dict[str, np.ndarray], total: np.ndarray,
-              scale: float, records: int) -> dict[str, np.ndarray]:
-        """FedAvg of one full-batch step per survivor: sent - lr * (sum / scale) / records,
-        then the server optimizer."""
+    def _average(self, model: dict[str, np.ndarray], total: np.ndarray, scale: float,
+                 records: int) -> dict[str, np.ndarray]:
+        """FedAvg of one full-batch step per survivor: sent - lr * (sum / scale) / records."""
         grad = total.astype(np.float64) / scale / max(records, 1)
         average, at = {}, 0
         for name in self.names:
@@ -245,12 +261,11 @@ class SecureRound:
             at += w.size
             average[name] = (w.astype(np.float64) - self.cfg.train.learning_rate * g).astype(w.dtype)
         self.last_average = average
-        return self.strategy.step(server_round, model, average)
+        return average
 
-    def _fail(self, server_round: int, out: RoundOutcome, reason: str) -> dict[str, np.ndarray] | None:
+    def _fail(self, out: RoundOutcome, reason: str) -> dict[str, np.ndarray] | None:
         out.failed = max(out.sampled - out.trained - out.refused - out.invalid, 0)
         out.reasons.append(f"{reason}: the global model is kept")
-        self.strategy.log_reasons(server_round)
         return None  # the global model is kept
 
 

@@ -21,18 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.aggregation import robust_aggregate
-from common.arrays import to_array_record
 from common.config import ExperimentConfig
 from common.records import ClientRecord
 from server import optimizer
-from server.cohorts import Cohorts
+from server.cohorts import Cohort, Cohorts
 from server.privacy_view import PrivacyView
 from server.replies import Accepted, Rejected, ReportedPrivacy, decode
-from server.wire import train_config, train_message
 
 log = logging.getLogger("dpfl.server")
 
@@ -94,36 +92,24 @@ class CohortFedAvg:
             schedule=srv.server_lr_schedule, ema=srv.server_ema, num_rounds=fed.num_rounds)
         self.opt_state = optimizer.OptimizerState()
         self.outcomes: dict[int, RoundOutcome] = {}
-        self._sent: dict[int, dict[str, np.ndarray]] = {}  # round -> the model it sent
         self._judged: dict[int, Judged] = {}  # id(reply) -> what `judge` made of it
 
-    # ---- configure ----------------------------------------------------------------------
+    # ---- one round --------------------------------------------------------------------
 
-    def configure(self, server_round: int, model: Mapping[str, np.ndarray], planned: int,
-                  grid: Grid, arrays: ArrayRecord | None = None) -> list[Message]:
-        """Round `server_round`'s cohort and a training request for each member: the
-        model (`arrays`: it as an ArrayRecord, when already converted), the round and the
-        participations each client's noise is calibrated for."""
+    def begin_round(self, server_round: int, grid: Grid) -> Cohort:
+        """Round `server_round`'s cohort, with its outcome opened (sampled, and why the
+        sample is empty or short)."""
         cohort = self.cohorts.sample(grid)
         self.outcomes[server_round] = RoundOutcome(
             sampled=len(cohort.members), partitions_sampled=cohort.partitions,
             reasons=list(cohort.reasons))
-        self._sent = {server_round: dict(model)}
-        record = arrays if arrays is not None else to_array_record(model)
-        return [train_message(node, record, train_config(
-                    server_round=server_round, planned_rounds=planned,
-                    known_history=self.privacy.history(pid)))
-                for node, pid in cohort.members]
+        self._judged.clear()
+        return cohort
 
-    # ---- aggregate ----------------------------------------------------------------------
-
-    def judge(self, msg: Message, sent: Mapping[str, np.ndarray] | None = None) -> Judged:
-        """Read and check one reply to the model `sent` (by default the one the latest
-        round sent), changing nothing: its privacy report, its epsilon, its verdict. The
-        round loop calls it as each reply comes, while the others still train, and
-        `aggregate` takes what it found."""
-        if sent is None:
-            sent = next(reversed(self._sent.values()))
+    def judge(self, msg: Message, sent: Mapping[str, np.ndarray]) -> Judged:
+        """Read and check one reply to the model `sent`, changing nothing: its privacy
+        report, its epsilon, its verdict. The round calls it as each reply comes, while
+        the others still train, and `average` takes what it found."""
         decoded = decode(msg, reference=sent, nodes=self.cohorts.nodes,
                          partition_sizes=self.partition_sizes,
                          max_update_norm=self.srv.max_update_norm)
@@ -134,24 +120,23 @@ class CohortFedAvg:
         self._judged[id(msg)] = judged
         return judged
 
-    def verdict(self, msg: Message) -> Accepted | Rejected:
-        """What `judge` found of a reply of the latest round (judging it now if it has not
-        been): the audit scorer reads the same verdict as aggregation, never its own."""
+    def judged(self, msg: Message, sent: Mapping[str, np.ndarray]) -> Judged:
+        """What `judge` found of a reply of this round (judging it now if it has not been)."""
         j = self._judged.get(id(msg))
-        return (j if j is not None and j.reply is msg else self.judge(msg)).verdict
+        return j if j is not None and j.reply is msg else self.judge(msg, sent)
 
-    def aggregate(self, server_round: int, replies: list[Message],
-                  sent: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
-        """The new global model from the replies to the model `sent`, or None when too few
+    def verdict(self, msg: Message, sent: Mapping[str, np.ndarray]) -> Accepted | Rejected:
+        """The verdict the round's average takes: the audit scorer reads the same one,
+        never its own."""
+        return self.judged(msg, sent).verdict
+
+    def average(self, server_round: int, replies: list[Message], sent: Mapping[str, np.ndarray]
+                ) -> dict[str, np.ndarray] | None:
+        """The cohort's average of the replies to the model `sent`, or None when too few
         are usable (the global model is kept). Records each reply's privacy first, valid or
         not: the client may have trained and spent before its reply was found unusable."""
-        if sent is None:
-            sent = self._sent.pop(server_round)
         out = self.outcomes.setdefault(server_round, RoundOutcome())
-        judged = []
-        for msg in replies:
-            j = self._judged.pop(id(msg), None)
-            judged.append(j if j is not None and j.reply is msg else self.judge(msg, sent))
+        judged = [self.judged(msg, sent) for msg in replies]
         self._judged.clear()
         heard = set()
         for j in judged:
@@ -179,9 +164,7 @@ class CohortFedAvg:
             out.reasons.append(
                 f"only {len(accepted)} valid update(s), fewer than min-train-clients="
                 f"{self.fed.min_train_clients}: the global model is kept")
-            self.log_reasons(server_round)
             return None
-        self.log_reasons(server_round)
         out.aggregated = True
         out.train_loss = mean_loss(accepted)
         average, used = robust_aggregate(
@@ -189,7 +172,7 @@ class CohortFedAvg:
             trim_fraction=self.srv.trim_fraction, krum_malicious=self.srv.krum_malicious,
             krum_select=self.srv.krum_select)
         out.partitions_aggregated = sorted(accepted[i].partition_id for i in used)
-        return self.step(server_round, sent, average)
+        return average
 
     def step(self, server_round: int, sent: Mapping[str, np.ndarray],
              average: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -117,3 +117,15 @@ def stage_message(node: int, action: str, config: Mapping, arrays: ArrayRecord |
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content, dst_node_id=node, message_type=f"{MessageType.TRAIN}.{action}")
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's payload: array buffers and config/metric values."""
+    n = 0
+    for rec in content.array_records.values():
+        n += sum(len(a.data) for a in rec.values())
+    for cr in content.config_records.values():
+        n += sum(len(str(v).encode()) if not isinstance(v, bytes) else len(v) for v in cr.values())
+    for mr in content.metric_records.values():
+        n += 8 * len(mr)
+    return n

@@ -115,7 +115,8 @@ def aggregate(strategy, replies, sent, *, server_round=1, sampled=None, partitio
     strategy.outcomes[server_round] = RoundOutcome(
         sampled=len(replies) if sampled is None else sampled,
         partitions_sampled=list(partitions or []))
-    model = strategy.aggregate(server_round, list(replies), sent)
+    average = strategy.average(server_round, list(replies), sent)
+    model = None if average is None else strategy.step(server_round, sent, average)
     return strategy.outcomes[server_round], model
 
 

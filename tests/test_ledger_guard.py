@@ -286,15 +286,16 @@ def test_a_secure_round_with_a_bad_round_number_spends_nothing(server_round):
 
 def test_a_secure_release_waits_for_the_ledger_lock_too():
     """The masked stage spends: it holds the same lock as a plain train request."""
+    from server.round import play
     from tests.test_secure_round import _setup
 
-    _, grid, _, secure = _setup(num_nodes=3, node_extra={"ledger-wait": 0.2})
+    _, grid, strategy, secure = _setup(num_nodes=3, node_extra={"ledger-wait": 0.2})
     path = default_ledger_file(0)
     path.parent.mkdir(parents=True)
     fd = os.open(lock_file(path), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        secure.run(grid, 1, dict(GLOBAL), planned=3)
+        play(grid, strategy, secure, 1, dict(GLOBAL), planned=3)
     finally:
         os.close(fd)
     masked = [r for r in grid.received if r.metadata.message_type == "train.secagg_masked"

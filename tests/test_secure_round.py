@@ -1,5 +1,5 @@
 """Secure aggregation end to end in one process: the server's four-stage round
-(server/secure_round.py) against the real ClientApp handlers (client/secure.py) through
+(server/round.py with server/secure_round.py's exchange) against the real ClientApp handlers (client/secure.py) through
 an in-process grid. What the server holds is inspected: masked vectors that look uniform
 and carry nothing of one client's release, and a sum that decodes to the cohort's clipped
 gradients plus the noise the clients' ledgers account for."""
@@ -13,7 +13,8 @@ from client.ledger import STATE_KEY, Ledger
 from common import ddp, privacy
 from common.data import partition_of, partitions_of
 from common.models import build_model, get_weights
-from server.secure_round import SecureRound
+from server.round import play
+from server.secure_round import SecureExchange
 from server.strategy import CohortFedAvg
 from tests.helpers import fast_config, skellam_epsilon
 from tests.local_grid import LocalGrid
@@ -28,7 +29,7 @@ def _setup(num_nodes=6, drop_at=None, node_extra=None, **overrides):
     sizes = {i: len(p) for i, p in enumerate(partitions_of(cfg.data, num_nodes))}
     strategy = CohortFedAvg(cfg, partition_sizes=sizes)
     strategy.cohorts.discover(grid)
-    return cfg, grid, strategy, SecureRound(cfg, strategy)
+    return cfg, grid, strategy, SecureExchange(cfg, strategy)
 
 
 def _model():
@@ -58,7 +59,7 @@ def _ledger(grid, pid):
 def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gradient():
     cfg, grid, strategy, secure = _setup()
     model = _model()
-    new = secure.run(grid, 1, dict(model), planned=3)
+    new = play(grid, strategy, secure, 1, dict(model), planned=3)
     out = strategy.outcomes[1]
     assert new is not None and out.aggregated and out.noise_shares == 6 and out.trained == 6
     held = secure.held
@@ -102,7 +103,7 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
 
 def test_a_client_lost_after_masking_is_recovered_and_the_round_completes():
     cfg, grid, strategy, secure = _setup(drop_at={4: "train.secagg_unmask"})
-    assert secure.run(grid, 1, _model(), planned=3) is not None
+    assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
     out = strategy.outcomes[1]
     assert out.aggregated and out.noise_shares == 6  # its masked vector counted
 
@@ -110,7 +111,7 @@ def test_a_client_lost_after_masking_is_recovered_and_the_round_completes():
 def test_clients_lost_before_masking_leave_the_rest_of_the_round_intact():
     cfg, grid, strategy, secure = _setup(drop_at={1: "train.secagg_masked"})
     assert cfg.secure.threshold(6) == 5
-    assert secure.run(grid, 1, _model(), planned=3) is not None
+    assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
     out = strategy.outcomes[1]
     assert out.aggregated and out.noise_shares == 5 and out.partitions_aggregated == [0, 2, 3, 4, 5]
     assert _ledger(grid, 1).history == []  # it never trained
@@ -120,7 +121,7 @@ def test_clients_lost_before_masking_leave_the_rest_of_the_round_intact():
 def test_fewer_survivors_than_the_threshold_unmask_nothing_but_spend_what_was_released():
     cfg, grid, strategy, secure = _setup(drop_at={1: "train.secagg_masked", 2: "train.secagg_masked"})
     model = _model()
-    assert secure.run(grid, 1, dict(model), planned=3) is None
+    assert play(grid, strategy, secure, 1, dict(model), planned=3) is None
     out = strategy.outcomes[1]
     assert not out.aggregated and any("fewer than the threshold" in r for r in out.reasons)
     assert secure.held.total is None
@@ -130,7 +131,7 @@ def test_fewer_survivors_than_the_threshold_unmask_nothing_but_spend_what_was_re
 
 def test_shares_lost_with_a_client_leave_it_out_of_the_masks():
     cfg, grid, strategy, secure = _setup(drop_at={3: "train.secagg_shares"})
-    assert secure.run(grid, 1, _model(), planned=3) is not None
+    assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
     assert strategy.outcomes[1].partitions_aggregated == [0, 1, 2, 4, 5]
 
 
@@ -138,8 +139,8 @@ def test_a_client_over_budget_refuses_before_reading_data_and_the_round_goes_on(
     cfg, grid, strategy, secure = _setup()
     model = _model()
     for r in (1, 2, 3):
-        assert secure.run(grid, r, dict(model), planned=3) is not None
-    assert secure.run(grid, 4, dict(model), planned=3) is None  # a fourth release is over
+        assert play(grid, strategy, secure, r, dict(model), planned=3) is not None
+    assert play(grid, strategy, secure, 4, dict(model), planned=3) is None  # a fourth release is over
     out = strategy.outcomes[4]
     assert out.refused == 6 and all("would reach epsilon" in r for r in out.reasons[:6])
     for p in range(6):
@@ -164,14 +165,14 @@ def test_a_share_floor_keeps_each_release_alone_within_a_stated_epsilon():
     members) still faces a stated epsilon (epsilon_alone); the sum then carries more."""
     extra = {"min-share-noise-multiplier": 5.0}
     cfg, grid, strategy, secure = _setup(node_extra=extra)
-    assert secure.run(grid, 1, _model(), planned=3) is not None
+    assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
     (_, mu, l1, l2, share, _), = {tuple(_ledger(grid, p).history[-1]) for p in range(6)}
     assert share == pytest.approx((5.0 * l2) ** 2)
     led = _ledger(grid, 0)
     alone = privacy.epsilon_alone(led.history, cfg.privacy.target_delta)
     assert alone == pytest.approx(skellam_epsilon([(share, l1, l2, 1)], cfg.privacy.target_delta))
-    plain_cfg, plain_grid, _, plain = _setup()
-    plain.run(plain_grid, 1, _model(), planned=3)
+    plain_cfg, plain_grid, plain_strategy, plain = _setup()
+    play(plain_grid, plain_strategy, plain, 1, _model(), planned=3)
     plain_led = _ledger(plain_grid, 0)
     assert privacy.epsilon_alone(plain_led.history, 1e-5) > alone
     assert strategy.privacy.clients[0].epsilon_alone == pytest.approx(alone)
@@ -189,7 +190,7 @@ def test_a_masked_request_that_cannot_complete_spends_nothing():
 
     cfg, grid, strategy, secure = _setup()
     model = _model()
-    assert secure.run(grid, 1, dict(model), planned=3) is not None
+    assert play(grid, strategy, secure, 1, dict(model), planned=3) is not None
     before = {p: _ledger(grid, p).history for p in range(6)}
     masked = [m for m in grid.sent if m.metadata.message_type == "train.secagg_masked"]
     again = grid.send_and_receive(masked[:1])  # the same request again

@@ -92,12 +92,11 @@ def test_the_audit_scorer_reads_the_verdict_aggregation_took():
 
     s = new_strategy(partition_sizes={1: 100}, max_update_norm=5.0)
     s.cohorts.nodes[1] = NodeInfo(1, 100, False)
-    s._sent = {1: GLOBAL}
     reply = train_reply(1, _shifted(10.0), metrics=reply_metrics(1))
-    judged = s.judge(reply)
-    assert isinstance(judged.verdict, Rejected) and s.verdict(reply) is judged.verdict
+    judged = s.judge(reply, GLOBAL)
+    assert isinstance(judged.verdict, Rejected) and s.verdict(reply, GLOBAL) is judged.verdict
     again = train_reply(1, _shifted(10.0), metrics=reply_metrics(1))  # not judged yet
-    assert isinstance(s.verdict(again), Rejected)
+    assert isinstance(s.verdict(again, GLOBAL), Rejected)
     # what the scorer did before: a verdict of its own, without the bound
     assert isinstance(classify(reply, reference=GLOBAL, nodes=s.cohorts.nodes,
                                partition_sizes=s.partition_sizes), Accepted)
