@@ -117,6 +117,7 @@ def test_a_private_run_on_a_bundled_dataset_learns_within_budget(tmp_path, datas
     assert config["dataset"] == dataset and config["model"] == "logreg"  # auto, resolved
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_a_user_model_by_import_path_trains_privately_end_to_end(tmp_path):
     over = {"dataset": "digits", "data-dir": "", "model": "tests.user_models:small",
             "num-rounds": 10, "fraction-train": 1.0, "target-epsilon": 3.0}
@@ -261,6 +262,7 @@ def test_an_image_folder_without_the_partition_column_is_named(tmp_path):
         load_split(data_config(dataset=f"imagefolder:{tmp_path / 'imgs'}", label_column="label", partition_by="hospital", partitioner="natural"), "train")
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_scattering_features_for_images_of_any_size_and_channels():
     from common.features import feature_shape, scattering
 

@@ -81,6 +81,7 @@ def test_a_failing_client_is_an_error_reply_and_the_run_goes_on(tmp_path):
     assert not by_node[6].has_error()
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_a_worker_that_dies_is_replaced_and_every_message_is_answered():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     with WorkerPool(2, env={}) as pool:
@@ -108,6 +109,7 @@ def test_a_worker_that_dies_is_replaced_and_every_message_is_answered():
                    for p in pids)
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_one_node_runs_one_message_at_a_time_and_keeps_its_state():
     """Messages to one node wait for each other (its context is updated by each in turn)
     while another node's run beside them."""

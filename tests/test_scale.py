@@ -73,6 +73,7 @@ def test_a_run_refuses_to_start_without_the_configured_federation(tmp_path, disc
     assert run.info() is None and not run.rounds()  # nothing planned or recorded
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_iid_partitions_are_flwr_datasets_shards_computed_at_once():
     """The IID split is computed in one pass (flwr-datasets builds one dataset per
     partition: a minute for 100,000), and is exactly what its IidPartitioner gives."""
@@ -247,6 +248,7 @@ def test_bench_scale_runs_clients_on_a_gpu(tmp_path):
     assert figs["rounds"] == 3 and figs["final_accuracy"] > 0.3
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_a_deployed_node_computes_features_of_its_own_records_only(tmp_path, monkeypatch):
     """A deployed node (it keeps its records: cache-records) computes the model's fixed
     features for the records of its partition, not for the whole training set."""
