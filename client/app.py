@@ -8,7 +8,7 @@ records (node discovery), `train` runs one round of DP-SGD under the privacy led
 named steps: decode the request, load the ledger, refuse what the node's policy or the
 weights rule out (before touching data), answer a replayed request from the kept
 reply, plan the spend under the budget, train, release, commit the ledger. With
-secure-aggregation=secagg+ a round is four `train.secagg_*` messages (client/secure.py).
+secure-aggregation=secagg+ a round is five `train.secagg_*` messages (client/secure.py).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def train_and_reply(msg: Message, context: Context, cfg: ExperimentConfig, node:
     return wire.reply(msg, metrics, ledger.history, weights=weights)
 
 
-# Secure aggregation (client/secure.py): four messages of a round, each its own action.
+# Secure aggregation (client/secure.py): five messages of a round, each its own action.
 @app.train(keys.SECAGG_KEYS)
 def secagg_keys(msg: Message, context: Context) -> Message:
     return secure.keys_stage(msg, context, _config(context), _node(context))
@@ -134,6 +134,11 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 @app.train(keys.SECAGG_MASKED)
 def secagg_masked(msg: Message, context: Context) -> Message:
     return secure.masked_stage(msg, context, _config(context), _node(context))
+
+
+@app.train(keys.SECAGG_CONFIRM)
+def secagg_confirm(msg: Message, context: Context) -> Message:
+    return secure.confirm_stage(msg, context, _config(context), _node(context))
 
 
 @app.train(keys.SECAGG_UNMASK)

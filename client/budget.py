@@ -61,18 +61,22 @@ def plan_spend(
 def plan_release(
     ledger: Ledger, *, encoding: ddp.Encoding, priv: PrivacyConfig, planned_rounds: int,
     threshold: int, distributed: bool, client: str, num_examples: int,
-    min_noise_multiplier: float = 0.0, min_share_noise_multiplier: float = 0.0,
+    agreed_noise_multiplier: float = 0.0, min_noise_multiplier: float = 0.0,
+    min_share_noise_multiplier: float = 0.0, max_epsilon_alone: float = math.inf,
 ) -> privacy.ReleasePlan:
     """This round's integer release under secure aggregation, within the budget.
 
     The Skellam noise multiplier z (noise std over the rounded L2 sensitivity) is fixed
     once per client like sigma, calibrated for `planned_rounds` releases (or taken from
-    noise-multiplier; never below the node's floor). The sum must carry mu = (z l2)^2:
-    with distributed noise each client adds mu / threshold, so that any `threshold`
-    survivors together add mu; with local noise each adds mu itself. The node's share
-    floor raises its own share to at least (min_share_noise_multiplier * l2)^2, so that
-    its release alone keeps a stated epsilon (`privacy.epsilon_alone`). The ledger
-    records mu (the least the sum carries when the round completes) and the share.
+    noise-multiplier; never below the node's floor): its ledger needs the sum to carry
+    mu = (z l2)^2. With distributed noise the cohort signed one agreed level z_a, so every
+    other of the `threshold` survivors the sum holds adds at least a = (z_a l2)^2 / t; this
+    client adds share = max(a, mu - (t - 1) a) and records share + (t - 1) a >= mu:
+    nothing it records depends on what the server told anyone else (an agreed level below
+    its need makes it add the difference itself). With local noise it adds and records mu.
+    The node's share floor raises its share to (min_share_noise_multiplier * l2)^2, and its
+    `max_epsilon_alone` bounds the epsilon of its releases with only its own shares
+    (`privacy.epsilon_alone`: what it keeps against a server with colluding members).
     Raises BudgetExceeded."""
     priv.check_delta(num_examples, client=client)
     l1, l2 = encoding.rounded_l1_bound, encoding.rounded_l2_bound
@@ -82,16 +86,29 @@ def plan_release(
                                       target_delta=priv.target_delta, l1=l1, l2=l2,
                                       steps=planned_rounds, prior=ledger.history)
     ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
-    mu = (ledger.noise_multiplier * l2) ** 2
-    share = mu / threshold if distributed else mu
-    share = max(share, (min_share_noise_multiplier * l2) ** 2)
-    mu = max(mu, share)
+    need = (ledger.noise_multiplier * l2) ** 2
+    floor = (min_share_noise_multiplier * l2) ** 2
+    if distributed:
+        others = (agreed_noise_multiplier * l2) ** 2 / threshold  # each other survivor's least
+        share = max(others, need - (threshold - 1) * others, floor)
+        mu = share + (threshold - 1) * others
+    else:
+        share = mu = max(need, floor)
+    problem = ddp.skellam_problem(share)
+    if problem:
+        raise BudgetExceeded(f"{client}: {problem}; it does not train")
     entry = (privacy.SKELLAM, mu, l1, l2, share, 1)
     before = privacy.epsilon(ledger.history, priv.target_delta)
     after = privacy.epsilon([*ledger.history, entry], priv.target_delta)
     if after > priv.target_epsilon:
         raise BudgetExceeded(f"{client} would reach epsilon={after:.3f} > budget "
                              f"{priv.target_epsilon} (spent {before:.3f}); it does not train")
+    alone = privacy.epsilon_alone([*ledger.history, entry], priv.target_delta)
+    if alone > max_epsilon_alone:
+        raise BudgetExceeded(
+            f"{client}'s releases with only its own noise would reach epsilon={alone:.3f} > "
+            f"node max-epsilon-alone={max_epsilon_alone:g} (what it keeps if the server and "
+            "colluding members unmask its release); it does not train")
     return privacy.ReleasePlan(
-        noise_multiplier=ledger.noise_multiplier, mu=mu, mu_share=share, l1=l1, l2=l2,
+        noise_multiplier=math.sqrt(mu) / l2, mu=mu, mu_share=share, l1=l1, l2=l2,
         epsilon_before=before, epsilon_after=after)

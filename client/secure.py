@@ -1,14 +1,21 @@
-"""The client's side of a secure-aggregation round (SecAgg+ with an integer release).
+"""The client's side of a secure-aggregation round (SecAgg+ with an integer release),
+against a server that may tell every client a story of its own.
 
-Four messages from the server, each answered from this node's own state between them
+Five messages from the server, each answered from this node's own state between them
 (`Context.state`; its secrets never leave the node):
-1. keys: fresh key pairs for this round -> its two public keys;
-2. shares: the cohort's public keys -> Shamir shares of its secrets, encrypted per peer;
-3. masked: the global model and the shares sent to it -> its integer release (one
-   full-batch DP-SGD step, clipped per record, rounded, plus its Skellam noise share),
-   planned and recorded in the ledger before it is masked and sent;
-4. unmask: who survived and who dropped -> the shares that remove the masks of the sum,
-   never both of one client's secrets, never with fewer survivors than the threshold.
+1. keys: fresh key pairs for this round -> its two public keys and record count, signed
+   with its identity key (node config identity-key);
+2. shares: the view (every member's signed keys, the round's parameters) -> checked
+   against the node's roster and policy (members, signatures, cohort size, threshold,
+   field, scale, clip, the agreed noise), then Shamir shares of its secrets, encrypted
+   per member and bound to the view's digest;
+3. masked: the global model and the shares sent to it (each under the same view) -> its
+   integer release (one full-batch DP-SGD step, clipped per record, rounded, plus its
+   own Skellam noise share), planned against the agreed noise and recorded in the ledger
+   before it is masked and sent;
+4. confirm: the survivor set -> its signature of (view, survivors), once a round;
+5. unmask: the survivors' signatures -> the shares that remove the masks of the sum,
+   only when at least the threshold of survivors signed the same view and survivors.
 Refusals (policy, budget, model) are decided before any data is read, as in train.
 """
 
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -24,15 +33,15 @@ from client import requests, selection, wire
 from client.budget import plan_release
 from client.ledger import held_ledger, save_ledger
 from client.trainer import integer_gradient_sum, resolve_device
-from common import ddp, keys
+from common import ddp, keys, roster
 from common.config import ExperimentConfig
-from common.errors import BudgetExceeded
+from common.errors import BudgetExceeded, ConfigError
 from common.models import parameter_names
 from common.node import NodeConfig
-from common.secagg import Participant, ProtocolError, PublicKeys
+from common.secagg import Advert, Participant, ProtocolError, View, survivors_body
 
 STATE_KEY = "dpfl-secagg"
-MAX_SCALE = 2.0**62
+VIEW_KEY = "dpfl-secagg-view"
 
 
 def wire_dtype(bits: int) -> type:
@@ -70,26 +79,116 @@ def _reply(msg: Message, **config: str) -> Message:
     return Message(content=RecordDict({keys.CONFIG: ConfigRecord(dict(config))}), reply_to=msg)
 
 
+@lru_cache(maxsize=16)
+def _load_identity(path: str, mtime: float) -> roster.PrivateKey:
+    return roster.load_identity(path)
+
+
+@lru_cache(maxsize=16)
+def _load_roster(path: str, mtime: float, issuer: str) -> roster.Roster:
+    return roster.Roster.load(path, issuer)
+
+
+def _mtime(path: Path, key: str) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError as exc:
+        raise ConfigError(f"node config {key}: cannot read {path} ({exc.strerror})") from exc
+
+
+def identity(node: NodeConfig) -> roster.PrivateKey:
+    """This node's identity key (node config identity-key, or identity-dir in simulation)."""
+    path = node.identity_file
+    if path is None:
+        raise ConfigError("secure aggregation needs this node's identity key: node config "
+                          "identity-key (a deployed node's authentication key) is not set")
+    return _load_identity(str(path), _mtime(path, "identity-key"))
+
+
+def members(node: NodeConfig) -> roster.Roster:
+    """The federation's roster as this node's operator gave it (node config roster)."""
+    if not node.roster:
+        raise ConfigError("secure aggregation needs the federation's roster: node config "
+                          "roster (members' identity public keys) is not set")
+    path = Path(node.roster).expanduser()
+    return _load_roster(str(path), _mtime(path, "roster"), node.roster_issuer)
+
+
 def keys_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
                ) -> Message:
     _require(cfg)
-    participant = Participant(cid=node.partition_id, server_round=_round_of(msg),
+    key, trusted = identity(node), members(node)
+    own = trusted.key_of(node.partition_id)
+    if own is None or roster.openssh(own) != roster.openssh(key.public_key()):
+        raise ConfigError(f"node config roster does not list this node's identity key as "
+                          f"partition {node.partition_id}")
+    server_round = _round_of(msg)
+    participant = Participant(cid=node.partition_id, server_round=server_round,
                               bits=cfg.secure.secagg_bits)
     _save(context, participant)
-    pk = participant.advertise()
-    return _reply(msg, **{keys.PUBLIC_KEYS: json.dumps([pk.c.hex(), pk.s.hex()])})
+    advert = Advert(node.partition_id, participant.advertise(),
+                    selection.num_examples(cfg, node))
+    signed = Advert(advert.partition, advert.keys, advert.records,
+                    roster.sign(key, "round-keys", advert.body(server_round)))
+    return _reply(msg, **{keys.PUBLIC_KEYS: json.dumps(signed.to_json())})
+
+
+def view_problem(view: View, cfg: ExperimentConfig, node: NodeConfig, trusted: roster.Roster,
+                 server_round: int) -> str | None:
+    """Why this node will not share its secrets under `view`, or None. Everything its
+    guarantee depends on is in the view, and every member signed its own keys."""
+    p, k = view.params, len(view.adverts)
+    for a in view.adverts:
+        if trusted.key_of(a.partition) is None:
+            return f"member {a.partition} is not on this node's roster"
+        if not trusted.verify(a.partition, "round-keys", a.body(server_round), a.signature):
+            return f"member {a.partition}'s round keys are not signed by its identity key"
+    if p.server_round != server_round:
+        return f"the view is for round {p.server_round}, the request for {server_round}"
+    if k < max(node.min_secagg_cohort, 2):
+        return f"a cohort of {k}, smaller than node min-secagg-cohort={node.min_secagg_cohort}"
+    least = max(k // 2 + 1, cfg.secure.threshold(k),
+                math.ceil(node.min_secagg_threshold * k - 1e-9))
+    if not least <= p.threshold <= k:
+        return (f"threshold {p.threshold} of a cohort of {k}: this node needs at least {least} "
+                "(above half the cohort, the run's secagg-threshold and node "
+                "min-secagg-threshold)")
+    if p.bits != cfg.secure.secagg_bits or p.clip != cfg.privacy.max_grad_norm:
+        return (f"bits {p.bits} and clip {p.clip:g} differ from the run's secagg-bits "
+                f"{cfg.secure.secagg_bits} and max-grad-norm {cfg.privacy.max_grad_norm:g}")
+    if not (0 < p.scale < math.inf and p.dim >= 1 and 0 <= p.noise_multiplier < math.inf):
+        return f"scale {p.scale!r}, dimension {p.dim!r} or noise {p.noise_multiplier!r} unusable"
+    l2 = ddp.Encoding(clip=p.clip, scale=p.scale, dim=p.dim).rounded_l2_bound
+    agreed = (p.noise_multiplier * l2) ** 2
+    # honest members add about the agreed level each (more when their ledgers need it)
+    return ddp.field_problem(bits=p.bits, scale=p.scale, clip=p.clip, records=view.records,
+                             members=k, noise_variance=4.0 * agreed * k / p.threshold)
 
 
 def shares_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
                  ) -> Message:
     _require(cfg)
-    participant = _load(context, _round_of(msg))
-    raw = json.loads(str(msg.content[keys.CONFIG][keys.PUBLIC_KEYS]))
-    peers = {int(p): PublicKeys(bytes.fromhex(c), bytes.fromhex(s)) for p, (c, s) in raw.items()}
-    # The threshold is the client's own, from the run config and the cohort's size.
-    boxes = participant.share(peers, cfg.secure.threshold(len(peers)))
+    server_round = _round_of(msg)
+    participant = _load(context, server_round)
+    try:
+        view = View.from_json(str(msg.content[keys.CONFIG][keys.VIEW]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"round {server_round}: the view is unreadable ({exc!r})") from exc
+    problem = view_problem(view, cfg, node, members(node), server_round)
+    if problem:
+        raise ProtocolError(f"round {server_round}: {problem}; this node shares nothing")
+    boxes = participant.share(view)
     _save(context, participant)
+    context.state.config_records[VIEW_KEY] = ConfigRecord({"json": view.to_json()})
     return _reply(msg, **{keys.SHARES: json.dumps({str(j): ct.decode() for j, ct in boxes.items()})})
+
+
+def _view(context: Context, participant: Participant) -> View:
+    record = context.state.config_records.get(VIEW_KEY)
+    view = View.from_json(str(record["json"])) if record is not None else None
+    if view is None or view.digest() != participant.view:
+        raise ProtocolError(f"round {participant.server_round}: this node holds no view")
+    return view
 
 
 def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
@@ -102,27 +201,30 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     # One spender at a time: the node's ledger is held from here to the synced save.
     with held_ledger(context, node, request.known_history) as ledger:
         problem = requests.request_problem(cfg, node, request)
-        scale = keys.number(config[keys.SCALE], keys.SCALE)
-        if not problem and not (0 < scale <= MAX_SCALE):
-            problem = f"scale={scale!r} must be in (0, {MAX_SCALE:g}]"
         if problem:
             return requests.refusal(msg, ledger, cfg, node, f"{problem}; round "
                                     f"{request.server_round} refused, nothing spent")
         participant = _load(context, request.server_round)
+        params = _view(context, participant).params
         shares = json.loads(str(config[keys.SHARES]))
         participant.receive({int(i): ct.encode() for i, ct in shares.items()})
         participant.check_ready()  # before any data is read or budget spent
         data = selection.records_for(cfg, node)
         names = parameter_names(cfg.train.model, data.shape, data.num_classes)
-        encoding = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale,
-                                dim=sum(request.weights[n].size for n in names))
+        dim = sum(request.weights[n].size for n in names)
+        if dim != params.dim:
+            raise ProtocolError(f"round {request.server_round}: the model has {dim} "
+                                f"parameters, the view says {params.dim}")
+        encoding = ddp.Encoding(clip=params.clip, scale=params.scale, dim=dim)
         try:
             plan = plan_release(
                 ledger, encoding=encoding, priv=cfg.privacy,
-                planned_rounds=int(request.planned_rounds), threshold=participant.threshold,
+                planned_rounds=int(request.planned_rounds), threshold=params.threshold,
                 distributed=cfg.secure.noise == "distributed", client=f"client {node.partition_id}",
-                num_examples=len(data), min_noise_multiplier=node.min_noise_multiplier,
-                min_share_noise_multiplier=node.min_share_noise_multiplier)
+                num_examples=len(data), agreed_noise_multiplier=params.noise_multiplier,
+                min_noise_multiplier=node.min_noise_multiplier,
+                min_share_noise_multiplier=node.min_share_noise_multiplier,
+                max_epsilon_alone=node.max_epsilon_alone)
         except BudgetExceeded as exc:
             save_ledger(context, ledger, node.ledger_file)
             return requests.refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
@@ -146,14 +248,30 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
     return out
 
 
+def confirm_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
+                  ) -> Message:
+    """The consistency check: sign the survivor set under this node's view, once."""
+    _require(cfg)
+    participant = _load(context, _round_of(msg))
+    survivors = [int(i) for i in json.loads(str(msg.content[keys.CONFIG][keys.SURVIVORS]))]
+    body = participant.confirm(survivors)  # marks the round confirmed
+    _save(context, participant)
+    return _reply(msg, **{keys.SIGNATURE: roster.sign(identity(node), "survivors", body)})
+
+
 def unmask_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
                  ) -> Message:
+    """Reveal only when at least t survivors signed the same view and survivor set."""
     _require(cfg)
     config = msg.content[keys.CONFIG]
     participant = _load(context, _round_of(msg))
-    survivors = [int(i) for i in json.loads(str(config[keys.SURVIVORS]))]
-    dropped = [int(i) for i in json.loads(str(config[keys.DROPPED]))]
-    revealed = participant.reveal(survivors, dropped)  # marks the round revealed
+    signatures = {int(i): str(v) for i, v in json.loads(str(config[keys.SIGNATURES])).items()}
+    confirmed = participant.confirmed
+    body = survivors_body(participant.view, participant.server_round, confirmed)
+    trusted = members(node)
+    signers = [i for i, sig in signatures.items()
+               if i in confirmed and trusted.verify(i, "survivors", body, sig)]
+    revealed = participant.reveal(signers)  # marks the round revealed
     _save(context, participant)
     return _reply(msg, **{keys.REVEALED: json.dumps(
         {str(j): [kind, share.hex()] for j, (kind, share) in revealed.items()})})

@@ -78,13 +78,83 @@ def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.floor(values + rng.random(values.shape)).astype(np.int64)
 
 
+# numpy's Poisson sampler is asked for means up to POISSON_PIECE only: a larger mean is
+# drawn as a sum of equal pieces (a sum of independent Poissons is exactly Poisson). At
+# 2^32 its candidate floor((2a/us + b) U + lam + 0.43) still has 2^-20 resolution and
+# its acceptance test's float64 error is below 1e-5 in log density; beyond 2^53 its
+# draws fall on a lattice (step 4 at 2e16) and the low bits of a sum carry no noise.
+POISSON_PIECE = 2.0**32
+MAX_POISSON_PIECES = 512  # a share beyond 512 pieces (mean 2^41) is refused, not drawn
+# the sum's noise stays inside its margin (TAIL_SIGMAS std + TAIL_EXTRA) with probability
+# below 1e-40 a coordinate (Bernstein's inequality for a sum of centred Poissons)
+TAIL_SIGMAS, TAIL_EXTRA = 20.0, 60.0
+
+
+# an honest server keeps the agreed share's Poisson means near 2^36 (16 pieces) at most,
+# so that a member whose own ledger needs 32x the agreed noise can still draw it exactly
+AGREED_POISSON_MEAN = 2.0**36
+
+
+def scale_cap(*, noise_multiplier: float, clip: float, dim: int, shares: int) -> float:
+    """The largest integer scale at which a share of the agreed noise (noise multiplier
+    z over the rounded L2 sensitivity, split into `shares` shares) keeps each Poisson's
+    mean within AGREED_POISSON_MEAN. Precision below the noise buys nothing: the cap only
+    binds where the field would give units far finer than the noise's std."""
+    if noise_multiplier <= 0:
+        return math.inf
+    l2 = math.sqrt(2 * AGREED_POISSON_MEAN * shares) / noise_multiplier
+    return max(l2 - math.sqrt(dim), math.sqrt(dim)) / clip
+
+
+def poisson(lam: float, shape: int | Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Poisson(lam) (int64), from draws of mean at most POISSON_PIECE."""
+    if not (0 <= lam <= POISSON_PIECE * MAX_POISSON_PIECES):
+        raise ValueError(f"Poisson mean {lam!r} must be in [0, 2^32 * {MAX_POISSON_PIECES}]")
+    pieces = max(1, math.ceil(lam / POISSON_PIECE))
+    out = rng.poisson(lam / pieces, size=shape).astype(np.int64)
+    for _ in range(pieces - 1):
+        out += rng.poisson(lam / pieces, size=shape)
+    return out
+
+
+def skellam_problem(mu: float) -> str | None:
+    """Why Skellam noise of variance `mu` cannot be drawn exactly, or None."""
+    if not (0 <= mu < math.inf):
+        return f"Skellam variance {mu!r} must be finite and >= 0"
+    if mu / 2 > POISSON_PIECE * MAX_POISSON_PIECES:
+        return (f"a noise share of variance {mu:.3g} is beyond what is drawn exactly "
+                f"({2 * POISSON_PIECE * MAX_POISSON_PIECES:.3g}): the integer scale is too "
+                "large (fewer secagg-bits)")
+    return None
+
+
 def skellam(mu: float, shape: int | Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Symmetric Skellam noise of variance `mu` per coordinate (int64; zeros for mu=0)."""
-    if mu < 0 or not math.isfinite(mu):
-        raise ValueError(f"Skellam variance {mu!r} must be finite and >= 0")
+    """Symmetric Skellam noise of variance `mu` per coordinate (int64; zeros for mu=0):
+    Poisson(mu/2) - Poisson(mu/2), each drawn exactly (`poisson`)."""
+    problem = skellam_problem(mu)
+    if problem:
+        raise ValueError(problem)
     if mu == 0:
         return np.zeros(shape, dtype=np.int64)
-    return rng.poisson(mu / 2, size=shape).astype(np.int64) - rng.poisson(mu / 2, size=shape).astype(np.int64)
+    return poisson(mu / 2, shape, rng) - poisson(mu / 2, shape, rng)
+
+
+def field_problem(*, bits: int, scale: float, clip: float, records: int, members: int,
+                  noise_variance: float) -> str | None:
+    """Why a field of `bits` could wrap the sum of `members` honest releases, or None.
+    The cohort's clipped gradients sum to L2 norm <= clip * records, so no coordinate of
+    the scaled sum exceeds scale * clip * records; rounding adds under 1 a member; the
+    noise (total variance `noise_variance`) stays within its tail margin. All of it must
+    fit in half the field (the sum is read back centred)."""
+    worst = (scale * clip * records + members
+             + TAIL_SIGMAS * math.sqrt(max(noise_variance, 0.0)) + TAIL_EXTRA)
+    if not (2 <= bits <= 62):
+        return f"secagg-bits={bits} must be in [2, 62]"
+    if not math.isfinite(worst) or worst >= 2.0 ** (bits - 1):
+        return (f"a sum of {members} releases ({records} records, scale {scale:.6g}, clip "
+                f"{clip:g}, noise variance {noise_variance:.3g}) could reach {worst:.3g}, beyond "
+                f"the {bits}-bit field's {2.0 ** (bits - 1):.3g}: it could wrap")
+    return None
 
 
 def wrap(values: np.ndarray, bits: int) -> np.ndarray:

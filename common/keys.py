@@ -49,17 +49,19 @@ def number(value: object, key: str) -> float:
         raise ValueError(f"{key}={value!r} is not a number")
     return float(value)
 
-# Secure aggregation (SecAgg+): one round is four messages of category train, each with
+# Secure aggregation (SecAgg+): one round is five messages of category train, each with
 # its action (message type "train.<action>"), in this order.
-SECAGG_KEYS = "secagg_keys"  # -> the client's two public keys
-SECAGG_SHARES = "secagg_shares"  # all public keys -> encrypted shares, one per peer
+SECAGG_KEYS = "secagg_keys"  # -> the client's signed advert: public keys, record count
+SECAGG_SHARES = "secagg_shares"  # the view -> encrypted shares, one per member
 SECAGG_MASKED = "secagg_masked"  # model + shares for it -> the masked integer release
-SECAGG_UNMASK = "secagg_unmask"  # survivors and dropped -> the shares that unmask the sum
-SECAGG_STAGES = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASKED, SECAGG_UNMASK)
-PUBLIC_KEYS = "public-keys"  # {partition: [c hex, s hex]} (JSON), or one client's [c, s]
+SECAGG_CONFIRM = "secagg_confirm"  # survivors -> its signature of (view, survivors)
+SECAGG_UNMASK = "secagg_unmask"  # survivors' signatures -> the shares that unmask the sum
+SECAGG_STAGES = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASKED, SECAGG_CONFIRM, SECAGG_UNMASK)
+PUBLIC_KEYS = "public-keys"  # one client's signed advert [c hex, s hex, records, signature]
+VIEW = "view"  # the round's parameters and every member's signed advert (JSON)
 SHARES = "shares"  # {partition: Fernet token} (JSON)
-SCALE = "scale"  # integer units per unit of clipped gradient
 SURVIVORS = "survivors"  # JSON list of partitions
-DROPPED = "dropped"
+SIGNATURE = "signature"  # one member's signature of (view, survivors), hex
+SIGNATURES = "signatures"  # {partition: signature hex} (JSON)
 REVEALED = "revealed"  # {partition: [kind, share hex]} (JSON)
 MASKED = "masked"  # the ArrayRecord key of the masked vector

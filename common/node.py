@@ -80,6 +80,19 @@ class NodeConfig:
     # secure aggregation: the least noise of its own share (noise std over the rounded
     # sensitivity), so that its release alone keeps a stated epsilon
     min_share_noise_multiplier: float = 0.0
+    # ... and the epsilon of its releases with only its own shares, composed over its
+    # history (what it keeps if the server and colluding members unmask its release);
+    # 30: every default federation passes (max-epsilon 8, cohorts of 10, threshold 0.8
+    # reach about 29.7), and an unmasked release is never a loss without a bound
+    max_epsilon_alone: float = 30.0
+    # secure aggregation: the federation's roster (members' identity public keys), this
+    # node's identity key, and the key that must have signed the roster (optional)
+    roster: str = ""
+    identity_key: str = ""
+    identity_dir: str = ""  # simulation: identity-<partition>.key in this folder
+    roster_issuer: str = ""
+    min_secagg_cohort: int = 3  # the smallest cohort it shares secrets with
+    min_secagg_threshold: float = 0.5  # t >= this share of the cohort (always t > K/2)
     max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
     simulated_attacks: bool = False  # only a simulation harness sets this
     # only a simulation harness sets this: read the files (or download the dataset) that
@@ -105,6 +118,15 @@ class NodeConfig:
         check_field(0 <= self.min_share_noise_multiplier < math.inf,
                "node config min-share-noise-multiplier", self.min_share_noise_multiplier,
                "must be >= 0 and finite")
+        check_field(self.max_epsilon_alone > 0, "node config max-epsilon-alone",
+               self.max_epsilon_alone, "must be > 0 (inf: no bound)")
+        check_field(self.min_secagg_cohort >= 2, "node config min-secagg-cohort",
+               self.min_secagg_cohort, "must be >= 2")
+        check_field(0.5 <= self.min_secagg_threshold <= 1, "node config min-secagg-threshold",
+               self.min_secagg_threshold, "must be in [0.5, 1] (the threshold is always above "
+               "half the cohort)")
+        check_field(not (self.identity_key and self.identity_dir), "node config identity-key",
+               self.identity_key, "and identity-dir both name the identity key: set one")
         check_field(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
                "must be > 0 (inf: no bound)")
         check_field(0 <= self.ledger_wait < math.inf, "node config ledger-wait", self.ledger_wait,
@@ -130,6 +152,15 @@ class NodeConfig:
     def own_data(self) -> bool:
         """This node trains on its own records (data-dir or dataset), not a partition."""
         return bool(self.data_dir or self.dataset)
+
+    @property
+    def identity_file(self) -> Path | None:
+        """This node's identity key file (secure aggregation), or None when unset."""
+        if self.identity_key:
+            return Path(self.identity_key).expanduser()
+        if self.identity_dir:
+            return Path(self.identity_dir).expanduser() / f"identity-{self.partition_id}.key"
+        return None
 
     @property
     def ledger_file(self) -> Path | None:

@@ -3,19 +3,27 @@ what each client computes and what the server computes, with Flower's cryptograp
 primitives (ECDH key agreement, authenticated symmetric encryption, Shamir sharing).
 Transport is not here: the round layer carries these values in Flower messages.
 
-Stages of a round over a cohort of clients with ids `cid`:
-1. `Participant.advertise`: two fresh public keys, c (to encrypt shares) and s (masks).
-2. `Participant.share`: Shamir shares (threshold t) of its self-mask seed b and of its
-   mask private key s_sk, one for each peer, encrypted for that peer only.
-3. `Participant.masked`: its integer vector + PRG(b) + sum over peers j of
-   +-PRG(s_ij), modulo 2^bits. Pairwise masks cancel in the sum; the self mask hides a
-   client whose pairwise masks were recovered because it was thought dropped.
-   The peers are those whose shares reached it: clients lost while shares were sent are
-   left out of the masks (at least t must remain).
-4. `Participant.reveal`: for the survivors (who sent a masked vector) their b shares, for
-   the dropped their s_sk shares, never both for one peer, and only when at least t
-   clients survive.
-5. `unmask`: the server sums the survivors' masked vectors and removes the masks it
+Stages of a round over a cohort of clients with ids `cid`, against a server that may
+show each client a story of its own (Bonawitz et al.'s active-adversary variant):
+1. `Participant.advertise`: two fresh public keys, c (to encrypt shares) and s (masks),
+   which the client signs with its identity key with its record count (an `Advert`).
+2. `Participant.share(view)`: the `View` is every member's signed advert and the round's
+   `Params` (threshold t, field bits, scale, clip, dimension, the sum's noise level);
+   the client (having checked every signature against its roster) makes Shamir shares
+   (threshold t) of its self-mask seed b and of its mask private key s_sk, one for each
+   member, encrypted for that member only and naming the view's digest.
+3. `Participant.masked`: its integer vector + PRG(b) + sum over peers j of +-PRG(s_ij),
+   modulo 2^bits. Its peers are those whose shares reached it *for the same view*: a
+   member shown another cohort, threshold or noise level cannot be a peer.
+4. `Participant.confirm(survivors)`: the survivor set U3 it is told, which it signs with
+   the view's digest (once a round): the consistency check.
+5. `Participant.reveal(signers)`: for the survivors their b shares, for the peers not
+   among them their s_sk shares, only when at least t members of U3 signed exactly the
+   same view and U3. Each client signs one U3 and reveals once, and its secrets were
+   shared at threshold t > K/2 among members of its own view: two stories would need 2t
+   signers of that view, more than it has. So no set of shares ever yields both of one
+   client's secrets.
+6. `unmask`: the server sums the survivors' masked vectors and removes the masks it
    rebuilt from t shares. It never holds an individual unmasked vector.
 
 Masks are expanded from 32-byte keys with ChaCha20 (a cryptographic stream cipher), with
@@ -26,6 +34,7 @@ and is not used.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -48,6 +57,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from common.errors import ProtocolError
+from common.roster import statement
 
 
 def prg(key: bytes, server_round: int, size: int, bits: int) -> np.ndarray:
@@ -79,6 +89,98 @@ class PublicKeys:
     s: bytes  # derives this client's pairwise masks
 
 
+@dataclass(frozen=True)
+class Advert:
+    """A member's round keys and record count, as it signed them (`body`)."""
+
+    partition: int
+    keys: PublicKeys
+    records: int
+    signature: str = ""
+
+    def body(self, server_round: int) -> dict:
+        return {"round": server_round, "partition": self.partition, "c": self.keys.c.hex(),
+                "s": self.keys.s.hex(), "records": self.records}
+
+    def to_json(self) -> list:
+        return [self.keys.c.hex(), self.keys.s.hex(), self.records, self.signature]
+
+    @classmethod
+    def from_json(cls, partition: int, raw: list) -> Advert:
+        c, s, records, signature = raw
+        return cls(int(partition), PublicKeys(bytes.fromhex(c), bytes.fromhex(s)),
+                   int(records), str(signature))
+
+
+@dataclass(frozen=True)
+class Params:
+    """What every member's guarantee depends on, one value for the whole cohort: the
+    threshold, the field, the integer scale, the clipping bound and dimension (which fix
+    the release's sensitivity) and the noise the sum of any t survivors must carry, as a
+    noise multiplier (std over the rounded L2 sensitivity)."""
+
+    server_round: int
+    threshold: int
+    bits: int
+    scale: float
+    clip: float
+    dim: int
+    noise_multiplier: float
+
+    def to_json(self) -> dict:
+        return {"round": self.server_round, "threshold": self.threshold, "bits": self.bits,
+                "scale": self.scale, "clip": self.clip, "dim": self.dim,
+                "noise_multiplier": self.noise_multiplier}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> Params:
+        return cls(server_round=int(d["round"]), threshold=int(d["threshold"]),
+                   bits=int(d["bits"]), scale=float(d["scale"]), clip=float(d["clip"]),
+                   dim=int(d["dim"]), noise_multiplier=float(d["noise_multiplier"]))
+
+
+@dataclass(frozen=True)
+class View:
+    """A round as the server tells it to a client: the members' signed adverts and the
+    round's parameters. Its digest is what members sign when they confirm survivors."""
+
+    params: Params
+    adverts: tuple[Advert, ...]
+
+    @property
+    def members(self) -> list[int]:
+        return [a.partition for a in self.adverts]
+
+    @property
+    def keys(self) -> dict[int, PublicKeys]:
+        return {a.partition: a.keys for a in self.adverts}
+
+    @property
+    def records(self) -> int:
+        return sum(a.records for a in self.adverts)
+
+    def to_json(self) -> str:
+        return json.dumps({"params": self.params.to_json(),
+                           "members": {str(a.partition): a.to_json() for a in self.adverts}})
+
+    @classmethod
+    def from_json(cls, text: str) -> View:
+        d = json.loads(text)
+        adverts = sorted((Advert.from_json(int(p), v) for p, v in d["members"].items()),
+                         key=lambda a: a.partition)
+        return cls(Params.from_json(d["params"]), tuple(adverts))
+
+    def digest(self) -> str:
+        return hashlib.sha256(statement("view", {
+            "params": self.params.to_json(),
+            "members": {str(a.partition): a.to_json() for a in self.adverts}})).hexdigest()
+
+
+def survivors_body(digest: str, server_round: int, survivors: Sequence[int]) -> dict:
+    """What a member signs to confirm the survivor set of the view `digest`."""
+    return {"view": digest, "round": server_round, "survivors": sorted(int(i) for i in survivors)}
+
+
 @dataclass
 class Participant:
     """One client's side of one round."""
@@ -92,8 +194,10 @@ class Participant:
     _peers: dict[int, PublicKeys] = field(default_factory=dict, repr=False)
     _held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)  # peer -> (b share, s_sk share)
     threshold: int = 0
+    view: str = ""  # the digest of the view it shared under
     _revealed: bool = False
     _masked_with: tuple[int, ...] = ()  # the peers whose masks its vector carries
+    _confirmed: tuple[int, ...] = ()  # the survivor set it signed
 
     def to_state(self) -> str:
         """Everything this participant holds (its secrets included), as JSON for the
@@ -103,8 +207,8 @@ class Participant:
             "c": [k.hex() for k in self._c], "s": [k.hex() for k in self._s], "b": self._b.hex(),
             "peers": {str(i): [k.c.hex(), k.s.hex()] for i, k in self._peers.items()},
             "held": {str(i): [b.hex(), s.hex()] for i, (b, s) in self._held.items()},
-            "threshold": self.threshold, "revealed": self._revealed,
-            "masked_with": list(self._masked_with)})
+            "threshold": self.threshold, "view": self.view, "revealed": self._revealed,
+            "masked_with": list(self._masked_with), "confirmed": list(self._confirmed)})
 
     @classmethod
     def from_state(cls, text: str) -> Participant:
@@ -114,14 +218,30 @@ class Participant:
                    _c=pair(d["c"]), _s=pair(d["s"]), _b=bytes.fromhex(d["b"]),
                    _peers={int(i): PublicKeys(*pair(v)) for i, v in d["peers"].items()},
                    _held={int(i): pair(v) for i, v in d["held"].items()},
-                   threshold=int(d["threshold"]), _revealed=bool(d["revealed"]),
-                   _masked_with=tuple(int(i) for i in d["masked_with"]))
+                   threshold=int(d["threshold"]), view=str(d["view"]),
+                   _revealed=bool(d["revealed"]),
+                   _masked_with=tuple(int(i) for i in d["masked_with"]),
+                   _confirmed=tuple(int(i) for i in d["confirmed"]))
 
     def advertise(self) -> PublicKeys:
         return PublicKeys(c=self._c[1], s=self._s[1])
 
-    def share(self, peers: Mapping[int, PublicKeys], threshold: int) -> dict[int, bytes]:
-        """Encrypted shares of b and s_sk for every peer (the cohort, this client included)."""
+    @property
+    def confirmed(self) -> list[int]:
+        """The survivor set it signed this round (empty before it confirmed)."""
+        return list(self._confirmed)
+
+    def share(self, view: View) -> dict[int, bytes]:
+        """Encrypted shares of b and s_sk for every member of `view` (this client
+        included), at the view's threshold; once a round. The caller has checked the
+        view's signatures and parameters against its roster and policy."""
+        peers, threshold = view.keys, view.params.threshold
+        if self.view:
+            raise ProtocolError(f"client {self.cid}: it already shared its secrets this round")
+        if view.params.server_round != self.server_round or view.params.bits != self.bits:
+            raise ProtocolError(f"client {self.cid}: the view is for round "
+                                f"{view.params.server_round} with {view.params.bits} bits; its "
+                                f"keys are for round {self.server_round} with {self.bits}")
         if self.cid not in peers or peers[self.cid] != self.advertise():
             raise ProtocolError(f"client {self.cid}: the cohort's keys do not hold its own")
         if len(peers) < 2:
@@ -130,24 +250,32 @@ class Participant:
             # Above half the cohort: a server telling some clients "i survived" and others
             # "i dropped" cannot collect t shares of both of i's secrets (that needs 2t).
             raise ProtocolError(f"threshold {threshold} must be in ({len(peers)}/2, {len(peers)}]")
-        self._peers, self.threshold = dict(peers), threshold
+        self._peers, self.threshold, self.view = dict(peers), threshold, view.digest()
         ids = sorted(peers)
         b_shares = create_shares(self._b, threshold, len(ids))
         s_shares = create_shares(self._s[0], threshold, len(ids))
         out = {}
         for j, b_share, s_share in zip(ids, b_shares, s_shares, strict=True):
-            text = json.dumps({"from": self.cid, "to": j, "b": b_share.hex(), "s": s_share.hex()})
+            text = json.dumps({"from": self.cid, "to": j, "view": self.view,
+                               "b": b_share.hex(), "s": s_share.hex()})
             out[j] = encrypt(_fernet_key(self._c[0], peers[j].c), text.encode())
         return out
 
     def receive(self, ciphertexts: Mapping[int, bytes]) -> None:
-        """Shares addressed to this client (by sender); each must decrypt and say so."""
+        """Shares addressed to this client (by sender); each must decrypt, say so, and
+        name the view this client shared under (a sender shown another story is no peer)."""
+        if not self.view:
+            raise ProtocolError(f"client {self.cid}: it has shared nothing this round")
         for i, ct in ciphertexts.items():
             if i not in self._peers:
                 raise ProtocolError(f"client {self.cid}: a share from {i}, not in the cohort")
             d = json.loads(decrypt(_fernet_key(self._c[0], self._peers[i].c), ct))
             if d["from"] != i or d["to"] != self.cid:
                 raise ProtocolError(f"client {self.cid}: a share from {i} is misaddressed")
+            if d.get("view") != self.view:
+                raise ProtocolError(f"client {self.cid}: client {i} shared under another view "
+                                    "of the round (the server told it another cohort or "
+                                    "parameters)")
             self._held[i] = (bytes.fromhex(d["b"]), bytes.fromhex(d["s"]))
 
     def check_ready(self) -> None:
@@ -178,28 +306,43 @@ class Participant:
             out = (out + pair if self.cid < j else out - pair) & m
         return out
 
-    def reveal(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, tuple[str, bytes]]:
-        """Shares the server needs to unmask the survivors' sum: b for survivors, s_sk for
-        the dropped. Refused when a peer is in both lists, is unknown, fewer than the
-        threshold survive, or the server asks twice."""
-        alive, gone = set(survivors), set(dropped)
-        if self._revealed:
-            raise ProtocolError(f"client {self.cid}: shares were already revealed this round")
+    def confirm(self, survivors: Sequence[int]) -> dict:
+        """The survivor set this client signs (`survivors_body`): all among its peers,
+        itself included, at least the threshold; once a round."""
+        alive = sorted(set(int(i) for i in survivors))
         if not self._masked_with:
             raise ProtocolError(f"client {self.cid}: it has masked nothing this round")
-        if alive & gone or alive | gone != set(self._masked_with):
-            raise ProtocolError(f"client {self.cid}: survivors and dropped must split the cohort "
-                                "it masked with")
+        if self._confirmed:
+            raise ProtocolError(f"client {self.cid}: it already confirmed survivors this round")
+        if not set(alive) <= set(self._masked_with):
+            raise ProtocolError(f"client {self.cid}: survivors {sorted(set(alive) - set(self._masked_with))} "
+                                "are not among the peers it masked with")
         if self.cid not in alive:
-            raise ProtocolError(f"client {self.cid}: listed as dropped, so it reveals nothing")
+            raise ProtocolError(f"client {self.cid}: listed as dropped, so it confirms nothing")
         if len(alive) < self.threshold:
             raise ProtocolError(f"only {len(alive)} survivors, fewer than the threshold {self.threshold}")
+        self._confirmed = tuple(alive)
+        return survivors_body(self.view, self.server_round, alive)
+
+    def reveal(self, signers: Sequence[int]) -> dict[int, tuple[str, bytes]]:
+        """Shares the server needs to unmask the confirmed survivors' sum: b for the
+        survivors, s_sk for its other peers. Only when at least the threshold of the
+        survivors signed the same survivor set under the same view (`signers`: those
+        whose signatures the caller verified), and once."""
+        if self._revealed:
+            raise ProtocolError(f"client {self.cid}: shares were already revealed this round")
+        if not self._confirmed:
+            raise ProtocolError(f"client {self.cid}: it has confirmed no survivors this round")
+        valid = set(signers) & set(self._confirmed)
+        if len(valid) < self.threshold:
+            raise ProtocolError(f"client {self.cid}: {len(valid)} survivor(s) signed the same "
+                                f"survivors and view, fewer than the threshold {self.threshold}: "
+                                "it reveals nothing")
         self._revealed = True
+        alive = set(self._confirmed)
         out: dict[int, tuple[str, bytes]] = {}
-        for j in alive:
-            out[j] = ("b", self._held[j][0])
-        for j in gone:
-            out[j] = ("s", self._held[j][1])
+        for j in self._masked_with:
+            out[j] = ("b", self._held[j][0]) if j in alive else ("s", self._held[j][1])
         return out
 
 

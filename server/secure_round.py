@@ -26,12 +26,12 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common import keys
+from common import ddp, keys, privacy
 from common.arrays import to_array_record
 from common.config import ExperimentConfig
 from common.data import input_spec
 from common.models import MODEL_FEATURES, parameter_names
-from common.secagg import ProtocolError, PublicKeys, unmask
+from common.secagg import Advert, Params, ProtocolError, PublicKeys, View, unmask
 from server import wire
 from server.audit import CanaryScorer
 from server.cohorts import Cohort
@@ -53,6 +53,8 @@ class Held:
     total: np.ndarray | None = None
     scale: float = 0.0
     records: dict[int, int] = field(default_factory=dict)  # declared record counts
+    view: View | None = None  # the view the server sent (every member the same)
+    signatures: dict[int, str] = field(default_factory=dict)  # survivors' confirmations
 
     def arrays(self) -> dict[str, np.ndarray]:
         """As named arrays (keep-transcript): masked-<partition>, total, and the keys and
@@ -63,7 +65,9 @@ class Held:
         meta = {"scale": self.scale, "records": {str(p): n for p, n in self.records.items()},
                 "public_keys": {str(p): [k.c.hex(), k.s.hex()] for p, k in self.public_keys.items()},
                 "shares": {str(i): v for i, v in self.shares.items()},
-                "revealed": [{str(j): [k, b.hex()] for j, (k, b) in r.items()} for r in self.revealed]}
+                "revealed": [{str(j): [k, b.hex()] for j, (k, b) in r.items()} for r in self.revealed],
+                "view": self.view.to_json() if self.view is not None else None,
+                "signatures": {str(p): v for p, v in self.signatures.items()}}
         out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         return out
 
@@ -99,6 +103,7 @@ class SecureExchange:
             cfg.train.model, *input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, "")))
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
+        self._agreed: float | None = None
 
     def transcript(self) -> dict[str, np.ndarray]:
         return self.held.arrays()
@@ -143,9 +148,38 @@ class SecureExchange:
                                  for n, _ in cohort.members], out)
         return _Started(cohort, model, planned, sent)
 
+    def agreed_noise(self, encoding: ddp.Encoding, planned: int) -> float:
+        """The noise multiplier the cohort is asked to agree on: noise-multiplier, or a
+        fresh client's calibration for `planned` releases (fixed for the run at its first
+        secure round, as each client fixes its own)."""
+        priv = self.cfg.privacy
+        if priv.noise_multiplier > 0:
+            return priv.noise_multiplier
+        if self._agreed is None:
+            self._agreed = privacy.calibrate_skellam(
+                target_epsilon=priv.target_epsilon, target_delta=priv.target_delta,
+                l1=encoding.rounded_l1_bound, l2=encoding.rounded_l2_bound, steps=planned)
+        return self._agreed
+
+    def view_for(self, server_round: int, adverts: list[Advert], dim: int, planned: int
+                 ) -> View:
+        """The round as this server tells every member: their signed adverts and one set
+        of parameters (the run's threshold, field and clip; the scale for the cohort's
+        records, capped where it would be finer than the noise; the agreed noise)."""
+        clip, threshold = self.cfg.privacy.max_grad_norm, self.cfg.secure.threshold(len(adverts))
+        scale = scale_for(self.cfg, sum(a.records for a in adverts))
+        z = self.agreed_noise(ddp.Encoding(clip=clip, scale=scale, dim=dim), planned)
+        shares = threshold if self.cfg.secure.noise == "distributed" else 1
+        scale = min(scale, ddp.scale_cap(noise_multiplier=z, clip=clip, dim=dim, shares=shares))
+        params = Params(server_round=server_round, threshold=threshold,
+                        bits=self.cfg.secure.secagg_bits, scale=scale, clip=clip, dim=dim,
+                        noise_multiplier=z)
+        return View(params, tuple(sorted(adverts, key=lambda a: a.partition)))
+
     def collect(self, server_round: int, started: _Started) -> dict[str, np.ndarray] | None:
-        """Stages 1-4 in: the cohort's average, or None (the model is kept) when the round
-        cannot complete: fewer than the threshold survive, or the sum cannot be unmasked."""
+        """Stages 1-5 in: the cohort's average, or None (the model is kept) when the round
+        cannot complete: fewer than the threshold survive or confirm, or the sum cannot be
+        unmasked."""
         s, held, model, planned = self.strategy, self.held, started.model, started.planned
         grid = started.keys_sent.grid
         out = s.outcomes[server_round]
@@ -153,23 +187,24 @@ class SecureExchange:
         pid_of = dict(cohort.members)
         node_of = {p: n for n, p in cohort.members}
         rnd = {keys.SERVER_ROUND: server_round}
-        bits = self.cfg.secure.secagg_bits
 
-        got = self._replies(started.keys_sent, out, "keys")
-        for node, r in got.items():
+        adverts: dict[int, Advert] = {}
+        for node, r in self._replies(started.keys_sent, out, "keys").items():
             try:
-                c, k = json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS]))
-                held.public_keys[pid_of[node]] = PublicKeys(bytes.fromhex(c), bytes.fromhex(k))
+                adverts[pid_of[node]] = Advert.from_json(
+                    pid_of[node], json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS])))
             except (KeyError, ValueError, TypeError) as exc:
                 out.reasons.append(f"keys: node {node}: unreadable reply ({exc})")
-        u1 = sorted(held.public_keys)
+        u1 = sorted(adverts)
         if len(u1) < self.cfg.federation.min_train_clients:
             return self._fail(out, f"only {len(u1)} client(s) sent keys")
-        threshold = self.cfg.secure.threshold(len(u1))
-        peers = json.dumps({str(p): [held.public_keys[p].c.hex(), held.public_keys[p].s.hex()]
-                            for p in u1})
+        held.public_keys = {p: adverts[p].keys for p in u1}
+        dim = sum(model[n].size for n in self.names)
+        held.view = view = self.view_for(server_round, [adverts[p] for p in u1], dim, planned)
+        params, threshold, scale = view.params, view.params.threshold, view.params.scale
+        text = view.to_json()
         got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_SHARES,
-                                        {**rnd, keys.PUBLIC_KEYS: peers}) for p in u1], out, "shares")
+                                             {**rnd, keys.VIEW: text}) for p in u1], out, "shares")
         for node, r in got.items():
             try:
                 boxes = {int(j): str(t) for j, t in
@@ -184,19 +219,16 @@ class SecureExchange:
             return self._fail(out, f"{len(u2)} client(s) sent shares, fewer than "
                               f"the threshold {threshold}")
 
-        sizes = {p: s.cohorts.nodes[node_of[p]].num_examples for p in u2}
-        scale = scale_for(self.cfg, sum(sizes.values()))
+        sizes = {p: adverts[p].records for p in u2}
         held.scale, held.records = scale, sizes
         arrays = to_array_record(model)
         msgs = []
         for p in u2:
             config = train_config(server_round=server_round, planned_rounds=planned,
                                   known_history=s.privacy.history(p))
-            config[keys.SCALE] = scale
             config[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
             msgs.append(stage_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
         got = self._ask(grid, msgs, out, "masked")
-        dim = sum(model[n].size for n in self.names)
         heard = set()
         for node, r in got.items():
             decoded = decode(r, reference=None, nodes=s.cohorts.nodes,
@@ -206,7 +238,7 @@ class SecureExchange:
                 s.privacy.record(reported)
                 heard.add(reported.partition_id)
             rejected = decoded.verdict if isinstance(decoded.verdict, Rejected) else None
-            problem = rejected.reason if rejected else _masked_problem(r, dim, bits)
+            problem = rejected.reason if rejected else _masked_problem(r, dim, params.bits)
             if rejected is not None and rejected.kind == "refused":
                 out.refused += 1
                 out.reasons.append(rejected.reason)
@@ -226,9 +258,20 @@ class SecureExchange:
             return self._fail(out, f"{len(u3)} masked release(s), fewer than the "
                               f"threshold {threshold}: nothing can be unmasked")
 
-        dropped = sorted(set(u2) - set(u3))
-        who = {keys.SURVIVORS: json.dumps(u3), keys.DROPPED: json.dumps(dropped)}
-        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_UNMASK, {**rnd, **who})
+        survivors = {**rnd, keys.SURVIVORS: json.dumps(u3)}
+        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_CONFIRM, survivors)
+                               for p in u3], out, "confirm")
+        for node, r in got.items():
+            try:
+                held.signatures[pid_of[node]] = str(r.content[keys.CONFIG][keys.SIGNATURE])
+            except (KeyError, TypeError) as exc:
+                out.reasons.append(f"confirm: node {node}: unreadable reply ({exc})")
+        if len(held.signatures) < threshold:
+            return self._fail(out, f"{len(held.signatures)} survivor(s) confirmed, fewer than "
+                              f"the threshold {threshold}: nothing can be unmasked")
+        signed = {**rnd, keys.SIGNATURES: json.dumps(
+            {str(p): v for p, v in sorted(held.signatures.items())})}
+        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_UNMASK, signed)
                                for p in u3], out, "unmask")
         for node, r in got.items():
             try:
@@ -239,7 +282,7 @@ class SecureExchange:
         try:
             total = unmask(held.masked, held.revealed,
                            {p: held.public_keys[p] for p in u2}, server_round=server_round,
-                           bits=bits, threshold=threshold)
+                           bits=params.bits, threshold=threshold)
         except (ProtocolError, ValueError) as exc:
             return self._fail(out, f"the sum could not be unmasked: {exc}")
         held.total = total

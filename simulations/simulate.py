@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import audit, privacy
+from common import audit, privacy, roster
 from common.catalogue import DEFAULT_DATASET
 from common.config import (
     ConfigError,
@@ -37,6 +37,8 @@ from common.models import MODEL_FEATURES, build_model, dp_problem
 from common.node import NODE_CONFIG_ENV, node_policy_for
 from common.records import ClientRecord, RoundRecord, RunDir, run_dir
 from simulations import runtime
+
+ROSTER_DIR = "roster"  # a secure run's roster and members' identity keys (the harness issues them)
 
 
 def toml_value(value: Any) -> str:
@@ -190,12 +192,24 @@ def resume(run_dir: Path, *, backend: runtime.Backend | None = None,
                   timeout=timeout, ledger_dir=ledger_dir)
 
 
-def node_env(cfg: ExperimentConfig, ledger_dir: Path) -> dict[str, str]:
+def node_env(cfg: ExperimentConfig, ledger_dir: Path, roster_dir: Path | None = None
+             ) -> dict[str, str]:
     """The node config every virtual client gets (NODE_CONFIG_ENV): a policy that accepts
-    exactly this run (the harness is both the data holders and the server here), and
-    where its ledger file lives. Only the harness sets it, never the run config."""
+    exactly this run (the harness is both the data holders and the server here), where
+    its ledger file lives and, for secure aggregation, the roster the harness issued and
+    the folder of the members' identity keys. Only the harness sets it, never the run
+    config."""
     policy = {**node_policy_for(cfg), "ledger-dir": str(ledger_dir), "cache-records": False}
+    if cfg.secure.enabled and roster_dir is not None:
+        policy.update(harness_roster(roster_dir, cfg.federation.num_partitions))
     return {NODE_CONFIG_ENV: format_overrides(policy)}
+
+
+def harness_roster(folder: Path, num_partitions: int) -> dict[str, str]:
+    """Node config of a simulation's members: the harness issues the roster (one identity
+    key per partition, kept for a resumed run) and every member trusts it."""
+    roster_file = roster.issue(folder, range(num_partitions))
+    return {"roster": str(roster_file), "identity-dir": str(folder)}
 
 
 def reconcile_privacy(run: RunDir, ledger_dir: Path, cfg: ExperimentConfig) -> None:
@@ -248,7 +262,7 @@ def launch(cfg: ExperimentConfig, *, progress: Callable[[str], None] | None, tim
            if cfg.privacy.private else "non-private baseline")
         + where + f" -> {run.path}")
     t0 = time.time()
-    client_env = node_env(cfg, ledgers)
+    client_env = node_env(cfg, ledgers, run.path / ROSTER_DIR)
     log_name = "flwr.log" if backend.engine == "flower" else "server.log"
     try:
         if backend.engine == "flower":

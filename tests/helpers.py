@@ -42,10 +42,32 @@ def context(partition_id=0, num_partitions=NUM_PARTITIONS, state=None, node_extr
     rc = run_config(**overrides)
     node_config = {keys.NODE_PARTITION_ID: partition_id, keys.NODE_NUM_PARTITIONS: num_partitions}
     if harness_policy:
-        node_config.update(node_policy_for(parse_config(rc)))
+        cfg = parse_config(rc)
+        node_config.update(node_policy_for(cfg))
+        if cfg.secure.enabled:
+            node_config.update(roster_config(num_partitions))
     node_config.update(node_extra or {})
     return Context(run_id=run_id, node_id=1000 + partition_id, node_config=node_config,
                    state=state if state is not None else RecordDict(), run_config=rc)
+
+
+_ROSTERS: dict = {}
+
+
+def roster_config(num_partitions):
+    """Node config naming a roster of `num_partitions` members and their identity keys,
+    issued once per process as the simulation harness issues one per run."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from simulations.simulate import harness_roster
+
+    if num_partitions not in _ROSTERS:
+        folder = Path(tempfile.mkdtemp(prefix="dpfl-test-roster-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _ROSTERS[num_partitions] = harness_roster(folder, num_partitions)
+    return dict(_ROSTERS[num_partitions])
 
 
 def metadata(src=0, dst=1, reply_to="", message_type="train"):

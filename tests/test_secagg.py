@@ -6,18 +6,33 @@ import numpy as np
 import pytest
 
 from common import ddp
-from common.secagg import Participant, ProtocolError, prg, unmask
+from common.secagg import Advert, Params, Participant, ProtocolError, View, prg, unmask
 
 BITS = 20
+
+
+def _view(public, threshold, server_round=1, noise=1.0):
+    params = Params(server_round=server_round, threshold=threshold, bits=BITS, scale=1.0,
+                    clip=1.0, dim=5, noise_multiplier=noise)
+    return View(params, tuple(Advert(i, k, 10) for i, k in sorted(public.items())))
 
 
 def _round(n=6, threshold=4, server_round=1):
     clients = {i: Participant(cid=i, server_round=server_round, bits=BITS) for i in range(n)}
     public = {i: c.advertise() for i, c in clients.items()}
-    boxes = {i: c.share(public, threshold) for i, c in clients.items()}
+    view = _view(public, threshold, server_round)
+    boxes = {i: c.share(view) for i, c in clients.items()}
     for j, c in clients.items():
         c.receive({i: boxes[i][j] for i in clients})
     return clients, public
+
+
+def _reveal(clients, alive, answering=None):
+    """Every survivor confirms `alive`; those `answering` reveal, each having seen every
+    survivor's confirmation (the signatures are checked by client/secure.py)."""
+    for i in alive:
+        clients[i].confirm(alive)
+    return [clients[i].reveal(alive) for i in (alive if answering is None else answering)]
 
 
 def _values(n, size=50, seed=0):
@@ -29,7 +44,7 @@ def test_the_server_recovers_exactly_the_sum():
     clients, public = _round()
     values = _values(6)
     masked = {i: c.masked(values[i]) for i, c in clients.items()}
-    revealed = [c.reveal(sorted(clients), []) for c in clients.values()]
+    revealed = _reveal(clients, sorted(clients))
     total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
     assert np.array_equal(total, sum(values.values()))
 
@@ -39,7 +54,8 @@ def test_clients_that_drop_before_masking_are_recovered_from_shares():
     values = _values(7)
     alive, gone = [0, 2, 3, 5, 6], [1, 4]
     masked = {i: clients[i].masked(values[i]) for i in alive}
-    revealed = [clients[i].reveal(alive, gone) for i in alive[:4]]  # 4 of 5 answer: enough
+    revealed = _reveal(clients, alive, answering=alive[:4])  # 4 of 5 answer: enough
+    assert all(r[j][0] == "s" for r in revealed for j in gone)
     total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
     assert np.array_equal(total, sum(values[i] for i in alive))
 
@@ -59,29 +75,59 @@ def test_one_masked_vector_looks_uniform_and_unrelated_to_its_input():
 def test_requests_that_would_unmask_one_client_are_refused():
     clients, public = _round(n=6, threshold=4)
     with pytest.raises(ProtocolError, match="masked nothing"):
-        clients[0].reveal(list(range(6)), [])
+        clients[0].confirm(list(range(6)))
     for c in clients.values():
         c.masked(np.zeros(5, dtype=np.int64))
-    with pytest.raises(ProtocolError, match="split the cohort"):
-        clients[0].reveal([0, 1, 2, 3, 4], [4, 5])  # 4 both alive and dropped
+    with pytest.raises(ProtocolError, match="confirmed no survivors"):
+        clients[0].reveal(list(range(6)))
+    with pytest.raises(ProtocolError, match="not among the peers"):
+        clients[0].confirm([0, 1, 2, 3, 9])
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
-        clients[0].reveal([0, 1, 2], [3, 4, 5])
+        clients[0].confirm([0, 1, 2])
     with pytest.raises(ProtocolError, match="listed as dropped"):
-        clients[0].reveal([1, 2, 3, 4], [0, 5])
-    clients[1].reveal(list(range(6)), [])
+        clients[0].confirm([1, 2, 3, 4])
+    clients[1].confirm(list(range(6)))
+    with pytest.raises(ProtocolError, match="already confirmed"):  # one story a round
+        clients[1].confirm(list(range(5)))
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):  # 3 signers < t
+        clients[1].reveal([1, 2, 3])
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):  # signers not survivors
+        clients[1].reveal([1, 2, 3, 7, 8])
+    clients[1].reveal(list(range(6)))
     with pytest.raises(ProtocolError, match="already revealed"):
-        clients[1].reveal(list(range(5)), [5])
+        clients[1].reveal(list(range(6)))
     with pytest.raises(ProtocolError, match="threshold 3 must be"):  # 2t <= n lets a server split
         _round(n=6, threshold=3)
     with pytest.raises(ProtocolError, match="no aggregation"):  # the server would see it alone
         _round(n=1, threshold=1)
 
 
+def test_a_peer_shown_another_view_is_no_peer():
+    """The server shows client 0 a cohort with threshold 2 and the others one with
+    threshold 4 (or another noise level): their shares name another view's digest, so
+    client 0 takes none of them, and it never masks with a peer of another story."""
+    clients = {i: Participant(cid=i, server_round=1, bits=BITS) for i in range(4)}
+    public = {i: c.advertise() for i, c in clients.items()}
+    mine = clients[0].share(_view({0: public[0], 1: public[1], 2: public[2]}, 2))
+    theirs = {i: clients[i].share(_view(public, 3)) for i in (1, 2, 3)}
+    for i in (1, 2):
+        with pytest.raises(ProtocolError, match="another view"):
+            clients[0].receive({i: theirs[i][0]})
+    clients[0].receive({0: mine[0]})
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        clients[0].masked(np.zeros(5, dtype=np.int64))
+    other_noise = Participant(cid=0, server_round=1, bits=BITS)
+    assert _view(public, 3).digest() != _view(public, 3, noise=2.0).digest()
+    with pytest.raises(ProtocolError, match="already shared"):
+        clients[1].share(_view(public, 3))
+    assert other_noise.view == ""
+
+
 def test_fewer_shares_than_the_threshold_unmask_nothing():
     clients, public = _round(n=6, threshold=4)
     values = _values(6)
     masked = {i: c.masked(values[i]) for i, c in clients.items()}
-    revealed = [c.reveal(sorted(clients), []) for c in list(clients.values())[:3]]
+    revealed = _reveal(clients, sorted(clients), answering=[0, 1, 2])
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
         unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=4)
 
@@ -101,7 +147,7 @@ def test_distributed_noise_through_secure_aggregation_sums_to_the_central_noise(
     rng = np.random.default_rng(3)
     values = {i: rng.integers(-50, 50, size=size) for i in range(n)}
     masked = {i: c.masked(values[i] + ddp.skellam(mu / n, size, rng)) for i, c in clients.items()}
-    revealed = [c.reveal(sorted(clients), []) for c in clients.values()]
+    revealed = _reveal(clients, sorted(clients))
     noise = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=5) - sum(values.values())
     assert float(noise.var()) == pytest.approx(mu, rel=0.05) and abs(float(noise.mean())) < 1.0
 
@@ -112,18 +158,19 @@ def test_clients_lost_while_shares_were_sent_are_left_out_of_the_masks():
     n, threshold = 6, 4
     clients = {i: Participant(cid=i, server_round=1, bits=BITS) for i in range(n)}
     public = {i: c.advertise() for i, c in clients.items()}
-    boxes = {i: c.share(public, threshold) for i, c in clients.items() if i != 5}
+    view = _view(public, threshold)
+    boxes = {i: c.share(view) for i, c in clients.items() if i != 5}
     u2 = sorted(boxes)
     for j in u2:
         clients[j].receive({i: boxes[i][j] for i in u2})
     values = _values(n)
     masked = {i: clients[i].masked(values[i]) for i in u2}
-    revealed = [clients[i].reveal(u2, []) for i in u2]
+    revealed = _reveal(clients, u2)
     total = unmask(masked, revealed, {i: public[i] for i in u2}, server_round=1, bits=BITS,
                    threshold=threshold)
     assert np.array_equal(total, sum(values[i] for i in u2))
     lonely = Participant(cid=0, server_round=1, bits=BITS)
-    own = lonely.share({**public, 0: lonely.advertise()}, threshold)
+    own = lonely.share(_view({**public, 0: lonely.advertise()}, threshold))
     lonely.receive({0: own[0]})  # only its own share came back
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
         lonely.masked(values[0])
@@ -134,6 +181,8 @@ def test_a_participant_survives_the_trip_through_node_state():
     back = {i: Participant.from_state(c.to_state()) for i, c in clients.items()}
     values = _values(5)
     masked = {i: back[i].masked(values[i]) for i in back}
-    revealed = [Participant.from_state(back[i].to_state()).reveal(sorted(back), []) for i in back]
+    for i in back:
+        back[i].confirm(sorted(back))
+    revealed = [Participant.from_state(back[i].to_state()).reveal(sorted(back)) for i in back]
     total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=3)
     assert np.array_equal(total, sum(values.values()))

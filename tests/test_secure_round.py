@@ -13,6 +13,7 @@ from client.ledger import STATE_KEY, Ledger
 from common import ddp, privacy
 from common.data import partition_of, partitions_of
 from common.models import build_model, get_weights
+from common.secagg import Advert
 from server.round import play
 from server.secure_round import SecureExchange
 from server.strategy import CohortFedAvg
@@ -63,7 +64,14 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     out = strategy.outcomes[1]
     assert new is not None and out.aggregated and out.noise_shares == 6 and out.trained == 6
     held = secure.held
-    scale = 2.0 ** (cfg.secure.secagg_bits - 2) / (cfg.privacy.max_grad_norm * 1000 * 1.0)
+    # the field's scale (a quarter of it for the worst case), capped where its units would
+    # be finer than the noise: a share's Poisson means stay within 2^36
+    t = cfg.secure.threshold(6)
+    z = held.view.params.noise_multiplier
+    field = 2.0 ** (cfg.secure.secagg_bits - 2) / (cfg.privacy.max_grad_norm * 1000 * 1.0)
+    cap = (math.sqrt(2 * 2.0**36 * t) / z - math.sqrt(7850)) / cfg.privacy.max_grad_norm
+    scale = min(field, cap)
+    assert held.scale == pytest.approx(scale) and held.view.params.scale == held.scale
     truth = {p: _clipped_sum(cfg, p, 6, model) * scale for p in range(6)}
 
     # Every array the server received is a masked vector: uniform modulo 2^bits and
@@ -80,7 +88,6 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     entries = {tuple(led.history[-1]) for led in ledgers.values()}
     assert len(entries) == 1
     (_, mu, l1, l2, share, steps), = entries
-    t = cfg.secure.threshold(6)
     assert share == pytest.approx(mu / t)
     noise = held.total - sum(truth.values())  # rounding is unbiased and small next to it
     assert float(noise.std()) == pytest.approx(math.sqrt(mu * 6 / t), rel=0.1)
@@ -197,18 +204,15 @@ def test_a_masked_request_that_cannot_complete_spends_nothing():
     assert again[0].has_error() and "already masked" in again[0].error.reason
 
     # A fresh round whose masked stage carries only the client's own share.
-    grid.send_and_receive([_message(1000, "secagg_keys", {"server-round": 3})])
-    mine = json.loads(str(grid.received[-1].content["config"]["public-keys"]))
-    others = {str(p): json.loads(str(r.content["config"]["public-keys"]))
-              for p, r in zip(range(1, 6), grid.send_and_receive(
-                  [_message(1000 + p, "secagg_keys", {"server-round": 3}) for p in range(1, 6)]),
-                  strict=True)}
-    peers = json.dumps({"0": mine, **others})
+    adverts = [Advert.from_json(p, json.loads(str(r.content["config"]["public-keys"])))
+               for p, r in zip(range(6), grid.send_and_receive(
+                   [_message(1000 + p, "secagg_keys", {"server-round": 3}) for p in range(6)]),
+                   strict=True)]
+    view = secure.view_for(3, adverts, 7850, 3)
     boxes = grid.send_and_receive([_message(1000, "secagg_shares",
-                                            {"server-round": 3, "public-keys": peers})])
+                                            {"server-round": 3, "view": view.to_json()})])
     own = json.loads(str(boxes[0].content["config"]["shares"]))
     config = train_config(server_round=3, planned_rounds=3, known_history=None)
-    config["scale"] = 1e6
     config["shares"] = json.dumps({"0": own["0"]})  # only its own: 1 of t = 5
     reply = grid.send_and_receive([_message(1000, "secagg_masked", config, to_array_record(model))])
     assert reply[0].has_error() and "fewer than the threshold" in reply[0].error.reason
