@@ -84,7 +84,7 @@ def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
 # its acceptance test's float64 error is below 1e-5 in log density; beyond 2^53 its
 # draws fall on a lattice (step 4 at 2e16) and the low bits of a sum carry no noise.
 POISSON_PIECE = 2.0**32
-MAX_POISSON_PIECES = 512  # a share beyond 512 pieces (mean 2^41) is refused, not drawn
+MAX_POISSON_PIECES = 1024  # a share beyond 1024 pieces (mean 2^42) is refused, not drawn
 # the sum's noise stays inside its margin (TAIL_SIGMAS std + TAIL_EXTRA) with probability
 # below 1e-40 a coordinate (Bernstein's inequality for a sum of centred Poissons)
 TAIL_SIGMAS, TAIL_EXTRA = 20.0, 60.0

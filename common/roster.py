@@ -82,10 +82,14 @@ def parse_public(text: str, where: str) -> PublicKey:
 
 
 def load_identity(path: str | Path) -> PrivateKey:
-    """A node's identity key: a PEM private key (PKCS#8 or OpenSSL), Ed25519 or ECDSA."""
+    """A node's identity key: a PEM private key (PKCS#8, OpenSSL or OpenSSH, the format of
+    Flower's node authentication keys), Ed25519 or ECDSA."""
     p = Path(path).expanduser()
     try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        data = p.read_bytes()
+        key = (serialization.load_ssh_private_key(data, password=None)
+               if b"OPENSSH PRIVATE KEY" in data
+               else serialization.load_pem_private_key(data, password=None))
     except OSError as exc:
         raise ConfigError(f"node config identity-key: cannot read {p} ({exc.strerror})") from exc
     except (ValueError, TypeError) as exc:

@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common import FLOWER_ENV
+from common import FLOWER_ENV, roster
 
 PORT = 9093  # the SuperLink's one port (Fleet, Control and ServerAppIo APIs)
-CERTS = "certs"  # folder with ca.crt, server.crt/.key, node-<i>(.pub) keys
+CERTS = "certs"  # folder with ca.crt, server.crt/.key, node-<i>(.pub) keys, roster.json
+ROSTER = "roster.json"  # the members' identity (= authentication) public keys
 CONNECTION = "dpfl"  # the `flwr` connection name in FLWR_HOME/config.toml
 
 
@@ -94,6 +95,14 @@ def make_certs(out: Path, *, num_nodes: int, hosts: tuple[str, ...] = ("superlin
                                            serialization.NoEncryption()), 0o600)
         write(pub, node_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                       serialization.PublicFormat.OpenSSH))
+    # The federation's roster for secure aggregation: every node's authentication public
+    # key by partition (derived from the .pub files, so rewritten as nodes are added).
+    members, i = {}, 0
+    while node_key_paths(out, i)[1].exists():
+        members[i] = node_key_paths(out, i)[1].read_text()
+        i += 1
+    roster.write_roster(out / ROSTER, members)
+    written.append(out / ROSTER)
     return written
 
 
@@ -128,6 +137,9 @@ def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, sta
     node_config = (f"partition-id={i} num-partitions={num_nodes} "
                    f"ledger-path=\"{state_dir}/ledger.json\" require-dp=true "
                    f"max-epsilon={max_epsilon!r} max-delta={max_delta!r}")
+    if not insecure:  # its authentication key is its identity in secure aggregation
+        node_config += (f' identity-key="{node_key_paths(Path(certs), i)[0]}" '
+                        f'roster="{certs}/{ROSTER}"')
     if data_dir:
         node_config += f' data-dir="{data_dir}"'
     if own_data:

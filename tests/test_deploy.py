@@ -54,8 +54,15 @@ def test_certs_never_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already holds certificates"):
         deploy.make_certs(tmp_path, num_nodes=1)
     added = deploy.make_certs(tmp_path, num_nodes=2, if_missing=True)
-    assert [p.name for p in added] == ["node-1", "node-1.pub"]
+    assert [p.name for p in added] == ["node-1", "node-1.pub", "roster.json"]
     assert (tmp_path / "ca.crt").read_bytes() == before
+    # the roster follows the node keys: both members, each with its authentication key
+    from common import roster
+
+    members = roster.Roster.load(tmp_path / "roster.json").members
+    assert sorted(members) == [0, 1]
+    key = roster.load_identity(tmp_path / "node-1")
+    assert roster.openssh(members[1]) == roster.openssh(key.public_key())
 
 
 # ---- the real topology ------------------------------------------------------------------
