@@ -340,7 +340,8 @@ class SecureAggregationConfig:
     adds the whole noise of its guarantee (local) or its share of it, so that the sum of
     any `secagg-threshold` fraction of the cohort carries it (distributed). `secagg-bits`:
     the field's width on the wire; `secagg-headroom`: the fraction of the worst case (every
-    record's clipped gradient in one coordinate) the field holds before it wraps."""
+    record's clipped gradient in one coordinate) the field holds before it wraps (1 in a
+    real run: clients refuse a field in which an honest sum could wrap)."""
 
     secure_aggregation: str
     noise: str
@@ -515,6 +516,11 @@ class ExperimentConfig:
                f"must be 0 for {key} (no single update is visible to bound)")
         check_field(not self.attack.modes, "attack", self.attack.attack,
                f"must be empty for {key} (simulated attacks alter single updates)")
+        check_field(self.secure.secagg_headroom == 1, "secagg-headroom",
+                    self.secure.secagg_headroom,
+               f"must be 1 for {key}: every client refuses a field in which an honest sum "
+               "could wrap, and below 1 it could (`python -m simulations.emulate --headroom` "
+               "explores the trade-off)")
 
     @property
     def client_train(self) -> TrainConfig:

@@ -25,6 +25,7 @@ BAD_CONFIG = [
     ({**SA, "secagg-threshold": 0.5}, "secagg-threshold"),
     ({**SA, "secagg-threshold": 1.1}, "secagg-threshold"),
     ({**SA, "secagg-headroom": 0.0}, "secagg-headroom"),
+    ({**SA, "secagg-headroom": 0.5}, "secagg-headroom.*could wrap"),
     ({"audit-canaries": -1}, "audit-canaries"),
     ({"audit-canaries": 20_001}, "audit-canaries"),
     ({"audit-canaries": 2.5}, "audit-canaries"),
