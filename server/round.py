@@ -13,7 +13,7 @@ optimizer state (`CohortFedAvg`). An exchange is how the cohort's average comes 
 
 - `FedAvgExchange`: the model out, each client's noised update back, judged one by one
   as it arrives and averaged (robust aggregation) by the strategy;
-- `SecureExchange` (server/secure_round.py): four SecAgg+ stages whose unmasked sum of
+- `SecureExchange` (server/secure_round.py): five SecAgg+ stages whose unmasked sum of
   integer releases decodes to the same FedAvg of one DP-SGD step per client.
 
 Either exchange fills the round's outcome (who trained, refused, failed, why) and feeds

@@ -1,14 +1,17 @@
 """The secure exchange of a round (server/round.py plays it): secure aggregation (SecAgg+)
-with an integer release, as four message exchanges with the cohort (client/secure.py
+with an integer release, as five message exchanges with the cohort (client/secure.py
 answers them):
 
-1. keys    -> each client's two public keys                  (U1: those who answered)
-2. shares  -> U1's keys out; encrypted shares back           (U2)
+1. keys    -> each client's signed advert: public keys, record count (U1: who answered)
+2. shares  -> the view out (U1's signed adverts, the round's parameters); encrypted
+              shares bound to the view back                           (U2)
 3. masked  -> the model and each client's shares out; masked integer releases back (U3)
-4. unmask  -> survivors U3 and dropped U2 \\ U3 out; revealed shares back
+4. confirm -> survivors U3 out; each survivor's signature of (view, U3) back
+5. unmask  -> the signatures out; revealed shares back (from clients holding t of them)
 then `secagg.unmask` rebuilds the masks and yields the sum of U3's releases. What the
-server holds in a round: public keys, shares encrypted for others, masked vectors (each
-uniform modulo 2^bits) and the sum. Never one client's unmasked release.
+server holds in a round: signed public keys, shares encrypted for others, masked vectors
+(each uniform modulo 2^bits), signatures and the sum. Never one client's unmasked
+release, whatever it sends: an honest server sends every member the same view.
 
 The sum decodes to the cohort's summed clipped per-record gradients plus the Skellam
 noise of the survivors; divided by the survivors' record counts (declared at discovery,
