@@ -160,9 +160,10 @@ def view_problem(view: View, cfg: ExperimentConfig, node: NodeConfig, trusted: r
         return f"scale {p.scale!r}, dimension {p.dim!r} or noise {p.noise_multiplier!r} unusable"
     l2 = ddp.Encoding(clip=p.clip, scale=p.scale, dim=p.dim).rounded_l2_bound
     agreed = (p.noise_multiplier * l2) ** 2
-    # honest members add about the agreed level each (more when their ledgers need it)
+    # honest members add about the agreed share each (up to 4x when their ledgers need it)
+    share = agreed / p.threshold if cfg.secure.noise == "distributed" else agreed
     return ddp.field_problem(bits=p.bits, scale=p.scale, clip=p.clip, records=view.records,
-                             members=k, noise_variance=4.0 * agreed * k / p.threshold)
+                             members=k, noise_variance=4.0 * share * k)
 
 
 def shares_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig

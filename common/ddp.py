@@ -86,8 +86,9 @@ def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
 POISSON_PIECE = 2.0**32
 MAX_POISSON_PIECES = 1024  # a share beyond 1024 pieces (mean 2^42) is refused, not drawn
 # the sum's noise stays inside its margin (TAIL_SIGMAS std + TAIL_EXTRA) with probability
-# below 1e-40 a coordinate (Bernstein's inequality for a sum of centred Poissons)
-TAIL_SIGMAS, TAIL_EXTRA = 20.0, 60.0
+# below 1e-30 a coordinate: Bernstein's inequality for a sum of centred Poissons of total
+# variance V, P(|X| >= a) <= 2 exp(-a^2 / (2 (V + a/3))), at a = 12 sqrt(V) + 60
+TAIL_SIGMAS, TAIL_EXTRA = 12.0, 60.0
 
 
 # an honest server keeps the agreed share's Poisson means near 2^36 (16 pieces) at most,

@@ -110,3 +110,57 @@ def test_a_hostile_server_cannot_spend_more_than_the_nodes_budget(tmp_path):
     assert not math.isnan(seen[0]["epsilon"])
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
     assert not leftovers.strip()
+
+
+def test_a_hostile_secure_server_in_real_processes_unmasks_no_one(tmp_path):
+    """Secure aggregation against an active server, through real Flower processes: the
+    harness issues the roster; tests/hostile_app/hostile_secagg_server.py shows the target
+    (partition 0) a cohort of three while the others see four, forwards it every share,
+    splits the survivor list and asks everyone to reveal with every signature it got.
+    The target spends nothing (no share of another view is taken), the others' split
+    list gathers too few signatures, so nobody reveals anything."""
+    from simulations.simulate import harness_roster
+
+    app = _app(tmp_path)
+    (app / "pyproject.toml").write_text((app / "pyproject.toml").read_text().replace(
+        'serverapp = "hostile_server:app"', 'serverapp = "hostile_secagg_server:app"'))
+    shutil.copy(Path(__file__).parent / "hostile_app" / "hostile_secagg_server.py", app)
+    ledgers = tmp_path / "ledgers"
+    home = Path(tempfile.mkdtemp(prefix="dpfl-hostile-home-"))
+    policy = {"require-dp": True, "max-epsilon": BUDGET, "max-delta": 1e-5,
+              "ledger-dir": str(ledgers), **harness_roster(tmp_path / "roster", 4)}
+    base = {k: v for k, v in default_run_config().items()}
+    base.update({"model": "logreg", "num-partitions": 4, "target-epsilon": BUDGET,
+                 "secure-aggregation": "secagg+", "noise": "distributed",
+                 "secagg-threshold": 0.75, "batch-size": 0, "local-epochs": 1,
+                 "momentum": 0.0, "min-train-clients": 2, "num-rounds": 1})
+    out = tmp_path / "attack"
+    try:
+        with runtime.simulation_superlink(home, tmp_path / "superlink.log",
+                                          extra_env={NODE_CONFIG_ENV: format_overrides(policy)}) as conn:
+            cmd = [runtime.tool("flwr"), "run", str(app), conn, "--run-config",
+                   format_overrides({**base, "output-dir": str(out)}),
+                   "--federation-config", "num-supernodes=4 client-resources-num-cpus=1",
+                   "--stream"]
+            proc = runtime.start(cmd, env=runtime.flower_env(home), log_file=tmp_path / "flwr.log",
+                                 cwd=app)
+            try:
+                deadline = time.monotonic() + 900
+                while not (out / "hostile.json").exists() and proc.poll() is None \
+                        and time.monotonic() < deadline:
+                    time.sleep(1)
+                time.sleep(1)
+                assert (out / "hostile.json").exists(), (tmp_path / "flwr.log").read_text()[-3000:]
+            finally:
+                runtime.stop(proc)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    seen = json.loads((out / "hostile.json").read_text())
+    assert any("another view" in e for e in seen["errors"]["0"]), seen["errors"]
+    assert 0 not in seen["masked"] and seen["masked"] == [1, 2, 3]
+    target = ledgers / "partition-0.json"
+    assert not target.exists() or not Ledger.from_json(target.read_text()).history
+    assert seen["revealed"] == {}  # nobody revealed: the split list had too few signatures
+    for p in (1, 2, 3):
+        assert any("fewer than the threshold" in e for e in seen["errors"][str(p)]), seen["errors"]
+        assert len(Ledger.from_json((ledgers / f"partition-{p}.json").read_text()).history) == 1
