@@ -27,7 +27,17 @@ ROUND = 1
 
 
 def _ask(grid: Grid, msgs: list[Message]) -> dict[int, Message]:
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=600)}
+    """Each node's reply (by the node the message went to)."""
+    dst = [m.metadata.dst_node_id for m in msgs]
+    ids = list(grid.push_messages(msgs))
+    node_of = dict(zip(ids, dst, strict=True))
+    out: dict[int, Message] = {}
+    deadline = time.monotonic() + 600
+    while len(out) < len(ids) and time.monotonic() < deadline:
+        for r in grid.pull_messages([i for i in ids if node_of[i] not in out]):
+            out[node_of[r.metadata.reply_to_message_id]] = r
+        time.sleep(0.2)
+    return out
 
 
 @app.main()
