@@ -132,10 +132,15 @@ def _deploy(args: argparse.Namespace) -> int:
     from simulations import deploy
 
     if args.deploy_command == "certs":
+        from common import roster
+
+        issuer = roster.load_identity(args.roster_issuer_key) if args.roster_issuer_key else None
         written = deploy.make_certs(Path(args.out), num_nodes=args.nodes, if_missing=args.if_missing,
-                                    hosts=tuple(args.host), ips=tuple(args.ip))
+                                    hosts=tuple(args.host), ips=tuple(args.ip), issuer=issuer)
         for path in written:
             print(f"wrote {path}")
+        if issuer is not None:
+            print(f'roster signed; each node may set roster-issuer="{roster.openssh(issuer.public_key())}"')
         if not written:
             print(f"{args.out}: certificates and {args.nodes} node keys already exist; nothing written")
         return 0
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     certs.add_argument("--ip", action="append", default=["127.0.0.1"], help="IP addresses of the SuperLink")
     certs.add_argument("--if-missing", action="store_true",
                        help="make only what does not exist yet (never overwrite)")
+    certs.add_argument("--roster-issuer-key", default="",
+                       help="a private key (PEM or OpenSSH) that signs roster.json, so that nodes "
+                            "with node config roster-issuer accept it from any channel")
     comp = dsub.add_parser("compose", help="write docker-compose.yml for N SuperNodes")
     comp.add_argument("--nodes", type=int, default=3)
     comp.add_argument("--output", default="docker-compose.yml", help="'-' for standard output")

@@ -28,12 +28,14 @@ CONNECTION = "dpfl"  # the `flwr` connection name in FLWR_HOME/config.toml
 
 
 def make_certs(out: Path, *, num_nodes: int, hosts: tuple[str, ...] = ("superlink", "localhost"),
-               ips: tuple[str, ...] = ("127.0.0.1",), if_missing: bool = False, days: int = 365
-               ) -> list[Path]:
+               ips: tuple[str, ...] = ("127.0.0.1",), if_missing: bool = False, days: int = 365,
+               issuer: roster.PrivateKey | None = None) -> list[Path]:
     """A CA, the SuperLink's TLS certificate (for `hosts` and `ips`) and one ECDSA key pair
     per SuperNode (OpenSSH format, as Flower's node authentication reads them). Existing
     files are never overwritten: with `if_missing`, only what is missing is made (node keys
-    for new nodes); otherwise existing files are an error. Returns the files written."""
+    for new nodes); otherwise existing files are an error. The roster (roster.json) is
+    made from the node keys every time, signed by `issuer` if given. Returns the files
+    written."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -101,7 +103,7 @@ def make_certs(out: Path, *, num_nodes: int, hosts: tuple[str, ...] = ("superlin
     while node_key_paths(out, i)[1].exists():
         members[i] = node_key_paths(out, i)[1].read_text()
         i += 1
-    roster.write_roster(out / ROSTER, members)
+    roster.write_roster(out / ROSTER, members, issuer=issuer)
     written.append(out / ROSTER)
     return written
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from common.config import project_root
+from common.errors import ConfigError
 from common.records import read_json
 from simulations import deploy, runtime
 from tests.helpers import read_rounds, sigkill_tree, skellam_epsilon
@@ -63,6 +64,13 @@ def test_certs_never_overwrite(tmp_path):
     assert sorted(members) == [0, 1]
     key = roster.load_identity(tmp_path / "node-1")
     assert roster.openssh(members[1]) == roster.openssh(key.public_key())
+    # signed by an issuer: nodes naming its key accept it, and only it
+    issuer = roster.new_identity(tmp_path / "issuer.key")
+    deploy.make_certs(tmp_path, num_nodes=2, if_missing=True, issuer=issuer)
+    assert sorted(roster.Roster.load(tmp_path / "roster.json",
+                                     roster.openssh(issuer.public_key())).members) == [0, 1]
+    with pytest.raises(ConfigError, match="roster-issuer"):
+        roster.Roster.load(tmp_path / "roster.json", roster.openssh(key.public_key()))
 
 
 # ---- the real topology ------------------------------------------------------------------
