@@ -163,6 +163,7 @@ def test_a_correct_mechanism_is_never_accused(tmp_path, secure):
         assert result["canaries"] == 200 and 0 < result["members"] < 200
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_without_dp_the_audit_has_power(tmp_path):
     run = _audit_run(tmp_path, dp=False)
     result = run.audit()

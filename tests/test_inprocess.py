@@ -160,6 +160,7 @@ def test_bench_run_times_a_whole_command_and_names_every_process(tmp_path):
     assert set(figs["pss_mib_by_process_at_peak"]) <= set(figs["peak_pss_mib_of_each_process"])
 
 
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_a_message_to_an_unknown_node_gets_no_id_as_on_flower_s_grid():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     with WorkerPool(1, env={}) as pool:

@@ -58,6 +58,7 @@ def test_lazy_discovery_asks_only_the_sampled_nodes_and_keeps_participation_equa
 
 
 @pytest.mark.parametrize("discovery", ["all", "lazy"])
+@pytest.mark.slow  # seconds of real work; the fast suite stays under a minute
 def test_a_run_refuses_to_start_without_the_configured_federation(tmp_path, discovery):
     """Six partitions configured, five nodes there (in `all` mode the sixth never
     answers): after node-wait-timeout the run stops before planning anything."""
