@@ -155,6 +155,19 @@ def _honest_view(secure, adverts, rnd=1, **change):
     return view
 
 
+def _masked_round(grid, secure, model, rnd=1):
+    """Keys, one honest view, shares and masked releases from all N: what an attacker
+    holds before the consistency stage."""
+    adverts = _adverts(grid, range(N), rnd)
+    att = Attacker(grid, secure, rnd=rnd)
+    view = _honest_view(secure, adverts, rnd=rnd)
+    for p in range(N):
+        assert att.share(p, view)
+    for p in range(N):
+        assert att.mask(p, range(N), model)
+    return att, adverts, view
+
+
 def test_inconsistent_views_leave_the_target_without_peers_and_nothing_spent():
     """Attack 1: the target is shown a cohort of three (t = 3) whose other members are shown
     the full cohort of six: their shares name another view, so the target takes none,
@@ -181,14 +194,7 @@ def test_a_split_survivor_list_gets_too_few_signatures_and_nothing_is_revealed()
     client signs one list once; neither list gathers t = 5 signatures, so nobody reveals
     and neither the target's release nor client 1's mask key can be had."""
     cfg, grid, secure = _setup()
-    model = _model()
-    adverts = _adverts(grid, range(N), 1)
-    att = Attacker(grid, secure)
-    view = _honest_view(secure, adverts)
-    for p in range(N):
-        assert att.share(p, view)
-    for p in range(N):
-        assert att.mask(p, range(N), model)
+    att, adverts, view = _masked_round(grid, secure, _model())
     everyone, without_1 = list(range(N)), [0, 2, 3, 4, 5]
     sig_a = {p: att.confirm(p, everyone) for p in (1, 2, 3)}
     sig_b = {p: att.confirm(p, without_1) for p in (0, 4, 5)}
@@ -226,13 +232,7 @@ def test_replayed_round_keys_and_confirmations_are_refused():
     an unmask request without the consistency stage is refused."""
     cfg, grid, secure = _setup()
     model = _model()
-    old = _adverts(grid, range(N), 1)
-    att1 = Attacker(grid, secure, rnd=1)
-    view1 = _honest_view(secure, old)
-    for p in range(N):
-        assert att1.share(p, view1)
-    for p in range(N):
-        assert att1.mask(p, range(N), model)
+    att1, old, _ = _masked_round(grid, secure, model)
     old_sigs = {p: att1.confirm(p, list(range(N))) for p in range(N)}
 
     fresh = _adverts(grid, range(N), 2)
@@ -360,14 +360,7 @@ def test_an_honest_round_reveals_exactly_the_sum_and_no_individual_release():
     """The honest path through the same attacker tooling: all six confirm one list, five
     of them reveal, the sum opens, and still no individual release can be had."""
     cfg, grid, secure = _setup()
-    model = _model()
-    adverts = _adverts(grid, range(N), 1)
-    att = Attacker(grid, secure)
-    view = _honest_view(secure, adverts)
-    for p in range(N):
-        assert att.share(p, view)
-    for p in range(N):
-        assert att.mask(p, range(N), model)
+    att, adverts, view = _masked_round(grid, secure, _model())
     for p in range(N):
         att.confirm(p, list(range(N)))
     for p in range(N):
