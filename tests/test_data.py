@@ -124,7 +124,13 @@ def test_real_data_loads_with_expected_shapes():
 LABELS = np.repeat(np.arange(10), 600)
 
 
-@pytest.mark.parametrize("name", ["iid", "dirichlet", "pathological"])
+# flwr-datasets' partitioners (dirichlet, pathological) cost its import (datasets,
+# matplotlib: about 3 s) in the process: those tests run in the slow suite
+FLWR_DATASETS = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["iid", pytest.param("dirichlet", marks=FLWR_DATASETS),
+                                  pytest.param("pathological", marks=FLWR_DATASETS)])
 def test_partitions_are_deterministic_and_disjoint(name):
     a = partition_indices(LABELS, name, 20, seed=1)
     b = partition_indices(LABELS, name, 20, seed=1)
@@ -135,6 +141,7 @@ def test_partitions_are_deterministic_and_disjoint(name):
     assert len(joined) == len(np.unique(joined))  # disjoint
 
 
+@FLWR_DATASETS
 def test_iid_is_balanced_and_pathological_has_k_labels():
     iid = partition_indices(LABELS, "iid", 10, seed=0)
     assert {len(p) for p in iid} == {600}
@@ -142,6 +149,7 @@ def test_iid_is_balanced_and_pathological_has_k_labels():
     assert all(len(np.unique(LABELS[p])) <= 2 for p in path)
 
 
+@FLWR_DATASETS
 def test_dirichlet_is_skewed():
     parts = partition_indices(LABELS, "dirichlet", 10, seed=0, alpha=0.1)
     shares = [np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]
