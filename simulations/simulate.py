@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -166,8 +167,8 @@ def simulate(
         runtime.warm_up()  # its imports run beside the checks
     cfg = prepare(overrides, output_dir)
     line = presets.hint(cfg.to_run_config(), default_run_config())
-    if line and progress is not None:
-        progress(line)
+    if line:
+        print(line, file=sys.stderr)  # a warning, not progress: shown with --quiet too
     return launch(cfg, backend=backend, progress=progress, timeout=timeout,
                   ledger_dir=ledger_dir)
 
