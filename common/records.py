@@ -187,6 +187,9 @@ class RoundRecord(Record):
     # the central evaluation of this round's model: not in `seconds` (a FedAvg round's
     # runs while the next round's clients train)
     seconds_evaluate: float = 0.0
+    # secure aggregation: seconds of each stage, from its messages' sending to the last
+    # reply read (keys, shares, masked, confirm, unmask) and of the server's unmasking
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ def round_record(server_round: int, strategy: CohortFedAvg, loss: float, acc: fl
         train_loss=out.train_loss, epsilon_max=eps_max, epsilon_mean=eps_mean, seconds=seconds,
         partitions_sampled=out.partitions_sampled, partitions_trained=out.partitions_trained,
         partitions_aggregated=out.partitions_aggregated, reasons=out.reasons[:20],
-        bytes_up=out.bytes_up, bytes_down=out.bytes_down, noise_shares=out.noise_shares)
+        bytes_up=out.bytes_up, bytes_down=out.bytes_down, noise_shares=out.noise_shares,
+        seconds_by_stage={k: round(v, 4) for k, v in out.seconds_by_stage.items()})
 
 
 @dataclass

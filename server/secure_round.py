@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,10 +120,13 @@ class SecureExchange:
 
     def _replies(self, sent: wire.Sent, out: RoundOutcome, stage: str) -> dict[int, Message]:
         """Wait (round-timeout) and return the good replies by node; every error or
-        missing reply is a reason."""
+        missing reply is a reason. The stage's seconds (from sending) go to the outcome."""
         if not sent.messages:
             return {}
-        replies = wire.receive(sent, timeout=self.cfg.federation.round_timeout)
+        try:
+            replies = wire.receive(sent, timeout=self.cfg.federation.round_timeout)
+        finally:
+            out.seconds_by_stage[stage] = time.monotonic() - sent.started
         got: dict[int, Message] = {}
         for r in replies:
             node = r.metadata.src_node_id
@@ -282,6 +286,7 @@ class SecureExchange:
                 held.revealed.append({int(j): (str(k), bytes.fromhex(v)) for j, (k, v) in raw.items()})
             except (KeyError, ValueError, TypeError) as exc:
                 out.reasons.append(f"unmask: node {node}: unreadable reply ({exc})")
+        t_unmask = time.monotonic()
         try:
             total = unmask(held.masked, held.revealed,
                            {p: held.public_keys[p] for p in u2}, server_round=server_round,
@@ -289,6 +294,7 @@ class SecureExchange:
         except (ProtocolError, ValueError) as exc:
             return self._fail(out, f"the sum could not be unmasked: {exc}")
         held.total = total
+        out.seconds_by_stage["server-unmask"] = time.monotonic() - t_unmask
         if self.scorer is not None:  # an audit run: the auditor sees what the server sees
             self.scorer.observe_sum(model, total.astype(np.float64) / scale, u3)
         out.failed = out.sampled - out.trained - out.refused - out.invalid

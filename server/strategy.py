@@ -54,6 +54,7 @@ class RoundOutcome:
     bytes_up: int = 0  # payload bytes the server received from clients
     bytes_down: int = 0  # payload bytes it sent them
     noise_shares: int = 0  # secure aggregation: noise shares in the unmasked sum
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)  # secure aggregation
 
 
 def mean_loss(accepted: list[Accepted]) -> float:

@@ -8,6 +8,7 @@ import sys
 
 from common.config import ConfigError, parse_overrides
 from common.data import DataError
+from common.presets import PRESETS, with_preset
 
 
 def _backend(args: argparse.Namespace):
@@ -16,6 +17,12 @@ def _backend(args: argparse.Namespace):
 
     return Backend(client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                    ray_address=args.ray_address, runtime=args.runtime, workers=args.workers)
+
+
+def _preset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
+                   help="a named configuration, under --run-config: "
+                        + "; ".join(f"{n}: {text}" for n, (_, text) in PRESETS.items()))
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:
@@ -50,10 +57,13 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.run_config or args.output_dir:
             raise ConfigError("--resume continues a run with the config it started with: "
                               "--run-config and --output-dir cannot be given with it")
+        if args.preset:
+            raise ConfigError("--resume continues a run with the config it started with: "
+                              "--preset cannot be given with it")
         run_dir = resume(args.resume, backend=backend, progress=progress,
                          ledger_dir=args.ledger_dir)
     else:
-        overrides = parse_overrides(" ".join(args.run_config or []))
+        overrides = with_preset(args.preset, parse_overrides(" ".join(args.run_config or [])))
         run_dir = simulate(overrides, output_dir=args.output_dir, backend=backend,
                            progress=progress, ledger_dir=args.ledger_dir)
     print(summary_text(run_dir))
@@ -65,7 +75,7 @@ def _audit(args: argparse.Namespace) -> int:
     from common.records import RunDir
     from simulations.simulate import simulate, summary_text
 
-    overrides = parse_overrides(" ".join(args.run_config or []))
+    overrides = with_preset(args.preset, parse_overrides(" ".join(args.run_config or [])))
     if args.canaries is not None:
         if "audit-canaries" in overrides and overrides["audit-canaries"] != args.canaries:
             raise ConfigError(f"--canaries {args.canaries} and audit-canaries="
@@ -109,7 +119,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from simulations.report import report
     from simulations.sweep import load_grid, run_sweep
 
-    spec = load_grid(args.grid_file, " ".join(args.grid or []), " ".join(args.run_config or []))
+    spec = load_grid(args.grid_file, " ".join(args.grid or []), " ".join(args.run_config or []),
+                     preset=args.preset)
     if args.name:
         spec["name"] = args.name
     sweep_dir = run_sweep(spec, args.output_dir, backend=_backend(args))
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="run one federated experiment with virtual clients")
     sim.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
                      help="override config keys (pyproject [tool.flwr.app.config]); repeatable")
+    _preset_flag(sim)
     sim.add_argument("--output-dir", help="where run directories go (default: runs/)")
     _backend_flags(sim)
     sim.add_argument("--quiet", action="store_true", help="no per-round progress")
@@ -210,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                          "lower bound beside the stated epsilon (audit.json)")
     aud.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
                      help="override config keys, as for simulate; repeatable")
+    _preset_flag(aud)
     aud.add_argument("--canaries", type=int, default=None,
                      help="canary records, each in training with probability 1/2 (default 1000)")
     aud.add_argument("--output-dir", help="where run directories go (default: runs/)")
@@ -224,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="axes on the command line (partition=iid,dirichlet:0.5 target-epsilon=1,inf)")
     sweep.add_argument("--run-config", "-c", action="append", metavar='"k=v ..."',
                        help="overrides for every point")
+    _preset_flag(sweep)
     sweep.add_argument("--name", help="the sweep directory's name (default: the grid's)")
     sweep.add_argument("--output-dir", default="sweeps", help="where sweep directories go (default: sweeps/)")
     _backend_flags(sweep)

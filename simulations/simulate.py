@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import audit, privacy, roster
+from common import audit, presets, privacy, roster
 from common.catalogue import DEFAULT_DATASET
 from common.config import (
     ConfigError,
@@ -164,8 +165,12 @@ def simulate(
     backend.check()
     if backend.engine == "inprocess":
         runtime.warm_up()  # its imports run beside the checks
-    return launch(prepare(overrides, output_dir), backend=backend, progress=progress,
-                  timeout=timeout, ledger_dir=ledger_dir)
+    cfg = prepare(overrides, output_dir)
+    line = presets.hint(cfg.to_run_config(), default_run_config())
+    if line:
+        print(line, file=sys.stderr)  # a warning, not progress: shown with --quiet too
+    return launch(cfg, backend=backend, progress=progress, timeout=timeout,
+                  ledger_dir=ledger_dir)
 
 
 def resume_config(path: Path) -> ExperimentConfig:

@@ -34,6 +34,7 @@ from typing import Any
 
 from common.config import ConfigError, ExperimentConfig, parse_overrides, resolve_config
 from common.data import DataError
+from common.presets import with_preset
 from common.records import (
     SWEEP_FILE,
     Failure,
@@ -96,8 +97,10 @@ def point_name(axes: Mapping[str, Any]) -> str:
     return "_".join(parts) or "point"
 
 
-def load_grid(path: Path | None, axes_text: str = "", fixed_text: str = "") -> dict[str, Any]:
-    """{name, fixed, grid} from a TOML file and/or command-line text."""
+def load_grid(path: Path | None, axes_text: str = "", fixed_text: str = "", *,
+              preset: str = "") -> dict[str, Any]:
+    """{name, fixed, grid} from a TOML file and/or command-line text. A preset (the
+    file's `[sweep] preset`, or `preset`, which wins) lies under both's fixed keys."""
     spec: dict[str, Any] = {"name": "", "fixed": {}, "grid": {}}
     if path is not None:
         path = Path(path)
@@ -112,8 +115,10 @@ def load_grid(path: Path | None, axes_text: str = "", fixed_text: str = "") -> d
             raise ConfigError(f"grid file {path}: unknown table(s) {', '.join(unknown)}; "
                               "expected [sweep], [fixed], [grid]")
         spec["name"] = str(raw.get("sweep", {}).get("name", path.stem))
+        preset = preset or str(raw.get("sweep", {}).get("preset", ""))
         spec["fixed"].update(raw.get("fixed", {}))
         spec["grid"].update(raw.get("grid", {}))
+    spec["fixed"] = with_preset(preset, spec["fixed"])
     spec["fixed"].update(parse_overrides(fixed_text))
     for key, raw_values in parse_overrides(axes_text).items():
         spec["grid"][key] = raw_values if isinstance(raw_values, list) else [

@@ -63,6 +63,10 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     new = play(grid, strategy, secure, 1, dict(model), planned=3)
     out = strategy.outcomes[1]
     assert new is not None and out.aggregated and out.noise_shares == 6 and out.trained == 6
+    # where the round's time went, stage by stage
+    assert set(out.seconds_by_stage) == {"keys", "shares", "masked", "confirm", "unmask",
+                                         "server-unmask"}
+    assert all(v >= 0 for v in out.seconds_by_stage.values())
     held = secure.held
     # the field's scale (a quarter of it for the worst case), capped where its units would
     # be finer than the noise: a share's Poisson means stay within 2^36
