@@ -81,10 +81,10 @@ def plan_release(
     priv.check_delta(num_examples, client=client)
     l1, l2 = encoding.rounded_l1_bound, encoding.rounded_l2_bound
     if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = priv.noise_multiplier if priv.noise_multiplier > 0 else \
-            privacy.calibrate_skellam(target_epsilon=priv.target_epsilon,
-                                      target_delta=priv.target_delta, l1=l1, l2=l2,
-                                      steps=planned_rounds, prior=ledger.history)
+        ledger.noise_multiplier = privacy.skellam_noise_multiplier(
+            fixed=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
+            target_delta=priv.target_delta, l1=l1, l2=l2, steps=planned_rounds,
+            prior=ledger.history)
     ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
     need = (ledger.noise_multiplier * l2) ** 2
     floor = (min_share_noise_multiplier * l2) ** 2

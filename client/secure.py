@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -128,8 +129,7 @@ def keys_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: Node
     _save(context, participant)
     advert = Advert(node.partition_id, participant.advertise(),
                     selection.num_examples(cfg, node))
-    signed = Advert(advert.partition, advert.keys, advert.records,
-                    roster.sign(key, "round-keys", advert.body(server_round)))
+    signed = replace(advert, signature=roster.sign(key, "round-keys", advert.body(server_round)))
     return _reply(msg, **{keys.PUBLIC_KEYS: json.dumps(signed.to_json())})
 
 

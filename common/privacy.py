@@ -264,6 +264,18 @@ class ReleasePlan:
         return (SKELLAM, self.mu, self.l1, self.l2, self.mu_share, 1)
 
 
+def skellam_noise_multiplier(*, fixed: float, target_epsilon: float, target_delta: float,
+                             l1: float, l2: float, steps: int, prior: Sequence[Entry] = ()
+                             ) -> float:
+    """A client's Skellam noise multiplier: the run's noise-multiplier when set (`fixed` >
+    0), else its calibration for `steps` releases after `prior`. The server's agreed level
+    is this for a fresh client (no prior), so an honest cohort agrees with itself."""
+    if fixed > 0:
+        return fixed
+    return calibrate_skellam(target_epsilon=target_epsilon, target_delta=target_delta,
+                             l1=l1, l2=l2, steps=steps, prior=prior)
+
+
 def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, l2: float,
                       steps: int, prior: Sequence[Entry] = (), tolerance: float = 0.005) -> float:
     """Smallest Skellam noise multiplier z (noise std sqrt(mu) = z * l2, within `tolerance`

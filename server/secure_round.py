@@ -160,12 +160,11 @@ class SecureExchange:
         fresh client's calibration for `planned` releases (fixed for the run at its first
         secure round, as each client fixes its own)."""
         priv = self.cfg.privacy
-        if priv.noise_multiplier > 0:
-            return priv.noise_multiplier
         if self._agreed is None:
-            self._agreed = privacy.calibrate_skellam(
-                target_epsilon=priv.target_epsilon, target_delta=priv.target_delta,
-                l1=encoding.rounded_l1_bound, l2=encoding.rounded_l2_bound, steps=planned)
+            self._agreed = privacy.skellam_noise_multiplier(
+                fixed=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
+                target_delta=priv.target_delta, l1=encoding.rounded_l1_bound,
+                l2=encoding.rounded_l2_bound, steps=planned)
         return self._agreed
 
     def view_for(self, server_round: int, adverts: list[Advert], dim: int, planned: int
