@@ -84,7 +84,7 @@ def plan_release(
         ledger.noise_multiplier = privacy.skellam_noise_multiplier(
             fixed=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
             target_delta=priv.target_delta, l1=l1, l2=l2, steps=planned_rounds,
-            prior=ledger.history)
+            prior=ledger.history, beta=encoding.tail)
     ledger.noise_multiplier = max(ledger.noise_multiplier, min_noise_multiplier)
     need = (ledger.noise_multiplier * l2) ** 2
     floor = (min_share_noise_multiplier * l2) ** 2
@@ -97,7 +97,7 @@ def plan_release(
     problem = ddp.skellam_problem(share)
     if problem:
         raise BudgetExceeded(f"{client}: {problem}; it does not train")
-    entry = (privacy.SKELLAM, mu, l1, l2, share, 1)
+    entry = privacy.skellam_entry(mu=mu, l1=l1, l2=l2, share=share, beta=encoding.tail)
     before = privacy.epsilon(ledger.history, priv.target_delta)
     after = privacy.epsilon([*ledger.history, entry], priv.target_delta)
     if after > priv.target_epsilon:
@@ -111,4 +111,4 @@ def plan_release(
             "colluding members unmask its release); it does not train")
     return privacy.ReleasePlan(
         noise_multiplier=math.sqrt(mu) / l2, mu=mu, mu_share=share, l1=l1, l2=l2,
-        epsilon_before=before, epsilon_after=after)
+        epsilon_before=before, epsilon_after=after, beta=encoding.tail)

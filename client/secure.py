@@ -10,9 +10,10 @@ Five messages from the server, each answered from this node's own state between 
    field, scale, clip, the agreed noise), then Shamir shares of its secrets, encrypted
    per member and bound to the view's digest;
 3. masked: the global model and the shares sent to it (each under the same view) -> its
-   integer release (one full-batch DP-SGD step, clipped per record, rounded, plus its
-   own Skellam noise share), planned against the agreed noise and recorded in the ledger
-   before it is masked and sent;
+   integer release (one full-batch DP-SGD step, clipped per record, rotated by the
+   view's rotation, scaled, rounded, plus its own Skellam noise share), planned against
+   the agreed noise and recorded in the ledger before it is masked, bit-packed (bits
+   per coordinate) and sent;
 4. confirm: the survivor set -> its signature of (view, survivors), once a round;
 5. unmask: the survivors' signatures -> the shares that remove the masks of the sum,
    only when at least the threshold of survivors signed the same view and survivors.
@@ -27,7 +28,6 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import requests, selection, wire
@@ -43,12 +43,6 @@ from common.secagg import Advert, Participant, ProtocolError, View, survivors_bo
 
 STATE_KEY = "dpfl-secagg"
 VIEW_KEY = "dpfl-secagg-view"
-
-
-def wire_dtype(bits: int) -> type:
-    """The narrowest unsigned integer type that holds values modulo 2^bits."""
-    return next(t for t, b in ((np.uint8, 8), (np.uint16, 16), (np.uint32, 32), (np.uint64, 64))
-                if bits <= b)
 
 
 def _round_of(msg: Message) -> int:
@@ -158,12 +152,10 @@ def view_problem(view: View, cfg: ExperimentConfig, node: NodeConfig, trusted: r
                 f"{cfg.secure.secagg_bits} and max-grad-norm {cfg.privacy.max_grad_norm:g}")
     if not (0 < p.scale < math.inf and p.dim >= 1 and 0 <= p.noise_multiplier < math.inf):
         return f"scale {p.scale!r}, dimension {p.dim!r} or noise {p.noise_multiplier!r} unusable"
-    l2 = ddp.Encoding(clip=p.clip, scale=p.scale, dim=p.dim).rounded_l2_bound
-    agreed = (p.noise_multiplier * l2) ** 2
-    # honest members add about the agreed share each (up to 4x when their ledgers need it)
+    agreed = (p.noise_multiplier * p.encoding.rounded_l2_bound) ** 2
+    # honest members add about the agreed share each
     share = agreed / p.threshold if cfg.secure.noise == "distributed" else agreed
-    return ddp.field_problem(bits=p.bits, scale=p.scale, clip=p.clip, records=view.records,
-                             members=k, noise_variance=4.0 * share * k)
+    return ddp.field_problem(bits=p.bits, noise_variance=share * k)
 
 
 def shares_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: NodeConfig
@@ -206,7 +198,8 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
             return requests.refusal(msg, ledger, cfg, node, f"{problem}; round "
                                     f"{request.server_round} refused, nothing spent")
         participant = _load(context, request.server_round)
-        params = _view(context, participant).params
+        view = _view(context, participant)
+        params = view.params
         shares = json.loads(str(config[keys.SHARES]))
         participant.receive({int(i): ct.encode() for i, ct in shares.items()})
         participant.check_ready()  # before any data is read or budget spent
@@ -216,7 +209,7 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
         if dim != params.dim:
             raise ProtocolError(f"round {request.server_round}: the model has {dim} "
                                 f"parameters, the view says {params.dim}")
-        encoding = ddp.Encoding(clip=params.clip, scale=params.scale, dim=dim)
+        encoding = params.encoding
         try:
             plan = plan_release(
                 ledger, encoding=encoding, priv=cfg.privacy,
@@ -231,11 +224,12 @@ def masked_stage(msg: Message, context: Context, cfg: ExperimentConfig, node: No
             return requests.refusal(msg, ledger, cfg, node, f"{exc} in round {request.server_round}")
         release = integer_gradient_sum(request.weights, data, model_name=cfg.train.model,
                                        encoding=encoding, mu_share=plan.mu_share,
+                                       rotation=view.rotation(),
                                        device=str(resolve_device(cfg.runtime.device)))
         # Everything that could fail is done before the spend (nothing is spent for what
         # cannot be released), and the spend is saved before anything leaves: once masked
         # and sent, t reveals expose the sum.
-        masked: np.ndarray = participant.masked(release).astype(wire_dtype(participant.bits))
+        masked = ddp.pack(participant.masked(release), participant.bits)
         ledger.spend(plan.entry)
         save_ledger(context, ledger, node.ledger_file)
     _save(context, participant)

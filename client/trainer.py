@@ -352,13 +352,15 @@ def _flat_grad(p: torch.Tensor) -> torch.Tensor:
 
 def integer_gradient_sum(
     weights: dict[str, np.ndarray], data: Split, *, model_name: str, encoding: ddp.Encoding,
-    mu_share: float, chunk: int = 256, device: str = "cpu",
+    mu_share: float, rotation: ddp.Rotation | None = None, chunk: int = 256, device: str = "cpu",
 ) -> np.ndarray:
     """One full-batch DP-SGD step's release for secure aggregation: the sum over records
-    of each record's gradient clipped to `encoding.clip`, times `encoding.scale`, rounded
-    to integers by randomized rounding, plus this client's Skellam share of variance
+    of each record's gradient clipped to `encoding.clip`, rotated by `rotation` (the
+    round's, from the view; None: not rotated), times `encoding.scale`, rounded to
+    integers by randomized rounding, plus this client's Skellam share of variance
     `mu_share` per coordinate (one record moves the rounded sum by at most
-    `encoding.rounded_l2_bound`; common/ddp.py). A record whose gradient is not finite
+    `encoding.rounded_l2_bound`, except with probability `encoding.tail`;
+    common/ddp.py). A record whose gradient is not finite
     contributes zero (the null record of zero-out adjacency). Computed in float64 with
     Opacus' ghost clipping (GradSampleModuleFastGradientClipping): a first backward pass
     gives each record's gradient norm without materialising per-record gradients, a
@@ -376,10 +378,12 @@ def integer_gradient_sum(
         use_ghost_clipping=True)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
-    if sum(params[n].numel() for n in names) != encoding.dim:
-        raise ValueError(f"encoding.dim={encoding.dim} but the model has "
-                         f"{sum(params[n].numel() for n in names)} parameters")
-    total = torch.zeros(encoding.dim, dtype=torch.float64)
+    size = sum(params[n].numel() for n in names)
+    if (rotation.dim, rotation.padded) != (size, encoding.dim) if rotation else size != encoding.dim:
+        raise ValueError(f"encoding.dim={encoding.dim} and rotation "
+                         f"{(rotation.dim, rotation.padded) if rotation else None} do not fit "
+                         f"the model's {size} parameters")
+    total = torch.zeros(size, dtype=torch.float64)
     for start in range(0, len(data), chunk):
         x = torch.from_numpy(np.asarray(data.images[start:start + chunk], dtype=np.float64)).to(device)
         y = torch.from_numpy(data.labels[start:start + chunk]).to(device)
@@ -403,5 +407,6 @@ def integer_gradient_sum(
     gsm.zero_grad(set_to_none=True)
     gsm.remove_hooks()
     rng = np.random.default_rng(secrets.randbits(128))
-    release = ddp.randomized_round(total.numpy() * encoding.scale, rng)
+    flat = rotation.forward(total.numpy()) if rotation else total.numpy()
+    release = ddp.randomized_round(flat * encoding.scale, rng)
     return release + ddp.skellam(mu_share * broken_noise_scale() ** 2, encoding.dim, rng)

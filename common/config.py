@@ -339,15 +339,15 @@ class SecureAggregationConfig:
     """SecAgg+ with an integer release (docs/secure-aggregation.md). `noise`: each client
     adds the whole noise of its guarantee (local) or its share of it, so that the sum of
     any `secagg-threshold` fraction of the cohort carries it (distributed). `secagg-bits`:
-    the field's width on the wire; `secagg-headroom`: the fraction of the worst case (every
-    record's clipped gradient in one coordinate) the field holds before it wraps (1 in a
-    real run: clients refuse a field in which an honest sum could wrap)."""
+    the field's width, each coordinate's bits on the wire; `secagg-sigmas`: how many
+    standard deviations of one coordinate of the rotated sum (noise and signal) the field
+    holds (the server's scale follows; a coordinate beyond wraps)."""
 
     secure_aggregation: str
     noise: str
     secagg_bits: int
     secagg_threshold: float
-    secagg_headroom: float
+    secagg_sigmas: float
 
     def __post_init__(self) -> None:
         check_field(self.secure_aggregation in SECURE_AGGREGATION, "secure-aggregation",
@@ -361,8 +361,8 @@ class SecureAggregationConfig:
         check_field(0.5 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold,
                "must be in (0.5, 1] (a fraction of the cohort; above half, so that no server "
                "can collect both secrets of one client)")
-        check_field(0 < self.secagg_headroom <= 1, "secagg-headroom", self.secagg_headroom,
-               "must be in (0, 1]")
+        check_field(2 <= self.secagg_sigmas <= 64, "secagg-sigmas", self.secagg_sigmas,
+               "must be in [2, 64] (standard deviations of the sum the field holds)")
 
     @property
     def enabled(self) -> bool:
@@ -516,11 +516,6 @@ class ExperimentConfig:
                f"must be 0 for {key} (no single update is visible to bound)")
         check_field(not self.attack.modes, "attack", self.attack.attack,
                f"must be empty for {key} (simulated attacks alter single updates)")
-        check_field(self.secure.secagg_headroom == 1, "secagg-headroom",
-                    self.secure.secagg_headroom,
-               f"must be 1 for {key}: every client refuses a field in which an honest sum "
-               "could wrap, and below 1 it could (`python -m simulations.emulate --headroom` "
-               "explores the trade-off)")
 
     @property
     def client_train(self) -> TrainConfig:
@@ -572,6 +567,11 @@ def _field_types() -> dict[str, tuple[str, str, type]]:
 
 
 FIELD_TYPES = _field_types()
+# keys of earlier versions: what replaced them
+REMOVED_KEYS = {
+    "secagg-headroom": "the server's scale now follows the noise and the rotated sum's "
+                       "spread (secagg-sigmas standard deviations fill the field); remove it",
+}
 
 
 def coerce_value(key: str, value: Any, typ: type) -> Any:
@@ -602,6 +602,9 @@ def coerce_value(key: str, value: Any, typ: type) -> Any:
 def parse_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a flat run config (dashed keys, as Flower passes it) into one frozen config."""
     unknown = sorted(set(run_config) - set(FIELD_TYPES))
+    gone = [f"{k}: {REMOVED_KEYS[k]}" for k in unknown if k in REMOVED_KEYS]
+    if gone:
+        raise ConfigError("removed config key(s): " + "; ".join(gone))
     if unknown:
         raise ConfigError(
             f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELD_TYPES))}"
@@ -661,6 +664,9 @@ def resolve_config(overrides: Mapping[str, Any]) -> ExperimentConfig:
     """Defaults + overrides, validated. Unknown override keys are rejected by name."""
     defaults = default_run_config()
     unknown = sorted(set(overrides) - set(defaults))
+    gone = [f"{k}: {REMOVED_KEYS[k]}" for k in unknown if k in REMOVED_KEYS]
+    if gone:
+        raise ConfigError("removed config key(s): " + "; ".join(gone))
     if unknown:
         raise ConfigError(
             f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(defaults))}"

@@ -6,7 +6,13 @@ A history is a list of entries, each a mechanism run `steps` times:
   the securely aggregated sum is Skellam of variance `mu`, with L1/L2 sensitivities
   `l1`, `l2` (integer units; common/ddp.py); `share` is the variance the client added
   itself, all that protects the release from a server that unmasks it alone (with
-  colluding or fake cohort members; `epsilon_alone`).
+  colluding or fake cohort members; `epsilon_alone`);
+- `("skellam", mu, l1, l2, share, beta, steps)`: the same with sensitivities that hold
+  except with probability `beta` per release over the client's own rounding (ddp's
+  high-probability bound): the release is then beta-approximately RDP (Bun & Steinke
+  2016, section 8: with probability 1 - beta, the same on both neighbours, it is the
+  Skellam mechanism at l1, l2), composition adds the betas, and epsilon is converted
+  at delta minus their sum.
 The ledger only stores it; epsilon is always recomputed from the whole history, so it
 composes over every step a client ever took. The math is Opacus' own accountants (RDP by
 default, PRV selectable) for Gaussian-only histories; a history with Skellam releases is
@@ -25,7 +31,7 @@ import numpy as np
 
 from common import ddp
 
-Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, share, steps)
+Entry = tuple  # (sigma, q, steps) or ("skellam", mu, l1, l2, share[, beta], steps)
 SKELLAM = "skellam"
 
 # Neighbouring datasets of one client: one record replaced by a null record that
@@ -37,21 +43,34 @@ ADJACENCY = "zero-out"
 
 
 def _entry(raw: Sequence) -> Entry:
-    """One history entry, normalised and checked (steps may be 0)."""
-    if len(raw) == 6 and raw[0] == SKELLAM:
-        mu, l1, l2, share, steps = (float(raw[1]), float(raw[2]), float(raw[3]), float(raw[4]),
-                                    int(raw[5]))
+    """One history entry, normalised and checked (steps may be 0). A Skellam entry with
+    beta 0 is written without it."""
+    if len(raw) in (6, 7) and raw[0] == SKELLAM:
+        mu, l1, l2, share = (float(raw[1]), float(raw[2]), float(raw[3]), float(raw[4]))
+        beta, steps = (float(raw[5]) if len(raw) == 7 else 0.0), int(raw[-1])
         if not (0 <= share <= mu < math.inf and 0 < l1 < math.inf and 0 < l2 < math.inf
-                and steps >= 0) or steps != raw[5]:
+                and steps >= 0 and 0 <= beta < 1e-3) or steps != raw[-1]:
             raise ValueError(f"history entry {list(raw)!r} is out of range")
-        return (SKELLAM, mu, l1, l2, share, steps)
+        return (SKELLAM, mu, l1, l2, share, beta, steps) if beta else (SKELLAM, mu, l1, l2, share, steps)
     if len(raw) != 3:
         raise ValueError(f"history entry {raw!r} must be [noise_multiplier, sample_rate, steps] "
-                         "or [\"skellam\", mu, l1, l2, share, steps]")
+                         "or [\"skellam\", mu, l1, l2, share, (beta,) steps]")
     sigma, q, steps = float(raw[0]), float(raw[1]), int(raw[2])
     if not (sigma >= 0 and 0 < q <= 1 and steps >= 0) or steps != raw[2]:
         raise ValueError(f"history entry {raw!r} is out of range")
     return (sigma, q, steps)
+
+
+def skellam_entry(*, mu: float, l1: float, l2: float, share: float, beta: float = 0.0,
+                  steps: int = 1) -> Entry:
+    """A Skellam release's entry (beta 0: the worst-case sensitivities)."""
+    return _entry((SKELLAM, mu, l1, l2, share, beta, steps))
+
+
+def tail(history: Iterable[Sequence]) -> float:
+    """The summed per-release failure probabilities of high-probability sensitivities:
+    part of delta."""
+    return sum(e[5] * e[6] for e in merge_history(history) if e[0] == SKELLAM and len(e) == 7)
 
 
 def merge_history(history: Iterable[Sequence]) -> list[Entry]:
@@ -122,7 +141,7 @@ def epsilon_alone(history: Iterable[Sequence], delta: float, accountant: str = "
     counted with the share the client added (what protects it from a server that
     unmasks it alone, with colluding or fake cohort members); local DP-SGD steps as they
     are."""
-    alone = [(SKELLAM, e[4], e[2], e[3], e[4], e[5]) if e[0] == SKELLAM else e
+    alone = [(SKELLAM, e[4], *e[2:4], *e[4:]) if e[0] == SKELLAM else e
              for e in merge_history(history)]
     return epsilon(alone, delta, accountant)
 
@@ -147,13 +166,14 @@ def _mixed_rdp_epsilon(hist: Sequence[Entry], delta: float) -> float:
     total = [0.0] * len(orders)
     for e in hist:
         if e[0] == SKELLAM:
-            _, mu, l1, l2, _, steps = e
+            mu, l1, l2, steps = e[1], e[2], e[3], e[-1]
             rdp = [steps * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
         else:
             sigma, q, steps = e
             rdp = list(_rdp_per_step(q, sigma, orders) * steps)
         total = [x + y for x, y in zip(total, rdp, strict=True)]
-    return ddp.rdp_to_epsilon(total, orders, delta)
+    rest = delta - tail(hist)
+    return ddp.rdp_to_epsilon(total, orders, rest) if rest > 0 else math.inf
 
 
 def calibrate_noise(
@@ -258,32 +278,36 @@ class ReleasePlan:
     l2: float
     epsilon_before: float
     epsilon_after: float
+    beta: float = 0.0  # the probability the sensitivities fail (ddp.Encoding.tail)
 
     @property
     def entry(self) -> Entry:
-        return (SKELLAM, self.mu, self.l1, self.l2, self.mu_share, 1)
+        return skellam_entry(mu=self.mu, l1=self.l1, l2=self.l2, share=self.mu_share,
+                             beta=self.beta)
 
 
 def skellam_noise_multiplier(*, fixed: float, target_epsilon: float, target_delta: float,
-                             l1: float, l2: float, steps: int, prior: Sequence[Entry] = ()
-                             ) -> float:
+                             l1: float, l2: float, steps: int, prior: Sequence[Entry] = (),
+                             beta: float = 0.0) -> float:
     """A client's Skellam noise multiplier: the run's noise-multiplier when set (`fixed` >
     0), else its calibration for `steps` releases after `prior`. The server's agreed level
     is this for a fresh client (no prior), so an honest cohort agrees with itself."""
     if fixed > 0:
         return fixed
     return calibrate_skellam(target_epsilon=target_epsilon, target_delta=target_delta,
-                             l1=l1, l2=l2, steps=steps, prior=prior)
+                             l1=l1, l2=l2, steps=steps, prior=prior, beta=beta)
 
 
 def calibrate_skellam(*, target_epsilon: float, target_delta: float, l1: float, l2: float,
-                      steps: int, prior: Sequence[Entry] = (), tolerance: float = 0.005) -> float:
+                      steps: int, prior: Sequence[Entry] = (), tolerance: float = 0.005,
+                      beta: float = 0.0) -> float:
     """Smallest Skellam noise multiplier z (noise std sqrt(mu) = z * l2, within `tolerance`
     relative) such that `prior` followed by `steps` releases stays within target_epsilon."""
 
     def eps_at(z: float) -> float:
         mu = (z * l2) ** 2
-        return epsilon([*prior, (SKELLAM, mu, l1, l2, mu, steps)], target_delta)
+        return epsilon([*prior, skellam_entry(mu=mu, l1=l1, l2=l2, share=mu, beta=beta,
+                                              steps=steps)], target_delta)
 
     _check_calibration(target_epsilon, steps, epsilon(prior, target_delta))
     return _smallest_noise(eps_at, target_epsilon, tolerance)

@@ -56,6 +56,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from common import ddp
 from common.errors import ProtocolError
 from common.roster import statement
 
@@ -138,6 +139,13 @@ class Params:
                    bits=int(d["bits"]), scale=float(d["scale"]), clip=float(d["clip"]),
                    dim=int(d["dim"]), noise_multiplier=float(d["noise_multiplier"]))
 
+    @property
+    def encoding(self) -> ddp.Encoding:
+        """The release's encoding: the rotated, padded length, the high-probability
+        rounding bound (ddp.ROUNDING_BETA: every member's and the server's alike)."""
+        return ddp.Encoding(clip=self.clip, scale=self.scale, dim=ddp.padded_dim(self.dim),
+                            beta=ddp.ROUNDING_BETA)
+
 
 @dataclass(frozen=True)
 class View:
@@ -174,6 +182,11 @@ class View:
         return hashlib.sha256(statement("view", {
             "params": self.params.to_json(),
             "members": {str(a.partition): a.to_json() for a in self.adverts}})).hexdigest()
+
+    def rotation(self) -> ddp.Rotation:
+        """The round's rotation, seeded by the view's digest: the members' fresh round keys
+        are in it, so no one party picks it, and every holder of the view derives it."""
+        return ddp.Rotation(seed=bytes.fromhex(self.digest()), dim=self.params.dim)
 
 
 def survivors_body(digest: str, server_round: int, survivors: Sequence[int]) -> dict:

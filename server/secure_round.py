@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from common import ddp, keys, privacy
 from common.arrays import to_array_record
 from common.config import ExperimentConfig
 from common.data import input_spec
+from common.errors import ConfigError
 from common.models import MODEL_FEATURES, parameter_names
 from common.secagg import Advert, Params, ProtocolError, PublicKeys, View, unmask
 from server import wire
@@ -54,7 +56,8 @@ class Held:
     shares: dict[int, dict[int, str]] = field(default_factory=dict)  # from -> to -> token
     masked: dict[int, np.ndarray] = field(default_factory=dict)
     revealed: list[dict[int, tuple[str, bytes]]] = field(default_factory=list)
-    total: np.ndarray | None = None
+    total: np.ndarray | None = None  # the unmasked integer sum (rotated, padded)
+    gradient_sum: np.ndarray | None = None  # its decoding: total / scale, rotated back
     scale: float = 0.0
     records: dict[int, int] = field(default_factory=dict)  # declared record counts
     view: View | None = None  # the view the server sent (every member the same)
@@ -76,14 +79,11 @@ class Held:
         return out
 
 
-def scale_for(cfg: ExperimentConfig, records: int) -> float:
-    """Integer units per unit of gradient: the worst case sum (every one of `records`
-    clipped gradients on one coordinate, times secagg-headroom) fills a quarter of the
-    field, leaving the rest for noise and rounding. Privacy does not depend on it (each
-    client accounts for the rounding its scale implies); only wrap-around does."""
-    sec = cfg.secure
-    worst = cfg.privacy.max_grad_norm * max(records, 1) * sec.secagg_headroom
-    return 2.0 ** (sec.secagg_bits - 2) / worst
+def first_signal(cfg: ExperimentConfig, records: int, padded: int) -> float:
+    """The per-coordinate RMS assumed for a cohort's rotated sum before any sum was seen:
+    every one of `records` clipped gradients aligned (norm clip * records), spread evenly
+    over `padded` coordinates by the rotation."""
+    return cfg.privacy.max_grad_norm * max(records, 1) / math.sqrt(padded)
 
 
 @dataclass
@@ -108,6 +108,9 @@ class SecureExchange:
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
         self._agreed: float | None = None
+        # the last decoded sum's per-coordinate RMS (rotated, gradient units, noise
+        # included) and its records: the next scale's estimate of the signal
+        self._signal: tuple[float, int] | None = None
 
     def transcript(self) -> dict[str, np.ndarray]:
         return self.held.arrays()
@@ -155,31 +158,51 @@ class SecureExchange:
                                  for n, _ in cohort.members], out)
         return _Started(cohort, model, planned, sent)
 
-    def agreed_noise(self, encoding: ddp.Encoding, planned: int) -> float:
+    def _calibrate(self, encoding: ddp.Encoding, planned: int) -> float:
         """The noise multiplier the cohort is asked to agree on: noise-multiplier, or a
-        fresh client's calibration for `planned` releases (fixed for the run at its first
-        secure round, as each client fixes its own)."""
+        fresh client's calibration for `planned` releases at `encoding` (fixed for the
+        run at its first secure round, as each client fixes its own)."""
         priv = self.cfg.privacy
-        if self._agreed is None:
-            self._agreed = privacy.skellam_noise_multiplier(
-                fixed=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
-                target_delta=priv.target_delta, l1=encoding.rounded_l1_bound,
-                l2=encoding.rounded_l2_bound, steps=planned)
-        return self._agreed
+        return privacy.skellam_noise_multiplier(
+            fixed=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
+            target_delta=priv.target_delta, l1=encoding.rounded_l1_bound,
+            l2=encoding.rounded_l2_bound, steps=planned, beta=encoding.tail)
 
     def view_for(self, server_round: int, adverts: list[Advert], dim: int, planned: int
                  ) -> View:
         """The round as this server tells every member: their signed adverts and one set
-        of parameters (the run's threshold, field and clip; the scale for the cohort's
-        records, capped where it would be finer than the noise; the agreed noise)."""
-        clip, threshold = self.cfg.privacy.max_grad_norm, self.cfg.secure.threshold(len(adverts))
-        scale = scale_for(self.cfg, sum(a.records for a in adverts))
-        z = self.agreed_noise(ddp.Encoding(clip=clip, scale=scale, dim=dim), planned)
-        shares = threshold if self.cfg.secure.noise == "distributed" else 1
-        scale = min(scale, ddp.scale_cap(noise_multiplier=z, clip=clip, dim=dim, shares=shares))
-        params = Params(server_round=server_round, threshold=threshold,
-                        bits=self.cfg.secure.secagg_bits, scale=scale, clip=clip, dim=dim,
-                        noise_multiplier=z)
+        of parameters (the run's threshold, field and clip; the agreed noise; the scale
+        at which secagg-sigmas standard deviations of a coordinate of the rotated sum
+        fill half the field, from the noise and the last sum's spread, capped where its
+        units would be finer than the noise). Raises ConfigError when the field is too
+        narrow for the noise."""
+        sec, clip = self.cfg.secure, self.cfg.privacy.max_grad_norm
+        threshold = sec.threshold(len(adverts))
+        records, padded = sum(a.records for a in adverts), ddp.padded_dim(dim)
+        if self._signal is None:
+            signal = first_signal(self.cfg, records, padded)
+        else:
+            rms, seen = self._signal
+            signal = rms * records / max(seen, 1)
+        shares = threshold if sec.noise == "distributed" else 1
+        scale, z = 1.0, self._agreed
+        for _ in range(1 if z is not None else 3):  # z is fixed at the first secure round
+            if self._agreed is None:
+                enc = ddp.Encoding(clip=clip, scale=scale, dim=padded, beta=ddp.ROUNDING_BETA)
+                z = self._calibrate(enc, planned)
+            assert z is not None
+            try:
+                scale = ddp.noise_scale(bits=sec.secagg_bits, clip=clip, dim=padded,
+                                        noise_multiplier=z, members=len(adverts),
+                                        threshold=shares, signal=signal, sigmas=sec.secagg_sigmas)
+            except ValueError as exc:
+                raise ConfigError(f"secagg-bits={sec.secagg_bits}: {exc}") from exc
+            scale = min(scale, ddp.scale_cap(noise_multiplier=z, clip=clip, dim=padded,
+                                             shares=shares))
+        self._agreed = z
+        assert z is not None
+        params = Params(server_round=server_round, threshold=threshold, bits=sec.secagg_bits,
+                        scale=scale, clip=clip, dim=dim, noise_multiplier=z)
         return View(params, tuple(sorted(adverts, key=lambda a: a.partition)))
 
     def collect(self, server_round: int, started: _Started) -> dict[str, np.ndarray] | None:
@@ -208,6 +231,7 @@ class SecureExchange:
         dim = sum(model[n].size for n in self.names)
         held.view = view = self.view_for(server_round, [adverts[p] for p in u1], dim, planned)
         params, threshold, scale = view.params, view.params.threshold, view.params.scale
+        padded = ddp.padded_dim(dim)
         text = view.to_json()
         got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_SHARES,
                                              {**rnd, keys.VIEW: text}) for p in u1], out, "shares")
@@ -244,7 +268,7 @@ class SecureExchange:
                 s.privacy.record(reported)
                 heard.add(reported.partition_id)
             rejected = decoded.verdict if isinstance(decoded.verdict, Rejected) else None
-            problem = rejected.reason if rejected else _masked_problem(r, dim, params.bits)
+            problem = rejected.reason if rejected else _masked_problem(r, padded, params.bits)
             if rejected is not None and rejected.kind == "refused":
                 out.refused += 1
                 out.reasons.append(rejected.reason)
@@ -254,8 +278,8 @@ class SecureExchange:
                 out.reasons.append(f"masked: {problem}" if rejected else
                                    f"masked: node {node}: {problem}")
                 continue
-            held.masked[pid_of[node]] = r.content.array_records[keys.MASKED][keys.MASKED] \
-                .numpy().astype(np.int64)
+            held.masked[pid_of[node]] = ddp.unpack(
+                r.content.array_records[keys.MASKED][keys.MASKED].numpy(), params.bits, padded)
         s.privacy.unconfirmed(set(u2) - heard, server_round)
         u3 = sorted(held.masked)
         out.trained = len(u3)
@@ -293,18 +317,22 @@ class SecureExchange:
         except (ProtocolError, ValueError) as exc:
             return self._fail(out, f"the sum could not be unmasked: {exc}")
         held.total = total
+        rotated = total.astype(np.float64) / scale
+        held.gradient_sum = gradient_sum = view.rotation().inverse(rotated)
         out.seconds_by_stage["server-unmask"] = time.monotonic() - t_unmask
+        records = sum(sizes[p] for p in u3)
+        self._signal = (float(np.sqrt(np.mean(rotated * rotated))), records)
         if self.scorer is not None:  # an audit run: the auditor sees what the server sees
-            self.scorer.observe_sum(model, total.astype(np.float64) / scale, u3)
+            self.scorer.observe_sum(model, gradient_sum, u3)
         out.failed = out.sampled - out.trained - out.refused - out.invalid
         out.aggregated, out.noise_shares = True, len(u3)
         out.partitions_aggregated = u3
-        return self._average(model, total, scale, sum(sizes[p] for p in u3))
+        return self._average(model, gradient_sum, records)
 
-    def _average(self, model: dict[str, np.ndarray], total: np.ndarray, scale: float,
-                 records: int) -> dict[str, np.ndarray]:
-        """FedAvg of one full-batch step per survivor: sent - lr * (sum / scale) / records."""
-        grad = total.astype(np.float64) / scale / max(records, 1)
+    def _average(self, model: dict[str, np.ndarray], gradient_sum: np.ndarray, records: int
+                 ) -> dict[str, np.ndarray]:
+        """FedAvg of one full-batch step per survivor: sent - lr * sum / records."""
+        grad = gradient_sum / max(records, 1)
         average, at = {}, 0
         for name in self.names:
             w = model[name]
@@ -320,7 +348,7 @@ class SecureExchange:
         return None  # the global model is kept
 
 
-def _masked_problem(msg: Message, dim: int, bits: int) -> str | None:
+def _masked_problem(msg: Message, padded: int, bits: int) -> str | None:
     """Why a masked reply is unusable (its metrics are judged by `classify`), or None."""
     metrics = dict(msg.content[keys.METRICS]) if keys.METRICS in msg.content.metric_records else {}
     if metrics.get(keys.REFUSED):
@@ -329,9 +357,8 @@ def _masked_problem(msg: Message, dim: int, bits: int) -> str | None:
     if rec is None or keys.MASKED not in rec:
         return "reply carries no masked vector"
     arr = rec[keys.MASKED].numpy()
-    if arr.ndim != 1 or arr.size != dim or arr.dtype.kind != "u":
-        return f"masked vector must be {dim} unsigned integers, got {arr.dtype} {arr.shape}"
-    if int(arr.max(initial=0)) >= 1 << bits:
-        return f"masked vector holds values beyond 2^{bits}"
+    size = -(-padded * bits // 8)
+    if arr.ndim != 1 or arr.size != size or arr.dtype != np.uint8:
+        return (f"masked vector must be {padded} values of {bits} bits packed in {size} bytes, "
+                f"got {arr.dtype} {arr.shape}")
     return None
-

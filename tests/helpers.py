@@ -173,9 +173,10 @@ def read_rounds(path):
     return [r.to_json() for r in RunDir(Path(path).parent).rounds()]
 
 
-def skellam_epsilon(history, delta):
+def skellam_epsilon(history, delta, beta=0.0):
     """Epsilon of Skellam releases alone [(mu, l1, l2, steps), ...], composed here from the
-    Skellam RDP bound (common.ddp): the tests' own composition, to check the accountant's."""
+    Skellam RDP bound (common.ddp): the tests' own composition, to check the accountant's.
+    `beta`: each release's probability of exceeding its sensitivities, taken from delta."""
     from common import ddp
 
     if not history:
@@ -183,4 +184,4 @@ def skellam_epsilon(history, delta):
     orders = ddp.RDP_ORDERS
     rdp = [sum(steps * ddp.skellam_rdp(a, mu, l1, l2) for mu, l1, l2, steps in history)
            for a in orders]
-    return ddp.rdp_to_epsilon(rdp, orders, delta)
+    return ddp.rdp_to_epsilon(rdp, orders, delta - beta * sum(h[-1] for h in history))

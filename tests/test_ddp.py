@@ -205,3 +205,108 @@ def test_a_calibrated_skellam_noise_multiplier_spends_the_budget_over_the_planne
     # Close to the Gaussian's noise multiplier for the same 30 full-batch steps.
     sigma = privacy.calibrate_noise(target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=30)
     assert sigma <= z <= 1.05 * sigma
+
+
+def test_the_rotation_is_orthogonal_invertible_seeded_and_flattens_a_spike():
+    rot = ddp.Rotation(seed=bytes(range(32)), dim=7850)
+    assert rot.padded == ddp.padded_dim(7850) == 8192 and rot.block == 1024
+    assert ddp.padded_dim(50) == 64 and ddp.padded_dim(1024) == 1024 and ddp.padded_dim(1025) == 2048
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=7850)
+    y = rot.forward(x)
+    assert y.shape == (8192,) and np.linalg.norm(y) == pytest.approx(np.linalg.norm(x))
+    assert np.allclose(rot.inverse(y), x, atol=1e-12)
+    # linear: the sum of rotated releases is the rotation of the sum
+    x2 = rng.normal(size=7850)
+    assert np.allclose(rot.forward(x) + rot.forward(x2), rot.forward(x + x2))
+    assert np.array_equal(ddp.Rotation(seed=bytes(range(32)), dim=7850).forward(x), y)
+    assert not np.allclose(ddp.Rotation(seed=bytes(32), dim=7850).forward(x), y)
+    # all the mass on one coordinate ends up spread: no coordinate above 1/sqrt(block)
+    spike = np.zeros(7850)
+    spike[17] = 1.0
+    assert np.abs(rot.forward(spike)).max() == pytest.approx(1 / math.sqrt(1024))
+    # a sum concentrated on a few coordinates: its largest coordinate after rotation is a
+    # few times the RMS, not sqrt(d) times
+    dense = np.zeros(7850)
+    dense[:20] = rng.normal(size=20) * 100
+    r = rot.forward(dense)
+    assert np.abs(r).max() < 6 * np.sqrt(np.mean(r * r))
+    with pytest.raises(ValueError, match="7850"):
+        rot.forward(np.zeros(10))
+
+
+@pytest.mark.parametrize("c", [3.0, 40.0])
+def test_one_record_moves_the_rounded_release_beyond_the_tail_bound_rarely(c):
+    """The coupled difference of the rounding (the same U on both sides) is the
+    randomized rounding of the record's scaled gradient g: its norm exceeds the
+    high-probability bound with probability at most beta (here checked at beta = 0.02
+    with 4,000 draws: fewer than 2%), and never exceeds the worst-case bound."""
+    rng = np.random.default_rng(4)
+    dim = 400
+    g = rng.uniform(-1, 1, dim) + 0.5  # fractional parts spread: the rounding's variance is large
+    g *= c / np.linalg.norm(g)
+    a = rng.normal(size=dim) * 30
+    enc = ddp.Encoding(clip=c, scale=1.0, dim=dim, beta=0.02)
+    assert enc.tail_l2_bound < enc.worst_l2_bound and enc.tail == 0.02
+    over, norms = 0, []
+    for seed in range(4000):
+        u = np.random.default_rng(seed)
+        d = ddp.randomized_round(a + g, u) - ddp.randomized_round(a, np.random.default_rng(seed))
+        n = float(np.linalg.norm(d))
+        norms.append(n)
+        over += n > enc.tail_l2_bound
+        assert n <= enc.worst_l2_bound
+    assert over / 4000 < 0.02
+    # and the bound is not loose by much: the mean squared norm is c^2 + sum p(1 - p)
+    assert np.mean(np.square(norms)) <= c * c + dim / 4
+    assert enc.tail_l2_bound ** 2 < 1.6 * (c * c + dim / 4)
+    # beta = 0 (or a bound no better than the worst case): the worst case, no tail
+    assert ddp.Encoding(clip=c, scale=1.0, dim=dim).rounded_l2_bound == enc.worst_l2_bound
+    assert ddp.Encoding(clip=c, scale=1.0, dim=dim).tail == 0.0
+
+
+def test_a_tail_bound_release_is_accounted_at_delta_less_its_betas():
+    enc = ddp.Encoding(clip=0.2, scale=4000.0, dim=40960, beta=1e-6)
+    l1, l2 = enc.rounded_l1_bound, enc.rounded_l2_bound
+    assert l2 < 0.82 * enc.worst_l2_bound
+    mu = (8.0 * l2) ** 2
+    entry = privacy.skellam_entry(mu=mu, l1=l1, l2=l2, share=mu, beta=1e-6, steps=30)
+    assert entry == (privacy.SKELLAM, mu, l1, l2, mu, 1e-6, 30)
+    assert privacy.tail([entry]) == pytest.approx(3e-5)
+    orders = ddp.RDP_ORDERS
+    rdp = [30 * ddp.skellam_rdp(a, mu, l1, l2) for a in orders]
+    assert privacy.epsilon([entry], 1e-4) == pytest.approx(ddp.rdp_to_epsilon(rdp, orders, 1e-4 - 3e-5))
+    assert privacy.epsilon([entry], 1e-4) > privacy.epsilon([entry[:5] + entry[6:]], 1e-4)
+    assert privacy.epsilon([entry], 3e-5) == math.inf  # the betas alone spend delta
+    # beta 0 is the old six-field entry; old ledgers read as they were
+    assert privacy.skellam_entry(mu=mu, l1=l1, l2=l2, share=mu, steps=2) == (
+        privacy.SKELLAM, mu, l1, l2, mu, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        privacy.epsilon([(privacy.SKELLAM, mu, l1, l2, mu, 0.5, 1)], 1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 12, 13, 16, 31, 62])
+def test_bit_packing_round_trips_and_costs_bits_per_value(bits):
+    rng = np.random.default_rng(bits)
+    v = rng.integers(0, 1 << bits, 1001, dtype=np.int64)
+    packed = ddp.pack(v, bits)
+    assert packed.dtype == np.uint8 and packed.size == -(-1001 * bits // 8)
+    assert np.array_equal(ddp.unpack(packed, bits, 1001), v)
+    with pytest.raises(ValueError, match="integers in"):
+        ddp.pack(np.array([1 << bits]), bits)
+    with pytest.raises(ValueError, match="bytes"):
+        ddp.unpack(packed[:-1], bits, 1001)
+
+
+def test_the_noise_scale_fills_the_field_with_k_standard_deviations():
+    kw = dict(clip=0.2, dim=40960, noise_multiplier=8.0, members=10, threshold=9)
+    for bits, signal in ((16, 1.8), (20, 0.0), (14, 5.0)):
+        scale = ddp.noise_scale(bits=bits, signal=signal, sigmas=4.0, **kw)
+        enc = ddp.Encoding(clip=0.2, scale=scale, dim=40960, beta=ddp.ROUNDING_BETA)
+        std = math.sqrt(64.0 * 10 / 9 * enc.rounded_l2_bound ** 2 + (scale * signal) ** 2)
+        assert 4.0 * std == pytest.approx(2.0 ** (bits - 1), rel=1e-9)
+    # the field's noise check: two standard deviations of the honest noise must fit
+    assert ddp.field_problem(bits=16, noise_variance=(2.0 ** 14) ** 2 * 0.99) is None
+    assert "would wrap" in ddp.field_problem(bits=16, noise_variance=(2.0 ** 14) ** 2 * 1.01)
+    with pytest.raises(ValueError, match="more secagg-bits"):
+        ddp.noise_scale(bits=12, signal=1.0, sigmas=4.0, **kw)

@@ -15,6 +15,7 @@ import pytest
 from common.config import project_root
 from common.errors import ConfigError
 from common.records import read_json
+from common.secagg import View
 from simulations import deploy, runtime
 from tests.helpers import read_rounds, sigkill_tree, skellam_epsilon
 from tests.test_privacy import dp_accounting_epsilon
@@ -372,7 +373,8 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     total = held.pop("total")
     model = dict(get_weights(build_model("logreg", seed=cfg.data.seed)))
     scale = meta["scale"]
-    truth = {p: _clipped_sum(cfg, p, 4, model) * scale for p in range(4)}
+    rotation = View.from_json(meta["view"]).rotation()
+    truth = {p: rotation.forward(_clipped_sum(cfg, p, 4, model)) * scale for p in range(4)}
     top = 2.0 ** cfg.secure.secagg_bits
     survivors = sorted(int(k.split("-")[1]) for k in held)
     assert len(survivors) == first["noise_shares"]
@@ -381,7 +383,7 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
         assert abs(float(v.mean()) / top - 0.5) < 0.02
         assert abs(np.corrcoef(v, truth[p])[0, 1]) < 0.1
     ledgers = {i: read_json(tmp_path / f"node-{i}" / "ledger.json") for i in survivors}
-    (_, mu, l1, l2, share, _), = {tuple(led["history"][0]) for led in ledgers.values()}
+    (_, mu, l1, l2, share, beta, _), = {tuple(led["history"][0]) for led in ledgers.values()}
     noise = total - sum(truth[p] for p in survivors)
     t = cfg.secure.threshold(4)
     assert share == pytest.approx(mu / t)
@@ -389,5 +391,5 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     # Every client's epsilon is its releases' composition, within budget, as the server saw.
     privacy = read_json(out / "privacy.json")["clients"]
     for i, led in ledgers.items():
-        eps = skellam_epsilon([(e[1], e[2], e[3], e[5]) for e in led["history"]], 1e-5)
+        eps = skellam_epsilon([(e[1], e[2], e[3], e[-1]) for e in led["history"]], 1e-5, beta)
         assert eps <= 3.0 and float(privacy[str(i)]["epsilon"]) == pytest.approx(eps, rel=1e-6)

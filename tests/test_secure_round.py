@@ -68,21 +68,32 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
                                          "server-unmask"}
     assert all(v >= 0 for v in out.seconds_by_stage.values())
     held = secure.held
-    # the field's scale (a quarter of it for the worst case), capped where its units would
-    # be finer than the noise: a share's Poisson means stay within 2^36
+    params = held.view.params
+    enc = params.encoding
+    assert enc.dim == ddp.padded_dim(7850) == 8192 and params.dim == 7850
+    # the scale: secagg-sigmas standard deviations of a coordinate of the rotated sum (the
+    # noise of 6 shares of (z l2)^2 / t, the first round's signal: 1000 clipped gradients
+    # aligned, spread over 8192 coordinates) fill half the field
     t = cfg.secure.threshold(6)
-    z = held.view.params.noise_multiplier
-    field = 2.0 ** (cfg.secure.secagg_bits - 2) / (cfg.privacy.max_grad_norm * 1000 * 1.0)
-    cap = (math.sqrt(2 * 2.0**36 * t) / z - math.sqrt(7850)) / cfg.privacy.max_grad_norm
-    scale = min(field, cap)
-    assert held.scale == pytest.approx(scale) and held.view.params.scale == held.scale
-    truth = {p: _clipped_sum(cfg, p, 6, model) * scale for p in range(6)}
+    z = params.noise_multiplier
+    signal = cfg.privacy.max_grad_norm * 1000 / math.sqrt(8192)
+    spread = cfg.secure.secagg_sigmas * math.sqrt(
+        z * z * enc.rounded_l2_bound ** 2 * 6 / t + (held.scale * signal) ** 2)
+    assert spread == pytest.approx(2.0 ** (cfg.secure.secagg_bits - 1), rel=1e-6)
+    assert held.scale == params.scale
+    rotation = held.view.rotation()
+    plain = {p: _clipped_sum(cfg, p, 6, model) for p in range(6)}
+    truth = {p: rotation.forward(v) * held.scale for p, v in plain.items()}
 
-    # Every array the server received is a masked vector: uniform modulo 2^bits and
-    # uncorrelated with the release it hides.
+    # Every array the server received is a masked vector, bit-packed: uniform modulo
+    # 2^bits and uncorrelated with the release it hides.
     arrays = [r.content.array_records for r in grid.received]
     assert all(set(a) <= {"masked"} for a in arrays)
-    top = 2.0 ** cfg.secure.secagg_bits
+    bits = cfg.secure.secagg_bits
+    packed = [a["masked"]["masked"].numpy() for a in arrays if "masked" in a]
+    assert len(packed) == 6 and all(v.dtype == np.uint8 and v.size == 8192 * bits // 8
+                                    for v in packed)
+    top = 2.0 ** bits
     for p, v in held.masked.items():
         assert abs(float(v.mean()) / top - 0.5) < 0.02
         assert abs(np.corrcoef(v.astype(np.float64), truth[p])[0, 1]) < 0.1
@@ -91,23 +102,34 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     ledgers = {p: _ledger(grid, p) for p in range(6)}
     entries = {tuple(led.history[-1]) for led in ledgers.values()}
     assert len(entries) == 1
-    (_, mu, l1, l2, share, steps), = entries
+    (_, mu, l1, l2, share, beta, steps), = entries
+    assert beta == ddp.ROUNDING_BETA
     assert share == pytest.approx(mu / t)
     noise = held.total - sum(truth.values())  # rounding is unbiased and small next to it
     assert float(noise.std()) == pytest.approx(math.sqrt(mu * 6 / t), rel=0.1)
     assert abs(float(noise.mean())) < 0.1 * math.sqrt(mu)
-    # ... and each client's epsilon is that of the recorded release, within its budget.
-    enc = ddp.Encoding(clip=cfg.privacy.max_grad_norm, scale=scale, dim=7850)
-    assert (l1, l2, steps) == (pytest.approx(enc.rounded_l1_bound), pytest.approx(enc.rounded_l2_bound), 1)
+    # ... the high-probability bound is the one accounted, and each client's epsilon is
+    # that of the recorded release (delta less its beta), within its budget.
+    c = held.scale * cfg.privacy.max_grad_norm
+    tight = math.sqrt(c * c + 8192 / 4 + math.sqrt(2 * math.log(1e12)) * (c + math.sqrt(8192) / 2))
+    assert l2 == pytest.approx(tight) and l2 < c + math.sqrt(8192)
+    assert (l1, steps) == (pytest.approx(min(math.sqrt(8192) * l2, l2 * l2)), 1)
     for led in ledgers.values():
         eps = led.epsilon(cfg.privacy.target_delta, "rdp")
-        assert eps == pytest.approx(skellam_epsilon([(mu, l1, l2, 1)], cfg.privacy.target_delta))
+        assert eps == pytest.approx(skellam_epsilon([(mu, l1, l2, 1)], cfg.privacy.target_delta,
+                                                    beta))
     # Calibrated for the 3 planned releases: three of them spend the budget, not more.
-    three = skellam_epsilon([(mu, l1, l2, 3)], cfg.privacy.target_delta)
+    three = skellam_epsilon([(mu, l1, l2, 3)], cfg.privacy.target_delta, beta)
     assert 0.97 * cfg.privacy.target_epsilon <= three <= cfg.privacy.target_epsilon
 
+    # The server rotates the sum back: the cohort's clipped gradients plus noise of the
+    # same spread in the model's coordinates (the rotation is orthogonal).
+    decoded = held.gradient_sum
+    assert decoded.shape == (7850,)
+    err = decoded - sum(plain.values())
+    assert float(err.std()) == pytest.approx(math.sqrt(mu * 6 / t) / held.scale, rel=0.1)
     # The step the server took is FedAvg of one full-batch DP-SGD step per client.
-    grad = held.total / scale / 1000 * cfg.train.learning_rate
+    grad = decoded / 1000 * cfg.train.learning_rate
     expected_avg = model["1.weight"].ravel() - grad[:7840]
     assert np.allclose(secure.last_average["1.weight"].ravel(), expected_avg, atol=1e-5)
 
@@ -177,11 +199,12 @@ def test_a_share_floor_keeps_each_release_alone_within_a_stated_epsilon():
     extra = {"min-share-noise-multiplier": 5.0}
     cfg, grid, strategy, secure = _setup(node_extra=extra)
     assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
-    (_, mu, l1, l2, share, _), = {tuple(_ledger(grid, p).history[-1]) for p in range(6)}
+    (_, mu, l1, l2, share, beta, _), = {tuple(_ledger(grid, p).history[-1]) for p in range(6)}
     assert share == pytest.approx((5.0 * l2) ** 2)
     led = _ledger(grid, 0)
     alone = privacy.epsilon_alone(led.history, cfg.privacy.target_delta)
-    assert alone == pytest.approx(skellam_epsilon([(share, l1, l2, 1)], cfg.privacy.target_delta))
+    assert alone == pytest.approx(skellam_epsilon([(share, l1, l2, 1)], cfg.privacy.target_delta,
+                                                  beta))
     plain_cfg, plain_grid, plain_strategy, plain = _setup()
     play(plain_grid, plain_strategy, plain, 1, _model(), planned=3)
     plain_led = _ledger(plain_grid, 0)
