@@ -11,10 +11,11 @@ placement:
   under secure aggregation are calibrated so that t of the K clients suffice; the
   Gaussian stands in for the Skellam of equal variance that the integer protocol adds);
 - distributed with `--bits B`: the integer path itself, as `server.secure_round` and
-  `client.trainer` run it: scale = 2^(B-2) / (clip * cohort records * headroom), each
-  client's clipped sum scaled and randomly rounded, Skellam noise calibrated on the
-  rounded sensitivity (`common.ddp.Encoding`), the sum wrapped modulo 2^B and read back
-  centred. This is what accuracy against bits is measured with.
+  `client.trainer` run it: each client's clipped sum rotated, scaled (the server's noise
+  scale: `--sigmas` standard deviations of a coordinate of the sum fill half the field)
+  and randomly rounded, Skellam noise calibrated on the rounded sensitivity
+  (`common.ddp.Encoding`), the sum wrapped modulo 2^B, read back centred and rotated
+  back. This is what accuracy against bits is measured with.
 sigma is calibrated per client as dpfl does (its participations, sample rate 1). The
 figures it prints are estimates for choosing a schedule, not results: a result comes
 from `dpfl simulate`.
@@ -45,7 +46,7 @@ def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
 def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: float = 4.0,
         clip: float = 0.1, server_momentum: float = 0.9, ema: float = 0.95, epsilon: float = 3.0,
         delta: float = 1e-5, threshold_fraction: float = 1.0, schedule: str = "cosine",
-        bits: int | None = None, headroom: float = 1.0, seed: int = 42) -> dict:
+        bits: int | None = None, sigmas: float = 4.0, seed: int = 42) -> dict:
     xtr, ytr = _features("train")
     xte, yte = _features("test")
     rng = np.random.default_rng(seed)
@@ -59,7 +60,7 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
     if bits is not None and noise != "distributed":
         raise ValueError("--bits models the integer path of distributed noise only")
     vel_w, vel_b = np.zeros_like(w), np.zeros_like(b)
-    z_int: dict[float, float] = {}  # the Skellam noise multiplier per scale
+    state: dict = {}  # the integer path's z and the last sum's spread
     ema_w, ema_b = None, None
     order: list[int] = []
     t0 = time.time()
@@ -79,9 +80,9 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
         gw, gb = (err * f).T @ x, (err * f).sum(axis=0)
         if bits is not None:
             gw, gb = _integer_sum(err * f, x, [len(parts[c]) for c in chosen], clip=clip,
-                                  bits=bits, headroom=headroom, dim=dim, epsilon=epsilon,
+                                  bits=bits, sigmas=sigmas, dim=dim, epsilon=epsilon,
                                   delta=delta, steps=participations, t=threshold_fraction,
-                                  z_cache=z_int, rng=rng)
+                                  state=state, rng=rng)
         elif noise == "local":
             std = sigma * clip * math.sqrt(cohort)  # K independent shares in the sum
         else:
@@ -99,34 +100,51 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
     acc = float(((xte @ ema_w.T + ema_b).argmax(axis=1) == yte).mean())
     return {"noise": noise, "rounds": rounds, "cohort": cohort, "lr": lr, "clip": clip,
             "sigma": sigma, "participations": participations, "bits": bits, "accuracy": acc,
-            "seconds": time.time() - t0}
+            "wrapped": state.get("wrapped", 0), "seconds": time.time() - t0}
 
 
 def _integer_sum(g: np.ndarray, x: np.ndarray, sizes: list[int], *, clip: float, bits: int,
-                 headroom: float, dim: int, epsilon: float, delta: float, steps: int, t: float,
-                 z_cache: dict[float, float], rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The cohort's unmasked sum in gradient units, through the integer path: per client
-    scale, randomized rounding and a Skellam share (mu / t of the cohort each), the sum
-    modulo 2^bits read back centred, divided by scale."""
-    records = sum(sizes)
-    scale = 2.0 ** (bits - 2) / (clip * records * headroom)  # server.secure_round.scale_for
-    enc = ddp.Encoding(clip, scale, dim)
-    if scale not in z_cache:
-        z_cache[scale] = privacy.calibrate_skellam(
-            target_epsilon=epsilon, target_delta=delta, l1=enc.rounded_l1_bound,
-            l2=enc.rounded_l2_bound, steps=steps)
-    mu = (z_cache[scale] * enc.rounded_l2_bound) ** 2
-    k = len(sizes)
-    total = np.zeros(dim, dtype=np.int64)
+                 sigmas: float, dim: int, epsilon: float, delta: float, steps: int, t: float,
+                 state: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The cohort's unmasked sum in gradient units, through the integer path as
+    `server.secure_round` and `client.trainer` run it: each client's clipped sum rotated
+    (a fresh seeded rotation per round), scaled by the server's noise scale (secagg-sigmas
+    standard deviations of the noise and of the last sum's spread fill the field),
+    randomly rounded, a Skellam share (mu / t of the cohort each, mu = (z l2)^2 at the
+    high-probability rounding bound, z calibrated once); the sum modulo 2^bits read back
+    centred, divided by scale and rotated back. `state` carries z and the last spread."""
+    records, k = sum(sizes), len(sizes)
+    threshold = max(math.ceil(t * k - 1e-9), k // 2 + 1)
+    padded = ddp.padded_dim(dim)
+    rms, seen = state.get("signal", (clip * records / math.sqrt(padded), records))
+    signal = rms * records / max(seen, 1)
+    scale = 1.0
+    for _ in range(1 if "fixed" in state else 3):  # server.secure_round.view_for
+        if "fixed" not in state:
+            enc = ddp.Encoding(clip, scale, padded, ddp.ROUNDING_BETA)
+            state["z"] = privacy.calibrate_skellam(
+                target_epsilon=epsilon, target_delta=delta, l1=enc.rounded_l1_bound,
+                l2=enc.rounded_l2_bound, steps=steps, beta=enc.tail)
+        scale = ddp.noise_scale(bits=bits, clip=clip, dim=padded, noise_multiplier=state["z"],
+                                members=k, threshold=threshold, signal=signal, sigmas=sigmas)
+        scale = min(scale, ddp.scale_cap(noise_multiplier=state["z"], clip=clip, dim=padded,
+                                         shares=threshold))
+    state["fixed"] = True
+    enc = ddp.Encoding(clip, scale, padded, ddp.ROUNDING_BETA)
+    mu = (state["z"] * enc.rounded_l2_bound) ** 2
+    rotation = ddp.Rotation(seed=rng.bytes(32), dim=dim)
+    total = np.zeros(padded, dtype=np.int64)
     at = 0
     for n in sizes:
         s = np.concatenate([(g[at:at + n].T @ x[at:at + n]).ravel(), g[at:at + n].sum(axis=0)])
         at += n
-        total += ddp.randomized_round(s * scale, rng)
-    # k shares of mu / (t k) each: Skellam is closed under summation
-    total += ddp.skellam(mu * k / max(math.ceil(t * k), 1), dim, rng)
-    centred = ddp.wrap(total, bits).astype(np.float64) / scale
+        total += ddp.randomized_round(rotation.forward(s) * scale, rng)
+    # k shares of mu / t each: Skellam is closed under summation
+    total += ddp.skellam(mu * k / threshold, padded, rng)
+    rotated = ddp.wrap(total, bits).astype(np.float64) / scale
+    state["signal"] = (float(np.sqrt(np.mean(rotated * rotated))), records)
+    state["wrapped"] = state.get("wrapped", 0) + int(np.sum(np.abs(total) >= 2 ** (bits - 1)))
+    centred = rotation.inverse(rotated)
     nw = g.shape[1] * x.shape[1]
     return centred[:nw].reshape(g.shape[1], x.shape[1]), centred[nw:]
 
@@ -145,17 +163,24 @@ def main() -> None:
     ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--bits", type=int, nargs="+", default=[None],
                     help="emulate the integer path of secure aggregation with this field")
-    ap.add_argument("--headroom", type=float, default=1.0)
+    ap.add_argument("--sigmas", type=float, default=4.0,
+                    help="secagg-sigmas: standard deviations of the rotated sum the field holds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     args = ap.parse_args()
     for rounds, lr, clip, mom, ema, bits in itertools.product(
             args.rounds, args.lr, args.clip, args.server_momentum, args.ema, args.bits):
-        accs = [run(noise=args.noise, rounds=rounds, lr=lr, clip=clip, cohort=args.cohort,
-                    epsilon=args.epsilon, threshold_fraction=args.threshold_fraction,
-                    server_momentum=mom, ema=ema, schedule=args.schedule, bits=bits,
-                    headroom=args.headroom, seed=s)["accuracy"]
-                for s in args.seeds]
-        field = f"bits {bits} headroom {args.headroom:g} " if bits else ""
+        try:
+            runs = [run(noise=args.noise, rounds=rounds, lr=lr, clip=clip, cohort=args.cohort,
+                        epsilon=args.epsilon, threshold_fraction=args.threshold_fraction,
+                        server_momentum=mom, ema=ema, schedule=args.schedule, bits=bits,
+                        sigmas=args.sigmas, seed=s)
+                    for s in args.seeds]
+        except ValueError as exc:
+            print(f"bits {bits}: {exc}", flush=True)
+            continue
+        wrapped = sum(r["wrapped"] for r in runs)
+        accs = [r["accuracy"] for r in runs]
+        field = f"bits {bits} sigmas {args.sigmas:g} wrapped {wrapped} " if bits else ""
         print(f"{field}{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
               f"ema {ema:g} {args.schedule} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
               f"{100 * np.mean(accs):.2f}% (seeds {args.seeds})", flush=True)
