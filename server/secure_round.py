@@ -158,6 +158,17 @@ class SecureExchange:
                                  for n, _ in cohort.members], out)
         return _Started(cohort, model, planned, sent)
 
+    def _warn_rounding(self, enc: ddp.Encoding) -> None:
+        """Say when the field is so narrow that, even with no signal to hold, rounding
+        adds over 5% to the noise (its share of the sensitivity l2 beyond c = scale *
+        clip): more bits would buy accuracy."""
+        excess = enc.rounded_l2_bound / (enc.scale * enc.clip) - 1
+        if excess > 0.05:
+            log.warning("secagg-bits=%d: rounding adds %.0f%% to the noise at this noise "
+                        "level (l2 %.4g against c %.4g); 2 to 4 more bits would remove most "
+                        "of it", self.cfg.secure.secagg_bits, 100 * excess,
+                        enc.rounded_l2_bound, enc.scale * enc.clip)
+
     def _calibrate(self, encoding: ddp.Encoding, planned: int) -> float:
         """The noise multiplier the cohort is asked to agree on: noise-multiplier, or a
         fresh client's calibration for `planned` releases at `encoding` (fixed for the
@@ -199,8 +210,14 @@ class SecureExchange:
                 raise ConfigError(f"secagg-bits={sec.secagg_bits}: {exc}") from exc
             scale = min(scale, ddp.scale_cap(noise_multiplier=z, clip=clip, dim=padded,
                                              shares=shares))
-        self._agreed = z
         assert z is not None
+        if self._agreed is None:  # at the noise's own scale (no signal): the field's best
+            best = ddp.noise_scale(bits=sec.secagg_bits, clip=clip, dim=padded,
+                                   noise_multiplier=z, members=len(adverts), threshold=shares,
+                                   signal=0.0, sigmas=sec.secagg_sigmas)
+            self._warn_rounding(ddp.Encoding(clip=clip, scale=best, dim=padded,
+                                             beta=ddp.ROUNDING_BETA))
+        self._agreed = z
         params = Params(server_round=server_round, threshold=threshold, bits=sec.secagg_bits,
                         scale=scale, clip=clip, dim=dim, noise_multiplier=z)
         return View(params, tuple(sorted(adverts, key=lambda a: a.partition)))

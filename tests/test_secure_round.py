@@ -12,6 +12,7 @@ import pytest
 from client.ledger import STATE_KEY, Ledger
 from common import ddp, privacy
 from common.data import partition_of, partitions_of
+from common.errors import ConfigError
 from common.models import build_model, get_weights
 from common.secagg import Advert
 from server.round import play
@@ -308,3 +309,20 @@ def test_a_secure_run_cut_off_mid_round_resumes_and_every_release_stays_accounte
     assert summary.epsilon_max <= 3.0
     # the lost release cost those clients a participation: their budget is spent earlier
     assert any("would reach epsilon" in reason for r in rows[2:] for reason in r.reasons)
+
+
+def test_a_field_too_narrow_for_the_noise_is_named_and_a_tight_one_warned(caplog):
+    """Few bits: where even the rounding's share of the noise does not fit, the run stops
+    with the key to change; where rounding would add over 5% to the noise, it says so."""
+    cfg, grid, strategy, secure = _setup(**{"secagg-bits": 8})
+    with pytest.raises(ConfigError, match="secagg-bits=8.*more secagg-bits"):
+        play(grid, strategy, secure, 1, _model(), planned=3)
+    cfg, grid, strategy, secure = _setup(**{"secagg-bits": 11})
+    with caplog.at_level("WARNING", logger="dpfl.server"):
+        assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
+    assert "secagg-bits=11: rounding adds" in caplog.text
+    caplog.clear()
+    cfg, grid, strategy, secure = _setup()
+    with caplog.at_level("WARNING", logger="dpfl.server"):
+        assert play(grid, strategy, secure, 1, _model(), planned=3) is not None
+    assert "rounding adds" not in caplog.text
