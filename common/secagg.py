@@ -1,6 +1,7 @@
 """SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020), the protocol's math for one round:
 what each client computes and what the server computes, with Flower's cryptographic
-primitives (ECDH key agreement, authenticated symmetric encryption, Shamir sharing).
+primitives' authenticated symmetric encryption, X25519 key agreement (the `cryptography`
+package) and Shamir sharing over a prime field (here).
 Transport is not here: the round layer carries these values in Flower messages.
 
 Stages of a round over a cohort of clients with ids `cid`, against a server that may
@@ -39,22 +40,14 @@ import json
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 
 from common import ddp
 from common.errors import ProtocolError
@@ -62,17 +55,78 @@ from common.roster import statement
 
 
 def prg(key: bytes, server_round: int, size: int, bits: int) -> np.ndarray:
-    """`size` integers uniform modulo 2^bits (int64), expanded from a 32-byte key."""
+    """`size` integers uniform modulo 2^bits (int64), expanded from a 32-byte key (ChaCha20;
+    2, 4 or 8 bytes a value, the fewest that hold `bits`)."""
     nonce = server_round.to_bytes(16, "little")
     stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    raw = np.frombuffer(stream.update(bytes(8 * size)), dtype=np.uint64)
-    return (raw & np.uint64((1 << bits) - 1)).astype(np.int64)
+    width = next(w for w in (2, 4, 8) if bits <= 8 * w)
+    raw = np.frombuffer(stream.update(bytes(width * size)), dtype=f"<u{width}")
+    return (raw.astype(np.uint64) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _agree(private_bytes: bytes, public_bytes: bytes) -> bytes:
-    """The 32-byte key two parties share (ECDH + HKDF)."""
-    key = generate_shared_key(bytes_to_private_key(private_bytes), bytes_to_public_key(public_bytes))
-    return base64.urlsafe_b64decode(key)
+    """The 32-byte key two parties share (X25519 + HKDF-SHA256). A public key that is not
+    one (or of low order) is a protocol error."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private_bytes).exchange(
+            X25519PublicKey.from_public_bytes(public_bytes))
+    except ValueError as exc:
+        raise ProtocolError(f"unusable public key ({exc})") from exc
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dpfl-secagg").derive(shared)
+
+
+# Shamir sharing over the prime field of the Mersenne prime 2^521 - 1 (any 32-byte secret
+# is one element): Python's integers do the arithmetic in microseconds
+SHAMIR_PRIME = 2**521 - 1
+_SECRET_BYTES, _Y_BYTES = 32, 66
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Shamir shares of a 32-byte `secret`, any `threshold` of `num` needed: the values at
+    x = 1..num of a polynomial of degree threshold - 1 with uniformly random coefficients
+    whose constant term is the secret; each share is x (4 bytes) then the value."""
+    if len(secret) != _SECRET_BYTES or not 1 <= threshold <= num:
+        raise ValueError(f"shares of a {_SECRET_BYTES}-byte secret, 1 <= threshold <= num")
+    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(SHAMIR_PRIME)
+                                                for _ in range(threshold - 1)]
+    out = []
+    for x in range(1, num + 1):
+        y = 0
+        for c in reversed(coeffs):
+            y = (y * x + c) % SHAMIR_PRIME
+        out.append(x.to_bytes(4, "little") + y.to_bytes(_Y_BYTES, "big"))
+    return out
+
+
+@lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The weights w_i with f(0) = sum w_i f(x_i) for a polynomial of degree < len(xs)
+    (the same revealers' points serve every secret of a round: computed once)."""
+    weights = []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % SHAMIR_PRIME
+                den = den * (xj - xi) % SHAMIR_PRIME
+        weights.append(num * pow(den, -1, SHAMIR_PRIME) % SHAMIR_PRIME)
+    return tuple(weights)
+
+
+def combine_shares(shares: Sequence[bytes]) -> bytes:
+    """The secret from `shares` (at least its threshold of them, distinct): Lagrange
+    interpolation at 0. Raises ValueError for shares that cannot be one secret's."""
+    if not shares or any(len(s) != 4 + _Y_BYTES for s in shares):
+        raise ValueError("shares of impossible length")
+    points = [(int.from_bytes(s[:4], "little"), int.from_bytes(s[4:], "big")) for s in shares]
+    xs = [x for x, _ in points]
+    if len(set(xs)) != len(xs) or min(xs) < 1 or max(y for _, y in points) >= SHAMIR_PRIME:
+        raise ValueError("shares with repeated or impossible points")
+    weights = _lagrange_at_zero(tuple(xs))
+    total = sum(y * w for (_, y), w in zip(points, weights, strict=True)) % SHAMIR_PRIME
+    if total >> (8 * _SECRET_BYTES):
+        raise ValueError("the shares do not combine to a secret")
+    return total.to_bytes(_SECRET_BYTES, "big")
 
 
 def _fernet_key(private_bytes: bytes, public_bytes: bytes) -> bytes:
@@ -80,8 +134,8 @@ def _fernet_key(private_bytes: bytes, public_bytes: bytes) -> bytes:
 
 
 def _keypair() -> tuple[bytes, bytes]:
-    sk, pk = generate_key_pairs()
-    return private_key_to_bytes(sk), public_key_to_bytes(pk)
+    sk = X25519PrivateKey.generate()
+    return sk.private_bytes_raw(), sk.public_key().public_bytes_raw()
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,22 @@ import math
 
 import numpy as np
 import pytest
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from client.ledger import STATE_KEY, Ledger
 from common import ddp, keys, privacy, roster
 from common.arrays import to_array_record
 from common.data import partitions_of
 from common.models import build_model, get_weights
-from common.secagg import Advert, Params, PublicKeys, View, _agree, prg, survivors_body
+from common.secagg import (
+    Advert,
+    Params,
+    PublicKeys,
+    View,
+    _agree,
+    combine_shares,
+    prg,
+    survivors_body,
+)
 from server.secure_round import SecureExchange
 from server.strategy import CohortFedAvg
 from server.wire import stage_message, train_config

@@ -1,4 +1,4 @@
-"""SecAgg+ math (common/secagg.py) in one process, with Flower's real crypto: the server
+"""SecAgg+ math (common/secagg.py) in one process, with its real crypto: the server
 gets the survivors' sum and nothing else, dropouts are recovered from shares, and every
 request that would unmask one client is refused."""
 
@@ -186,3 +186,50 @@ def test_a_participant_survives_the_trip_through_node_state():
     revealed = [Participant.from_state(back[i].to_state()).reveal(sorted(back)) for i in back]
     total = unmask(masked, revealed, public, server_round=1, bits=BITS, threshold=3)
     assert np.array_equal(total, sum(values.values()))
+
+
+def test_shamir_shares_combine_from_any_threshold_and_say_nothing_below_it():
+    import itertools
+    import secrets
+
+    from common.secagg import combine_shares, create_shares
+
+    secret = secrets.token_bytes(32)
+    shares = create_shares(secret, 4, 7)
+    assert len(shares) == 7 and len({s[4:] for s in shares}) == 7
+    for subset in itertools.combinations(shares, 4):
+        assert combine_shares(list(subset)) == secret
+    assert combine_shares(shares) == secret  # more than t: the same polynomial
+    # t - 1 shares fit every secret equally (a degree-3 polynomial through them and any
+    # value at 0): interpolating them yields some other number, never the secret
+    wrong = [combine_shares(list(sub)) for sub in itertools.combinations(shares, 3)
+             if _combines(sub)]
+    assert secret not in wrong
+    # a fresh sharing of the same secret shares nothing with this one but the secret
+    again = create_shares(secret, 4, 7)
+    assert all(a[4:] != b[4:] for a, b in zip(shares, again, strict=True))
+    for bad in ([shares[0], shares[0], shares[1], shares[2]], [s[:-1] for s in shares[:4]]):
+        with pytest.raises(ValueError):
+            combine_shares(bad)
+    with pytest.raises(ValueError):
+        create_shares(secret[:16], 2, 3)
+
+
+def _combines(shares):
+    from common.secagg import combine_shares
+
+    try:
+        combine_shares(list(shares))
+        return True
+    except ValueError:  # the interpolated value is not a 32-byte number: no secret at all
+        return False
+
+
+def test_key_agreement_is_symmetric_and_refuses_a_point_that_is_no_key():
+    from common.secagg import _agree, _keypair
+
+    (a_sk, a_pk), (b_sk, b_pk) = _keypair(), _keypair()
+    assert len(a_pk) == 32 and _agree(a_sk, b_pk) == _agree(b_sk, a_pk)
+    assert _agree(a_sk, b_pk) != _agree(a_sk, _keypair()[1])
+    with pytest.raises(ProtocolError, match="unusable public key"):
+        _agree(a_sk, bytes(32))  # a low-order point: the shared secret would be zero
