@@ -6,7 +6,9 @@
    command as a user runs it: its wall, where its start-up and each round go, peak
    memory of every process.
 3. With --deploy N: a run on N local SuperNodes (real processes) against its simulated
-   twin: seconds a round each, and the ratio.
+   twin: seconds a round each, and the ratio. With --secure R: R secure rounds of
+   `--preset distributed` against the same rounds with plain exchanges and local noise
+   (the same full-batch step): seconds a round each, the ratio, the secure round by stage.
 4. With --scale N1,N2,...: a simulation of each many virtual clients (cohorts of
    --cohort): time to the first round, seconds a round, peak memory of the process tree.
 """
@@ -286,6 +288,42 @@ def scale_figures(num_clients: int, *, cohort: int, rounds: int,
             "final_accuracy": rows[-1].test_accuracy if rows else None, "run_dir": str(run_dir)}
 
 
+def secure_figures(*, rounds: int, backend: Backend | None = None) -> dict:
+    """The same work twice, side by side: `--preset distributed` for `rounds` rounds (a
+    secure round: five exchanges, one full-batch DP-SGD release per client, masked) and
+    the same run with plain rounds and local noise (one exchange, the same full-batch
+    step). Median seconds a round after round 1 (the rounds' own seconds), their ratio,
+    the secure round's seconds by stage, payload bytes a client sends and receives."""
+    import statistics
+
+    from common.presets import PRESETS
+    from simulations.simulate import simulate
+
+    secure = {**PRESETS["distributed"][0], "num-rounds": rounds}
+    plain = {**secure, "secure-aggregation": "none", "noise": "local"}
+    out: dict = {"rounds": rounds}
+    for name, over in (("local", plain), ("secure", secure)):
+        run = RunDir(simulate(over, output_dir=tempfile.mkdtemp(prefix=f"dpfl-bench-{name}-"),
+                              backend=backend, progress=None))
+        rows = run.rounds()
+        later = rows[1:] or rows
+        per_round = statistics.median(r.seconds for r in later)
+        figs: dict[str, object] = {"seconds_per_round_after_1": round(per_round, 3),
+                "bytes_up_per_client": round(statistics.median(
+                    r.bytes_up / max(r.clients_trained, 1) for r in later)),
+                "bytes_down_per_client": round(statistics.median(
+                    r.bytes_down / max(r.clients_sampled, 1) for r in later)),
+                "final_accuracy": rows[-1].test_accuracy, "epsilon_max": rows[-1].epsilon_max}
+        stages = [r.seconds_by_stage for r in later if r.seconds_by_stage]
+        if stages:
+            figs["seconds_by_stage"] = {k: round(statistics.median(s[k] for s in stages), 3)
+                                        for k in stages[0]}
+        out[name] = figs
+    out["ratio"] = round(out["secure"]["seconds_per_round_after_1"]
+                         / out["local"]["seconds_per_round_after_1"], 2)
+    return out
+
+
 def deploy_figures(num_nodes: int, *, rounds: int, extra: dict | None = None) -> dict:
     """The same run twice: on Flower's deployment runtime as real local processes (a
     `flower-superlink` and `num_nodes` `flower-supernode`s on loopback, insecure: TLS
@@ -365,6 +403,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"dpfl bench --deploy: {args.deploy} SuperNodes as local processes against the "
               f"simulated twin, {args.rounds} rounds, {os.cpu_count()} CPUs")
         print(json.dumps(deploy_figures(args.deploy, rounds=args.rounds)), flush=True)
+        return 0
+    if args.secure:
+        print(f"dpfl bench --secure: {args.secure} rounds of `--preset distributed` against "
+              f"the same run with plain rounds and local noise, {os.cpu_count()} CPUs")
+        print(json.dumps(secure_figures(rounds=args.secure, backend=Backend(
+            client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+            ray_address=args.ray_address, runtime=args.runtime, workers=args.workers)),
+            indent=2), flush=True)
         return 0
     if args.run is not None:
         print(f"dpfl bench --run: one whole `dpfl simulate` command, {os.cpu_count()} CPUs")

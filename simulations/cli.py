@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="instead: simulations of N virtual clients each (e.g. 1000,10000)")
     bench.add_argument("--deploy", type=int, default=0, metavar="N",
                        help="instead: a run on N local SuperNodes against its simulated twin")
+    bench.add_argument("--secure", type=int, default=0, metavar="R",
+                       help="instead: R secure rounds (--preset distributed) against the same "
+                            "rounds with plain exchanges and local noise, side by side")
     bench.add_argument("--cohort", type=int, default=10, help="--scale: clients a round")
     bench.add_argument("--rounds", type=int, default=10, help="--scale, --deploy: rounds a run")
     _backend_flags(bench)
