@@ -87,11 +87,13 @@ class FedAvgExchange:
              planned: int) -> _Sent:
         arrays = to_array_record(model)
         history = self.strategy.privacy.history
-        return _Sent(model, wire.send(grid, [
-            train_message(node, arrays, train_config(
-                server_round=server_round, planned_rounds=planned,
-                known_history=history(pid)))
-            for node, pid in cohort.members]))
+        messages = [train_message(node, arrays, train_config(
+                        server_round=server_round, planned_rounds=planned,
+                        known_history=history(pid)))
+                    for node, pid in cohort.members]
+        self.strategy.outcomes[server_round].bytes_down = sum(
+            payload_bytes(m.content) for m in messages)
+        return _Sent(model, wire.send(grid, messages))
 
     def collect(self, server_round: int, pending: _Sent) -> Weights | None:
         s, sent = self.strategy, pending.model

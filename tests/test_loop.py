@@ -88,6 +88,9 @@ def test_every_round_s_row_evaluates_that_round_s_model(tmp_path):
         assert saved.meta["round"] == cut - 1
         accuracies.append(_accuracy(saved.model))
         assert run.rounds()[-1].test_accuracy == accuracies[-1]
+        # payload both ways: the model down to each member, updates up
+        assert all(r.bytes_down > r.clients_sampled * 7850 * 4 and r.bytes_up > 0
+                   for r in run.rounds())
     assert len(set(accuracies)) > 1  # the model moved from round to round
 
 
