@@ -183,7 +183,8 @@ def main() -> None:
         field = f"bits {bits} sigmas {args.sigmas:g} wrapped {wrapped} " if bits else ""
         print(f"{field}{args.noise:<11} rounds {rounds:>4} lr {lr:<5g} clip {clip:<5g} momentum {mom:g} "
               f"ema {ema:g} {args.schedule} cohort {args.cohort} eps {args.epsilon:g}: accuracy "
-              f"{100 * np.mean(accs):.2f}% (seeds {args.seeds})", flush=True)
+              f"{100 * np.mean(accs):.2f}% ± {100 * np.std(accs):.2f} (seeds {args.seeds}: "
+              f"{', '.join(f'{100 * a:.2f}' for a in accs)})", flush=True)
 
 
 if __name__ == "__main__":
