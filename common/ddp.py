@@ -326,6 +326,15 @@ def noise_scale(*, bits: int, clip: float, dim: int, noise_multiplier: float, me
     return lo
 
 
+def signal_rms(rotated_sum: np.ndarray, *, noise_variance: float) -> float:
+    """The per-coordinate RMS of a decoded sum's signal (gradient units), for the next
+    round's scale: its mean square less the noise variance the honest shares carry, and
+    never below half its RMS. (Taking the noise for signal would feed back: a smaller
+    scale makes the noise larger in gradient units, which would shrink the next scale.)"""
+    ms = float(np.mean(np.square(rotated_sum)))
+    return math.sqrt(max(ms - noise_variance, ms / 4))
+
+
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Integers in [0, 2^bits) as a little-endian bit string of `bits` bits each
     (uint8, ceil(n bits / 8) bytes): what a masked vector costs on the wire."""

@@ -108,8 +108,8 @@ class SecureExchange:
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
         self._agreed: float | None = None
-        # the last decoded sum's per-coordinate RMS (rotated, gradient units, noise
-        # included) and its records: the next scale's estimate of the signal
+        # the last decoded sum's per-coordinate signal RMS (rotated, gradient units) and
+        # its records: the next scale's estimate of the signal
         self._signal: tuple[float, int] | None = None
 
     def transcript(self) -> dict[str, np.ndarray]:
@@ -338,7 +338,10 @@ class SecureExchange:
         held.gradient_sum = gradient_sum = view.rotation().inverse(rotated)
         out.seconds_by_stage["server-unmask"] = time.monotonic() - t_unmask
         records = sum(sizes[p] for p in u3)
-        self._signal = (float(np.sqrt(np.mean(rotated * rotated))), records)
+        shares = threshold if self.cfg.secure.noise == "distributed" else 1
+        self._signal = (ddp.signal_rms(rotated, noise_variance=(
+            params.noise_multiplier * params.encoding.rounded_l2_bound / scale) ** 2
+            * len(u3) / shares), records)
         if self.scorer is not None:  # an audit run: the auditor sees what the server sees
             self.scorer.observe_sum(model, gradient_sum, u3)
         out.failed = out.sampled - out.trained - out.refused - out.invalid

@@ -142,7 +142,8 @@ def _integer_sum(g: np.ndarray, x: np.ndarray, sizes: list[int], *, clip: float,
     # k shares of mu / t each: Skellam is closed under summation
     total += ddp.skellam(mu * k / threshold, padded, rng)
     rotated = ddp.wrap(total, bits).astype(np.float64) / scale
-    state["signal"] = (float(np.sqrt(np.mean(rotated * rotated))), records)
+    state["signal"] = (ddp.signal_rms(rotated, noise_variance=mu * k / threshold / scale ** 2),
+                       records)
     state["wrapped"] = state.get("wrapped", 0) + int(np.sum(np.abs(total) >= 2 ** (bits - 1)))
     centred = rotation.inverse(rotated)
     nw = g.shape[1] * x.shape[1]

@@ -310,3 +310,13 @@ def test_the_noise_scale_fills_the_field_with_k_standard_deviations():
     assert "would wrap" in ddp.field_problem(bits=16, noise_variance=(2.0 ** 14) ** 2 * 1.01)
     with pytest.raises(ValueError, match="more secagg-bits"):
         ddp.noise_scale(bits=12, signal=1.0, sigmas=4.0, **kw)
+
+
+def test_the_signal_estimate_takes_the_noise_out_and_keeps_a_floor():
+    rng = np.random.default_rng(5)
+    signal, noise = rng.normal(size=40_000) * 3.0, rng.normal(size=40_000) * 4.0
+    est = ddp.signal_rms(signal + noise, noise_variance=16.0)
+    assert est == pytest.approx(3.0, rel=0.05)
+    # noise alone, or noise larger than announced: half the RMS, never zero
+    assert ddp.signal_rms(noise, noise_variance=16.0) == pytest.approx(2.0, rel=0.05)
+    assert ddp.signal_rms(noise, noise_variance=1e9) == pytest.approx(2.0, rel=0.05)
