@@ -147,9 +147,12 @@ def view_problem(view: View, cfg: ExperimentConfig, node: NodeConfig, trusted: r
         return (f"threshold {p.threshold} of a cohort of {k}: this node needs at least {least} "
                 "(above half the cohort, the run's secagg-threshold and node "
                 "min-secagg-threshold)")
-    if p.bits != cfg.secure.secagg_bits or p.clip != cfg.privacy.max_grad_norm:
+    run_bits = cfg.secure.secagg_bits
+    if run_bits == 0 and not 8 <= p.bits <= 62:
+        return f"bits {p.bits} outside [8, 62] (the run's secagg-bits=0 leaves the field to the server)"
+    if (run_bits and p.bits != run_bits) or p.clip != cfg.privacy.max_grad_norm:
         return (f"bits {p.bits} and clip {p.clip:g} differ from the run's secagg-bits "
-                f"{cfg.secure.secagg_bits} and max-grad-norm {cfg.privacy.max_grad_norm:g}")
+                f"{run_bits} and max-grad-norm {cfg.privacy.max_grad_norm:g}")
     if not (0 < p.scale < math.inf and p.dim >= 1 and 0 <= p.noise_multiplier < math.inf):
         return f"scale {p.scale!r}, dimension {p.dim!r} or noise {p.noise_multiplier!r} unusable"
     agreed = (p.noise_multiplier * p.encoding.rounded_l2_bound) ** 2

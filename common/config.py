@@ -339,7 +339,8 @@ class SecureAggregationConfig:
     """SecAgg+ with an integer release (docs/secure-aggregation.md). `noise`: each client
     adds the whole noise of its guarantee (local) or its share of it, so that the sum of
     any `secagg-threshold` fraction of the cohort carries it (distributed). `secagg-bits`:
-    the field's width, each coordinate's bits on the wire; `secagg-sigmas`: how many
+    the field's width, each coordinate's bits on the wire (0: the fewest at which rounding
+    adds at most 2% to the noise, chosen once a run by the server); `secagg-sigmas`: how many
     standard deviations of one coordinate of the rotated sum (noise and signal) the field
     holds (the server's scale follows; a coordinate beyond wraps)."""
 
@@ -357,7 +358,9 @@ class SecureAggregationConfig:
         check_field(self.noise == "local" or self.enabled, "noise", self.noise,
                "needs secure-aggregation=secagg+ (without it the server sees each share, "
                "which carries too little noise alone)")
-        check_field(8 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "must be in [8, 62]")
+        check_field(self.secagg_bits == 0 or 8 <= self.secagg_bits <= 62, "secagg-bits",
+                    self.secagg_bits, "must be 0 (auto: the server's choice, the fewest bits "
+                    "at which rounding adds at most 2% to the noise) or in [8, 62]")
         check_field(0.5 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold,
                "must be in (0.5, 1] (a fraction of the cohort; above half, so that no server "
                "can collect both secrets of one client)")

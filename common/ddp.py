@@ -326,6 +326,36 @@ def noise_scale(*, bits: int, clip: float, dim: int, noise_multiplier: float, me
     return lo
 
 
+AUTO_BITS = (12, 32)  # the fields secagg-bits=0 chooses from
+AUTO_EXCESS = 0.02  # ... the fewest bits at which rounding adds at most 2% to the noise
+
+
+def rounding_excess(*, bits: int, clip: float, dim: int, noise_multiplier: float, members: int,
+                    threshold: int, sigmas: float) -> float:
+    """How much the rounding adds to the noise (l2 / c - 1) at the scale the noise alone
+    would allow in a field of `bits` (no signal to hold: the field's best); inf where
+    the field cannot hold the noise at all."""
+    try:
+        scale = noise_scale(bits=bits, clip=clip, dim=dim, noise_multiplier=noise_multiplier,
+                            members=members, threshold=threshold, signal=0.0, sigmas=sigmas)
+    except ValueError:
+        return math.inf
+    enc = Encoding(clip=clip, scale=scale, dim=dim, beta=ROUNDING_BETA)
+    return enc.rounded_l2_bound / (scale * clip) - 1
+
+
+def auto_bits(*, clip: float, dim: int, noise_multiplier: float, members: int, threshold: int,
+              sigmas: float) -> int:
+    """The fewest bits in AUTO_BITS at which the rounding adds at most AUTO_EXCESS to the
+    noise (the largest if none does): 16 at epsilon 3 in the default federation, 18 at
+    epsilon 0.5, where the noise is larger and the field must hold more of it."""
+    for bits in range(AUTO_BITS[0], AUTO_BITS[1] + 1):
+        if rounding_excess(bits=bits, clip=clip, dim=dim, noise_multiplier=noise_multiplier,
+                           members=members, threshold=threshold, sigmas=sigmas) <= AUTO_EXCESS:
+            return bits
+    return AUTO_BITS[1]
+
+
 def signal_rms(rotated_sum: np.ndarray, *, noise_variance: float) -> float:
     """The per-coordinate RMS of a decoded sum's signal (gradient units), for the next
     round's scale: its mean square less the noise variance the honest shares carry, and

@@ -305,6 +305,8 @@ class Participant:
         peers, threshold = view.keys, view.params.threshold
         if self.view:
             raise ProtocolError(f"client {self.cid}: it already shared its secrets this round")
+        if self.bits == 0:  # the field the view names (the run left it to the server)
+            self.bits = view.params.bits
         if view.params.server_round != self.server_round or view.params.bits != self.bits:
             raise ProtocolError(f"client {self.cid}: the view is for round "
                                 f"{view.params.server_round} with {view.params.bits} bits; its "

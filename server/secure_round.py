@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -108,6 +109,7 @@ class SecureExchange:
         self.held = Held()
         self.last_average: dict[str, np.ndarray] = {}  # FedAvg of the last round's steps
         self._agreed: float | None = None
+        self._bits: int | None = None  # the field (secagg-bits, or auto's choice), fixed a run
         # the last decoded sum's per-coordinate signal RMS (rotated, gradient units) and
         # its records: the next scale's estimate of the signal
         self._signal: tuple[float, int] | None = None
@@ -158,17 +160,6 @@ class SecureExchange:
                                  for n, _ in cohort.members], out)
         return _Started(cohort, model, planned, sent)
 
-    def _warn_rounding(self, enc: ddp.Encoding) -> None:
-        """Say when the field is so narrow that, even with no signal to hold, rounding
-        adds over 5% to the noise (its share of the sensitivity l2 beyond c = scale *
-        clip): more bits would buy accuracy."""
-        excess = enc.rounded_l2_bound / (enc.scale * enc.clip) - 1
-        if excess > 0.05:
-            log.warning("secagg-bits=%d: rounding adds %.0f%% to the noise at this noise "
-                        "level (l2 %.4g against c %.4g); 2 to 4 more bits would remove most "
-                        "of it", self.cfg.secure.secagg_bits, 100 * excess,
-                        enc.rounded_l2_bound, enc.scale * enc.clip)
-
     def _calibrate(self, encoding: ddp.Encoding, planned: int) -> float:
         """The noise multiplier the cohort is asked to agree on: noise-multiplier, or a
         fresh client's calibration for `planned` releases at `encoding` (fixed for the
@@ -182,7 +173,8 @@ class SecureExchange:
     def view_for(self, server_round: int, adverts: list[Advert], dim: int, planned: int
                  ) -> View:
         """The round as this server tells every member: their signed adverts and one set
-        of parameters (the run's threshold, field and clip; the agreed noise; the scale
+        of parameters (the run's threshold and clip; the field, secagg-bits or with 0 the
+        fewest bits at which rounding adds at most 2% to the noise; the agreed noise; the scale
         at which secagg-sigmas standard deviations of a coordinate of the rotated sum
         fill half the field, from the noise and the last sum's spread, capped where its
         units would be finer than the noise). Raises ConfigError when the field is too
@@ -196,29 +188,31 @@ class SecureExchange:
             rms, seen = self._signal
             signal = rms * records / max(seen, 1)
         shares = threshold if sec.noise == "distributed" else 1
-        scale, z = 1.0, self._agreed
-        for _ in range(1 if z is not None else 3):  # z is fixed at the first secure round
+        room: dict[str, Any] = dict(clip=clip, dim=padded, members=len(adverts),
+                                     threshold=shares, sigmas=sec.secagg_sigmas)
+        scale, z, bits = 1.0, self._agreed, self._bits
+        for _ in range(1 if z is not None else 3):  # z and bits are fixed at the first round
             if self._agreed is None:
                 enc = ddp.Encoding(clip=clip, scale=scale, dim=padded, beta=ddp.ROUNDING_BETA)
                 z = self._calibrate(enc, planned)
-            assert z is not None
+                bits = sec.secagg_bits or ddp.auto_bits(noise_multiplier=z, **room)
+            assert z is not None and bits is not None
             try:
-                scale = ddp.noise_scale(bits=sec.secagg_bits, clip=clip, dim=padded,
-                                        noise_multiplier=z, members=len(adverts),
-                                        threshold=shares, signal=signal, sigmas=sec.secagg_sigmas)
+                scale = ddp.noise_scale(bits=bits, noise_multiplier=z, signal=signal, **room)
             except ValueError as exc:
-                raise ConfigError(f"secagg-bits={sec.secagg_bits}: {exc}") from exc
+                raise ConfigError(f"secagg-bits={bits}: {exc}") from exc
             scale = min(scale, ddp.scale_cap(noise_multiplier=z, clip=clip, dim=padded,
                                              shares=shares))
-        assert z is not None
-        if self._agreed is None:  # at the noise's own scale (no signal): the field's best
-            best = ddp.noise_scale(bits=sec.secagg_bits, clip=clip, dim=padded,
-                                   noise_multiplier=z, members=len(adverts), threshold=shares,
-                                   signal=0.0, sigmas=sec.secagg_sigmas)
-            self._warn_rounding(ddp.Encoding(clip=clip, scale=best, dim=padded,
-                                             beta=ddp.ROUNDING_BETA))
-        self._agreed = z
-        params = Params(server_round=server_round, threshold=threshold, bits=sec.secagg_bits,
+        assert z is not None and bits is not None
+        if self._agreed is None:
+            excess = ddp.rounding_excess(bits=bits, noise_multiplier=z, **room)
+            if excess > 0.05:  # only where the user chose the bits: auto keeps it within 2%
+                log.warning("secagg-bits=%d: rounding adds %.0f%% to the noise at this noise "
+                            "level; secagg-bits=%d (or 0: auto) would keep it within %.0f%%",
+                            bits, 100 * excess, ddp.auto_bits(noise_multiplier=z, **room),
+                            100 * ddp.AUTO_EXCESS)
+        self._agreed, self._bits = z, bits
+        params = Params(server_round=server_round, threshold=threshold, bits=bits,
                         scale=scale, clip=clip, dim=dim, noise_multiplier=z)
         return View(params, tuple(sorted(adverts, key=lambda a: a.partition)))
 

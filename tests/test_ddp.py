@@ -320,3 +320,16 @@ def test_the_signal_estimate_takes_the_noise_out_and_keeps_a_floor():
     # noise alone, or noise larger than announced: half the RMS, never zero
     assert ddp.signal_rms(noise, noise_variance=16.0) == pytest.approx(2.0, rel=0.05)
     assert ddp.signal_rms(noise, noise_variance=1e9) == pytest.approx(2.0, rel=0.05)
+
+
+def test_auto_bits_are_the_fewest_at_which_rounding_adds_at_most_two_percent():
+    room = dict(clip=0.2, dim=39_936, members=10, threshold=9, sigmas=4.0)
+    # the default federation at epsilon 3 (z = 8.22 for 30 releases) and at 0.5 (z = 42)
+    assert ddp.auto_bits(noise_multiplier=8.22, **room) == 16
+    assert ddp.auto_bits(noise_multiplier=42.0, **room) == 18
+    for z in (3.5, 8.22, 42.0):
+        bits = ddp.auto_bits(noise_multiplier=z, **room)
+        assert ddp.rounding_excess(bits=bits, noise_multiplier=z, **room) <= ddp.AUTO_EXCESS
+        assert ddp.rounding_excess(bits=bits - 1, noise_multiplier=z, **room) > ddp.AUTO_EXCESS
+    # a field that cannot hold the noise at all is no candidate
+    assert ddp.rounding_excess(bits=12, noise_multiplier=8.22, **room) == math.inf

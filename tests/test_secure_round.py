@@ -80,7 +80,14 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     signal = cfg.privacy.max_grad_norm * 1000 / math.sqrt(8192)
     spread = cfg.secure.secagg_sigmas * math.sqrt(
         z * z * enc.rounded_l2_bound ** 2 * 6 / t + (held.scale * signal) ** 2)
-    assert spread == pytest.approx(2.0 ** (cfg.secure.secagg_bits - 1), rel=1e-6)
+    # the field: secagg-bits=0 (auto) lets the server pick the fewest bits at which the
+    # rounding adds at most 2% to the noise; one fewer would add more
+    assert cfg.secure.secagg_bits == 0 and 12 <= params.bits <= 32
+    room = dict(clip=cfg.privacy.max_grad_norm, dim=8192, noise_multiplier=z, members=6,
+                threshold=t, sigmas=cfg.secure.secagg_sigmas)
+    assert ddp.rounding_excess(bits=params.bits, **room) <= 0.02
+    assert ddp.rounding_excess(bits=params.bits - 1, **room) > 0.02
+    assert spread == pytest.approx(2.0 ** (params.bits - 1), rel=1e-6)
     assert held.scale == params.scale
     rotation = held.view.rotation()
     plain = {p: _clipped_sum(cfg, p, 6, model) for p in range(6)}
@@ -90,7 +97,7 @@ def test_the_server_holds_masked_vectors_and_a_sum_that_decodes_to_the_cohort_gr
     # 2^bits and uncorrelated with the release it hides.
     arrays = [r.content.array_records for r in grid.received]
     assert all(set(a) <= {"masked"} for a in arrays)
-    bits = cfg.secure.secagg_bits
+    bits = params.bits
     packed = [a["masked"]["masked"].numpy() for a in arrays if "masked" in a]
     assert len(packed) == 6 and all(v.dtype == np.uint8 and v.size == 8192 * bits // 8
                                     for v in packed)
