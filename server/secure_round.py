@@ -89,12 +89,16 @@ def first_signal(cfg: ExperimentConfig, records: int, padded: int) -> float:
 
 @dataclass
 class _Started:
-    """A secure round after its first stage's messages went out."""
+    """A secure round once its masked stage went out (the clients train while the server
+    records the previous round), or `failed` before it (the outcome says why)."""
 
     cohort: Cohort
     model: dict[str, np.ndarray]
     planned: int
-    keys_sent: wire.Sent
+    failed: bool = False
+    masked_sent: wire.Sent | None = None
+    view: View | None = None
+    sizes: dict[int, int] = field(default_factory=dict)  # U2's declared record counts
 
 
 class SecureExchange:
@@ -152,13 +156,61 @@ class SecureExchange:
 
     def send(self, grid: Grid, server_round: int, cohort: Cohort,
              model: dict[str, np.ndarray], planned: int) -> _Started:
-        """Stage 1 out: every member is asked for its public keys."""
+        """Stages 1-2 (keys, then the view and shares: short exchanges), then the masked
+        stage out: the clients train while the server records the previous round."""
         self.held = Held()
-        out = self.strategy.outcomes[server_round]
+        s, held = self.strategy, self.held
+        out = s.outcomes[server_round]
+        pid_of = dict(cohort.members)
+        node_of = {p: n for n, p in cohort.members}
         rnd = {keys.SERVER_ROUND: server_round}
-        sent = self._send(grid, [stage_message(n, keys.SECAGG_KEYS, rnd)
-                                 for n, _ in cohort.members], out)
-        return _Started(cohort, model, planned, sent)
+        failed = _Started(cohort, model, planned, failed=True)
+
+        adverts: dict[int, Advert] = {}
+        got = self._ask(grid, [stage_message(n, keys.SECAGG_KEYS, rnd)
+                               for n, _ in cohort.members], out, "keys")
+        for node, r in got.items():
+            try:
+                adverts[pid_of[node]] = Advert.from_json(
+                    pid_of[node], json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS])))
+            except (KeyError, ValueError, TypeError) as exc:
+                out.reasons.append(f"keys: node {node}: unreadable reply ({exc})")
+        u1 = sorted(adverts)
+        if len(u1) < self.cfg.federation.min_train_clients:
+            self._fail(out, f"only {len(u1)} client(s) sent keys")
+            return failed
+        held.public_keys = {p: adverts[p].keys for p in u1}
+        dim = sum(model[n].size for n in self.names)
+        held.view = view = self.view_for(server_round, [adverts[p] for p in u1], dim, planned)
+        text = view.to_json()
+        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_SHARES,
+                                             {**rnd, keys.VIEW: text}) for p in u1], out, "shares")
+        for node, r in got.items():
+            try:
+                boxes = {int(j): str(t) for j, t in
+                         json.loads(str(r.content[keys.CONFIG][keys.SHARES])).items()}
+                if set(boxes) != set(u1):
+                    raise ValueError("not one share per client of the cohort")
+                held.shares[pid_of[node]] = boxes
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                out.reasons.append(f"shares: node {node}: unreadable reply ({exc})")
+        u2 = sorted(held.shares)
+        if len(u2) < view.params.threshold:
+            self._fail(out, f"{len(u2)} client(s) sent shares, fewer than "
+                       f"the threshold {view.params.threshold}")
+            return failed
+
+        sizes = {p: adverts[p].records for p in u2}
+        held.scale, held.records = view.params.scale, sizes
+        arrays = to_array_record(model)
+        msgs = []
+        for p in u2:
+            config = train_config(server_round=server_round, planned_rounds=planned,
+                                  known_history=s.privacy.history(p))
+            config[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
+            msgs.append(stage_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
+        return _Started(cohort, model, planned, masked_sent=self._send(grid, msgs, out),
+                        view=view, sizes=sizes)
 
     def _calibrate(self, encoding: ddp.Encoding, planned: int) -> float:
         """The noise multiplier the cohort is asked to agree on: noise-multiplier, or a
@@ -217,59 +269,22 @@ class SecureExchange:
         return View(params, tuple(sorted(adverts, key=lambda a: a.partition)))
 
     def collect(self, server_round: int, started: _Started) -> dict[str, np.ndarray] | None:
-        """Stages 1-5 in: the cohort's average, or None (the model is kept) when the round
+        """Stages 3-5 in: the cohort's average, or None (the model is kept) when the round
         cannot complete: fewer than the threshold survive or confirm, or the sum cannot be
         unmasked."""
-        s, held, model, planned = self.strategy, self.held, started.model, started.planned
-        grid = started.keys_sent.grid
+        if started.failed or started.masked_sent is None or started.view is None:
+            return None
+        s, held, model = self.strategy, self.held, started.model
+        view, sizes, sent = started.view, started.sizes, started.masked_sent
+        grid = sent.grid
         out = s.outcomes[server_round]
-        cohort = started.cohort
-        pid_of = dict(cohort.members)
-        node_of = {p: n for n, p in cohort.members}
+        pid_of = dict(started.cohort.members)
+        node_of = {p: n for n, p in started.cohort.members}
         rnd = {keys.SERVER_ROUND: server_round}
-
-        adverts: dict[int, Advert] = {}
-        for node, r in self._replies(started.keys_sent, out, "keys").items():
-            try:
-                adverts[pid_of[node]] = Advert.from_json(
-                    pid_of[node], json.loads(str(r.content[keys.CONFIG][keys.PUBLIC_KEYS])))
-            except (KeyError, ValueError, TypeError) as exc:
-                out.reasons.append(f"keys: node {node}: unreadable reply ({exc})")
-        u1 = sorted(adverts)
-        if len(u1) < self.cfg.federation.min_train_clients:
-            return self._fail(out, f"only {len(u1)} client(s) sent keys")
-        held.public_keys = {p: adverts[p].keys for p in u1}
-        dim = sum(model[n].size for n in self.names)
-        held.view = view = self.view_for(server_round, [adverts[p] for p in u1], dim, planned)
         params, threshold, scale = view.params, view.params.threshold, view.params.scale
-        padded = ddp.padded_dim(dim)
-        text = view.to_json()
-        got = self._ask(grid, [stage_message(node_of[p], keys.SECAGG_SHARES,
-                                             {**rnd, keys.VIEW: text}) for p in u1], out, "shares")
-        for node, r in got.items():
-            try:
-                boxes = {int(j): str(t) for j, t in
-                         json.loads(str(r.content[keys.CONFIG][keys.SHARES])).items()}
-                if set(boxes) != set(u1):
-                    raise ValueError("not one share per client of the cohort")
-                held.shares[pid_of[node]] = boxes
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                out.reasons.append(f"shares: node {node}: unreadable reply ({exc})")
-        u2 = sorted(held.shares)
-        if len(u2) < threshold:
-            return self._fail(out, f"{len(u2)} client(s) sent shares, fewer than "
-                              f"the threshold {threshold}")
-
-        sizes = {p: adverts[p].records for p in u2}
-        held.scale, held.records = scale, sizes
-        arrays = to_array_record(model)
-        msgs = []
-        for p in u2:
-            config = train_config(server_round=server_round, planned_rounds=planned,
-                                  known_history=s.privacy.history(p))
-            config[keys.SHARES] = json.dumps({str(i): held.shares[i][p] for i in u2})
-            msgs.append(stage_message(node_of[p], keys.SECAGG_MASKED, config, arrays))
-        got = self._ask(grid, msgs, out, "masked")
+        padded = ddp.padded_dim(params.dim)
+        u2 = sorted(sizes)
+        got = self._replies(sent, out, "masked")
         heard = set()
         for node, r in got.items():
             decoded = decode(r, reference=None, nodes=s.cohorts.nodes,
