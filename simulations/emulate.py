@@ -61,6 +61,11 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
         raise ValueError("--bits models the integer path of distributed noise only")
     vel_w, vel_b = np.zeros_like(w), np.zeros_like(b)
     state: dict = {}  # the integer path's z and the last sum's spread
+    everyone = cohort >= clients  # every client every round: the whole set, in client order
+    if everyone:
+        x_all = xtr[np.concatenate(parts)].astype(np.float64)
+        y_all = ytr[np.concatenate(parts)]
+        sq_all = (x_all * x_all).sum(axis=1) + 1.0
     ema_w, ema_b = None, None
     order: list[int] = []
     t0 = time.time()
@@ -68,14 +73,19 @@ def run(*, noise: str, rounds: int, cohort: int = 10, clients: int = 100, lr: fl
         if len(order) < cohort:
             order += list(rng.permutation(clients))
         chosen, order = order[:cohort], order[cohort:]
-        idx = np.concatenate([parts[c] for c in chosen])
-        x, y = xtr[idx].astype(np.float64), ytr[idx]
+        if everyone:
+            chosen = list(range(clients))
+            x, y, sq = x_all, y_all, sq_all
+        else:
+            idx = np.concatenate([parts[c] for c in chosen])
+            x, y = xtr[idx].astype(np.float64), ytr[idx]
+            sq = (x * x).sum(axis=1) + 1.0
         z = x @ w.T + b
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         err = p
         err[np.arange(len(y)), y] -= 1.0
-        norms = np.linalg.norm(err, axis=1) * np.sqrt((x * x).sum(axis=1) + 1.0)
+        norms = np.linalg.norm(err, axis=1) * np.sqrt(sq)
         f = np.minimum(1.0, clip / np.maximum(norms, 1e-12))[:, None]
         gw, gb = (err * f).T @ x, (err * f).sum(axis=0)
         if bits is not None:
