@@ -373,9 +373,11 @@ def test_secure_aggregation_survives_a_node_killed_mid_protocol_and_shows_the_se
     total = held.pop("total")
     model = dict(get_weights(build_model("logreg", seed=cfg.data.seed)))
     scale = meta["scale"]
-    rotation = View.from_json(meta["view"]).rotation()
+    view = View.from_json(meta["view"])
+    rotation = view.rotation()
     truth = {p: rotation.forward(_clipped_sum(cfg, p, 4, model)) * scale for p in range(4)}
-    top = 2.0 ** cfg.secure.secagg_bits
+    assert cfg.secure.secagg_bits == 0 and 12 <= view.params.bits <= 32  # auto: the server's
+    top = 2.0 ** view.params.bits
     survivors = sorted(int(k.split("-")[1]) for k in held)
     assert len(survivors) == first["noise_shares"]
     for p in survivors:
