@@ -222,12 +222,16 @@ def skellam_rdp(alpha: int, mu: float, l1: float, l2: float) -> float:
 HADAMARD_BLOCK = 1024  # the rotation's largest block: a dimension is padded to a multiple
 
 
-def padded_dim(dim: int) -> int:
-    """The rotated release's length: `dim` padded to a whole number of Hadamard blocks
-    (blocks of min(HADAMARD_BLOCK, next power of 2 >= dim))."""
+def hadamard_block(dim: int) -> int:
+    """The rotation's block for `dim` coordinates: min(HADAMARD_BLOCK, next power of 2)."""
     if dim < 1:
         raise ValueError(f"dim={dim} must be >= 1")
-    block = min(HADAMARD_BLOCK, 1 << (dim - 1).bit_length())
+    return min(HADAMARD_BLOCK, 1 << (dim - 1).bit_length())
+
+
+def padded_dim(dim: int) -> int:
+    """The rotated release's length: `dim` padded to a whole number of Hadamard blocks."""
+    block = hadamard_block(dim)
     return -(-dim // block) * block
 
 
@@ -263,7 +267,7 @@ class Rotation:
 
     @property
     def block(self) -> int:
-        return min(HADAMARD_BLOCK, 1 << (self.dim - 1).bit_length())
+        return hadamard_block(self.dim)
 
     def _draws(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(np.frombuffer(self.seed, dtype=np.uint32))
