@@ -362,9 +362,10 @@ def integer_gradient_sum(
     `encoding.rounded_l2_bound`, except with probability `encoding.tail`;
     common/ddp.py). A record whose gradient is not finite
     contributes zero (the null record of zero-out adjacency). Computed in float64 with
-    Opacus' ghost clipping (GradSampleModuleFastGradientClipping): a first backward pass
-    gives each record's gradient norm without materialising per-record gradients, a
-    second one the sum of the gradients weighted by their clipping factors. Rounding and
+    Opacus' ghost clipping (GradSampleModuleFastGradientClipping): one forward pass; a
+    first backward pass gives each record's gradient norm without materialising
+    per-record gradients, a second one through the same graph the sum of the gradients
+    weighted by their clipping factors (as Opacus' own DPLossFastGradientClipping). Rounding and
     noise draw from OS entropy. Returns the flat int64 vector in the model's parameter
     order (`common.models.parameter_names`). Its caller plans and records the release in
     the ledger before sending it (`plan_release`)."""
@@ -391,17 +392,19 @@ def integer_gradient_sum(
             warnings.simplefilter("ignore")
             gsm.zero_grad(set_to_none=True)
             gsm.enable_hooks()
-            nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+            losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
+            losses.sum().backward(retain_graph=True)  # the graph serves the weighted pass too
             norms = gsm.get_norm_sample().detach().double()
             good = torch.isfinite(norms)  # a non-finite value makes the norm inf or nan
-            if not bool(good.all()):
+            if not bool(good.all()):  # 0 x NaN is NaN: such records leave the forward pass
                 x, y, norms = x[good], y[good], norms[good]
-            if not len(y):
-                continue
+                if not len(y):
+                    continue
+                gsm.disable_hooks()
+                losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
             factor = torch.clamp(encoding.clip / norms.clamp_min(1e-300), max=1.0)
             gsm.zero_grad(set_to_none=True)
             gsm.disable_hooks()  # the weighted pass: plain gradients of sum_i factor_i loss_i
-            losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
             (factor.to(losses.device) * losses).sum().backward()
         total += torch.cat([_flat_grad(params[n]) for n in names])
     gsm.zero_grad(set_to_none=True)
