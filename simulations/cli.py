@@ -21,8 +21,9 @@ def _backend(args: argparse.Namespace):
 
 def _preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
-                   help="a named configuration, under --run-config: "
-                        + "; ".join(f"{n}: {text}" for n, (_, text) in PRESETS.items()))
+                   help="a named configuration, under --run-config: "  # argparse formats %
+                        + "; ".join(f"{n}: {text}" for n, (_, text) in PRESETS.items())
+                        .replace("%", "%%"))
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:

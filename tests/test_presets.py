@@ -47,3 +47,15 @@ def test_the_cli_refuses_a_preset_with_resume(tmp_path, capsys):
 
     assert main(["simulate", "--preset", "distributed", "--resume", str(tmp_path)]) != 0
     assert "--preset cannot be given with it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["simulate", "audit", "sweep"])
+def test_help_shows_each_preset_as_written(command, capsys):
+    from simulations.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, (_, what) in PRESETS.items():
+        assert f"{name}: {' '.join(what.split())}" in text
