@@ -30,7 +30,7 @@ test: install test-tools
 	$(VENV)/bin/ruff check common client server simulations tests
 	$(VENV)/bin/mypy common client server simulations
 	$(PY) -m pytest
-	$(PY) -m pytest -m slow
+	DPFL_REQUIRE_CONTAINERS=$$(bash scripts/install-test-tools.sh --required) $(PY) -m pytest -m slow
 
 bench: install
 	$(VENV)/bin/dpfl bench --round

@@ -45,6 +45,11 @@ def _why_not() -> str | None:
 def engine():
     """A Docker engine of this test's own; its environment (DOCKER_HOST) for commands."""
     why = _why_not()
+    if why and os.environ.get("DPFL_REQUIRE_CONTAINERS") == "1":
+        # `make test` on a machine with root and a package index offering docker.io
+        # (scripts/install-test-tools.sh --required): the tools should be there
+        pytest.fail(f"the container test must run here (root, and apt offers docker.io) "
+                    f"but {why}: scripts/install-test-tools.sh did not install them")
     if why:
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="dpfl-docker-"))  # short: a socket path is short
