@@ -20,12 +20,12 @@ from functools import lru_cache
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import requests, secure, selection, wire
+from client import evaluation, requests, secure, selection, wire
 from client.attacks import apply_attack, attack_before_training
 from client.budget import plan_spend
 from client.ledger import Ledger, held_ledger, load_replay, save_ledger, save_replay
 from client.trainer import RoundResult, train_round
-from common import keys, privacy
+from common import fedeval, keys, privacy
 from common.config import ExperimentConfig, parse_config
 from common.errors import BudgetExceeded
 from common.node import NODE_CONFIG_ENV, NodeConfig, parse_node_config
@@ -103,6 +103,8 @@ def train_and_reply(msg: Message, context: Context, cfg: ExperimentConfig, node:
             ledger, num_examples=len(data), train=cfg.client_train, priv=cfg.privacy,
             planned_rounds=int(request.planned_rounds), client=f"client {node.partition_id}",
             min_noise_multiplier=node.min_noise_multiplier,
+            also_planned=fedeval.planned_entries(cfg.privacy, cfg.evaluation, cfg.evaluation.planned(
+                cfg.federation.num_rounds, cfg.federation.num_partitions)),
         )
     except BudgetExceeded as exc:
         save_ledger(context, ledger, node.ledger_file)  # keeps a freshly calibrated sigma
@@ -144,3 +146,10 @@ def secagg_confirm(msg: Message, context: Context) -> Message:
 @app.train(keys.SECAGG_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return secure.unmask_stage(msg, context, _config(context), _node(context))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: noisy sums over the node's held-out records, in its ledger
+    (client/evaluation.py)."""
+    return evaluation.evaluate_stage(msg, context, _config(context), _node(context))

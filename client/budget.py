@@ -9,6 +9,7 @@ before anything is trained. Pure accounting (common.privacy) under the ledger's 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from client.ledger import Ledger
 from common import ddp, privacy
@@ -19,13 +20,15 @@ from common.errors import BudgetExceeded
 def plan_spend(
     ledger: Ledger, *, num_examples: int, train: TrainConfig, priv: PrivacyConfig,
     planned_rounds: int, client: str, min_noise_multiplier: float = 0.0,
+    also_planned: Sequence[privacy.Entry] = (),
 ) -> privacy.RoundPlan:
     """Decide this round's (noise_multiplier, sample_rate, steps) and check the budget.
 
     The noise multiplier is fixed once per client (calibrated for `planned_rounds` rounds of
-    local training, or taken from config; never below the node's `min_noise_multiplier`)
-    and kept in the ledger for every later round. Raises BudgetExceeded if the round would
-    pass target_epsilon.
+    local training after its history and `also_planned`, the other releases it plans
+    (federated evaluations, common/fedeval.py); or taken from config; never below the
+    node's `min_noise_multiplier`) and kept in the ledger for every later round. Raises
+    BudgetExceeded if the round would pass target_epsilon.
     """
     q, steps = privacy.poisson_plan(num_examples, train.batch_size, train.local_epochs)
     if not priv.private:
@@ -41,7 +44,7 @@ def plan_spend(
             sigma = privacy.calibrate_noise(
                 target_epsilon=priv.target_epsilon, target_delta=priv.target_delta,
                 sample_rate=q, steps=steps * planned_rounds, accountant=priv.accountant,
-                prior=ledger.history,
+                prior=[*ledger.history, *also_planned],
             )
         ledger.noise_multiplier = sigma
     # The node's floor also holds for a sigma fixed before it was set (more noise only).

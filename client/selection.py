@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from common import audit
+from common import audit, fedeval
 from common.catalogue import DEFAULT_DATASET, class_list
 from common.config import DataConfig, ExperimentConfig
 from common.data import (
@@ -79,7 +79,23 @@ def own(node: NodeConfig, read: Callable[[], Any]) -> Any:
 
 
 def records_for(cfg: ExperimentConfig, node: NodeConfig) -> Split:
-    return with_canaries(cfg, node, prepared(cfg, node))
+    """The records a training request trains on: the node's records less those it holds
+    out for evaluation (node config eval-holdout), with an audit's canary slots."""
+    return with_canaries(cfg, node, held_out(prepared(cfg, node), node.eval_holdout)[0])
+
+
+def eval_records_for(cfg: ExperimentConfig, node: NodeConfig) -> Split:
+    """The records this node evaluates global models on (never trained on)."""
+    return held_out(prepared(cfg, node), node.eval_holdout)[1]
+
+
+def held_out(split: Split, fraction: float) -> tuple[Split, Split]:
+    """(training part, held-out part) of a node's records (common.fedeval.holdout_split)."""
+    if fraction <= 0:
+        return split, split.with_records(split.images[:0], split.labels[:0])
+    train, held = fedeval.holdout_split(len(split), fraction)
+    return (split.with_records(split.images[train], split.labels[train]),
+            split.with_records(split.images[held], split.labels[held]))
 
 
 def prepared(cfg: ExperimentConfig, node: NodeConfig) -> Split:
@@ -156,8 +172,9 @@ def num_examples(cfg: ExperimentConfig, node: NodeConfig) -> int:
         problem = own_data_problem(cfg, node)
         if problem:
             raise DataError(problem)
-        return len(own(node, lambda: own_split(node.dataset, node.label_column,
-                                                node.classes))) + slots
-    if node.data_dir:
-        return len(load_split(node_folder(cfg, node), "train").labels) + slots
-    return len(partitions_of(cfg.data, node.num_partitions)[node.partition_id]) + slots
+        n = len(own(node, lambda: own_split(node.dataset, node.label_column, node.classes)))
+    elif node.data_dir:
+        n = len(load_split(node_folder(cfg, node), "train").labels)
+    else:
+        n = len(partitions_of(cfg.data, node.num_partitions)[node.partition_id])
+    return n - fedeval.holdout_count(n, node.eval_holdout) + slots

@@ -7,7 +7,7 @@ key) and the allowed range, so a bad config stops before any training.
 
 Why one module of ~650 lines: it is the run config's schema, one frozen dataclass per
 section (federation, server, data, train, privacy, attack, baseline, secure, audit,
-runtime, in pyproject's order), each with the checks of its own keys, then the checks
+evaluation, runtime, in pyproject's order), each with the checks of its own keys, then the checks
 across sections (ExperimentConfig) and the parser. Split, a reader would lose the one
 place that lists every key and its rule; the node's config is its own module
 (common/node.py).
@@ -49,6 +49,7 @@ AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 SECURE_AGGREGATION = ("none", "secagg+")
 AUTO_MODEL = "auto"  # the dataset's default model (common.models.default_model)
 NOISE_PLACEMENTS = ("local", "distributed")
+EVALUATIONS = ("server", "federated")
 ATTACKS = ("sign-flip", "scale", "nan", "crash", "hang", "inflate-examples", "wrong-shape")
 
 
@@ -395,6 +396,56 @@ MAX_CANARIES = 20_000  # the auditor holds every canary input in memory
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluationConfig:
+    """Where the global model is evaluated (common/fedeval.py, docs/federated-evaluation.md).
+    `server`: on the dataset's test set at the server, every round. `federated`: every
+    `eval-every` rounds (and after the last), an `eval-fraction` share of the nodes
+    evaluate it on records they hold out for it (node config eval-holdout, the node's
+    choice) and release only noisy sums (correct predictions, loss clipped to
+    `eval-loss-bound`), each release a Gaussian mechanism in the node's ledger; the
+    training noise is calibrated so that the planned evaluations, at `eval-budget-share`
+    of target-epsilon by themselves, fit the budget with it."""
+
+    evaluation: str
+    eval_every: int
+    eval_fraction: float
+    eval_budget_share: float
+    eval_loss_bound: float
+
+    def __post_init__(self) -> None:
+        check_field(self.evaluation in EVALUATIONS, "evaluation", self.evaluation,
+                    f"must be one of {', '.join(EVALUATIONS)}")
+        check_field(self.eval_every >= 1, "eval-every", self.eval_every, "must be >= 1 (rounds)")
+        check_field(0 < self.eval_fraction <= 1, "eval-fraction", self.eval_fraction,
+                    "must be in (0, 1] (the share of the nodes that evaluate)")
+        check_field(0 < self.eval_budget_share <= 0.5, "eval-budget-share",
+                    self.eval_budget_share, "must be in (0, 0.5] (of target-epsilon)")
+        check_field(0 < self.eval_loss_bound < math.inf, "eval-loss-bound",
+                    self.eval_loss_bound, "must be > 0 and finite (a record's loss is "
+                    "clipped to it)")
+
+    @property
+    def federated(self) -> bool:
+        return self.evaluation == "federated"
+
+    def rounds(self, num_rounds: int) -> list[int]:
+        """The rounds after which the federation evaluates: every eval-every-th and the
+        last."""
+        out = list(range(self.eval_every, num_rounds + 1, self.eval_every))
+        return out if out and out[-1] == num_rounds else [*out, num_rounds]
+
+    def evaluators(self, num_clients: int) -> int:
+        """Nodes asked to evaluate each time."""
+        return max(1, min(num_clients, round(self.eval_fraction * num_clients)))
+
+    def planned(self, num_rounds: int, num_clients: int) -> int:
+        """Evaluations each node's budget plans for: the server asks the nodes in turn (a
+        seeded shuffle cut in groups), so none is asked more often than this."""
+        return math.ceil(len(self.rounds(num_rounds)) * self.evaluators(num_clients)
+                         / num_clients)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Performance and I/O knobs: they never change the privacy guarantee."""
 
@@ -462,6 +513,7 @@ class ExperimentConfig:
     baseline: BaselineConfig
     secure: SecureAggregationConfig
     audit: AuditConfig
+    evaluation: EvaluationConfig
     runtime: RuntimeConfig = field(compare=False)
 
     def __post_init__(self) -> None:
@@ -469,6 +521,9 @@ class ExperimentConfig:
         fed = self.federation
         if self.secure.enabled:
             self._check_secure()
+            check_field(not self.evaluation.federated, "evaluation", self.evaluation.evaluation,
+                        "must be server with secure-aggregation=secagg+ for now (a federated "
+                        "evaluation's sums are released to the server one node at a time)")
         check_field(
             self.attack.attackers <= fed.num_partitions, "attackers", self.attack.attackers,
             f"must be <= num-partitions={fed.num_partitions}",
@@ -555,6 +610,7 @@ _SECTIONS: dict[str, tuple[type, str]] = {
     "baseline": (BaselineConfig, "baseline-"),
     "secure": (SecureAggregationConfig, ""),
     "audit": (AuditConfig, ""),
+    "evaluation": (EvaluationConfig, ""),
     "runtime": (RuntimeConfig, ""),
 }
 

@@ -28,6 +28,16 @@ REPLY_METRIC_KEYS = frozenset(
     {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, PARTITION_ID, REFUSED}
 )
 
+# ... and in an evaluate reply (federated evaluation, common/fedeval.py): noisy sums over
+# the node's held-out records, their exact count, the noise's standard deviations
+EVAL_CORRECT = "eval-correct"
+EVAL_LOSS = "eval-loss"
+EVAL_EXAMPLES = "eval-examples"
+EVAL_CORRECT_STD = "eval-correct-std"
+EVAL_LOSS_STD = "eval-loss-std"
+EVAL_METRIC_KEYS = frozenset({EVAL_CORRECT, EVAL_LOSS, EVAL_EXAMPLES, EVAL_CORRECT_STD,
+                              EVAL_LOSS_STD})
+
 # MetricRecord in a query reply (node discovery): which partition a node holds
 OWN_DATA = "own-data"
 QUERY_METRIC_KEYS = frozenset({PARTITION_ID, NUM_EXAMPLES, OWN_DATA})

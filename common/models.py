@@ -204,3 +204,22 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, batch_
         correct += int((out.argmax(1) == y).sum())
     n = max(len(labels), 1)
     return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def per_record_results(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
+                       batch_size: int = 2000, device: str = "cpu"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's (correct: 0/1, cross-entropy loss; inf or NaN where the logits are
+    not finite) on a labelled set."""
+    model.eval()
+    correct, losses = [], []
+    for start in range(0, len(labels), batch_size):
+        x = torch.from_numpy(_tensor_ready(images[start : start + batch_size])).to(device)
+        y = torch.from_numpy(labels[start : start + batch_size]).to(device)
+        out = model(x).double()
+        losses.append((torch.logsumexp(out, 1) - out.gather(1, y[:, None])[:, 0]).cpu().numpy())
+        correct.append((out.argmax(1) == y).cpu().numpy().astype(np.float64))
+    if not correct:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(correct), np.concatenate(losses)

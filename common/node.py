@@ -20,6 +20,7 @@ from common.catalogue import classes_problem, is_import_path, own_data_problem
 from common.config import (
     ConfigError,
     DataConfig,
+    EvaluationConfig,
     ExperimentConfig,
     PrivacyConfig,
     check_field,
@@ -28,6 +29,7 @@ from common.config import (
 )
 
 NODE_CONFIG_ENV = "DPFL_NODE_CONFIG"
+EVAL_HOLDOUT = 0.1  # a simulation's nodes under evaluation=federated hold out this share
 # node config ledger-path value for a ledger kept in the run's Context.state only
 EPHEMERAL_LEDGER = ":ephemeral:"
 STATE_DIR_ENV = "DPFL_STATE_DIR"
@@ -95,6 +97,11 @@ class NodeConfig:
     min_secagg_cohort: int = 3  # the smallest cohort it shares secrets with
     min_secagg_threshold: float = 0.5  # t >= this share of the cohort (always t > K/2)
     max_model_norm: float = 1e4  # L2 norm bound on an incoming global model (inf: none)
+    # federated evaluation: the share of its records this node holds out of training to
+    # evaluate global models on (0: it does not evaluate), and the largest share of its
+    # budget a run may plan for evaluations (run config eval-budget-share)
+    eval_holdout: float = 0.0
+    max_eval_budget_share: float = 0.25
     simulated_attacks: bool = False  # only a simulation harness sets this
     # only a simulation harness sets this: read the files (or download the dataset) that
     # the run config names in dataset= and data-dir=, and import the model code it names
@@ -130,6 +137,10 @@ class NodeConfig:
                self.identity_key, "and identity-dir both name the identity key: set one")
         check_field(self.max_model_norm > 0, "node config max-model-norm", self.max_model_norm,
                "must be > 0 (inf: no bound)")
+        check_field(0 <= self.eval_holdout <= 0.5, "node config eval-holdout", self.eval_holdout,
+               "must be in [0, 0.5] (the share of its records held out for evaluation)")
+        check_field(0 < self.max_eval_budget_share <= 0.5, "node config max-eval-budget-share",
+               self.max_eval_budget_share, "must be in (0, 0.5]")
         check_field(0 <= self.ledger_wait < math.inf, "node config ledger-wait", self.ledger_wait,
                "must be >= 0 seconds and finite")
         check_field(not (self.ledger_path and self.ledger_dir), "node config ledger-path",
@@ -197,6 +208,19 @@ class NodeConfig:
                     "(read-named-files is for simulation harnesses)")
         return None
 
+    def evaluation_problem(self, ev: EvaluationConfig) -> str | None:
+        """Why this node will not evaluate for a run with evaluation config `ev`, or None
+        (from the two configs alone)."""
+        if not ev.federated:
+            return "the run evaluates at the server (evaluation=server)"
+        if self.eval_holdout <= 0:
+            return ("this node holds no records out for evaluation (node config "
+                    "eval-holdout=0)")
+        if ev.eval_budget_share > self.max_eval_budget_share:
+            return (f"the run's eval-budget-share={ev.eval_budget_share} exceeds this "
+                    f"node's max-eval-budget-share={self.max_eval_budget_share}")
+        return None
+
     def policy_problem(self, priv: PrivacyConfig) -> str | None:
         """Why this node refuses a run with privacy config `priv`, or None. Depends only on
         the two configs, never on the node's data."""
@@ -240,9 +264,12 @@ def parse_node_config(node_config: Mapping[str, Any], env_text: str = "") -> Nod
 
 def node_policy_for(cfg: ExperimentConfig) -> dict[str, Any]:
     """The node policy a simulation harness gives its virtual nodes so that they accept
-    exactly the run it starts (its data holders and its server are the same person)."""
-    priv = cfg.privacy
+    exactly the run it starts (its data holders and its server are the same person); with
+    federated evaluation each holds out EVAL_HOLDOUT of its records."""
+    priv, ev = cfg.privacy, cfg.evaluation
     return {
+        "eval-holdout": EVAL_HOLDOUT if ev.federated else 0.0,
+        "max-eval-budget-share": ev.eval_budget_share,
         "require-dp": priv.private,
         "max-epsilon": priv.target_epsilon if priv.private else math.inf,
         "max-delta": priv.target_delta,

@@ -190,6 +190,16 @@ class RoundRecord(Record):
     # secure aggregation: seconds of each stage, from its messages' sending to the last
     # reply read (keys, shares, masked, confirm, unmask) and of the server's unmasking
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    # evaluation=federated, in the rounds the federation evaluated (common/fedeval.py):
+    # the noisy accuracy, the half-width of its 95% interval, the noisy loss, the records
+    # and nodes it was evaluated on, and the nodes that were asked and refused or failed
+    federated_accuracy: float = math.nan
+    federated_accuracy_interval: float = math.nan
+    federated_loss: float = math.nan
+    federated_examples: int = 0
+    federated_nodes: int = 0
+    federated_refused: int = 0
+    federated_failed: int = 0
 
 
 @dataclass(frozen=True)

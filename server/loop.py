@@ -30,7 +30,7 @@ from common.records import (
     git_revision,
     library_versions,
 )
-from server import checkpoint, wire
+from server import checkpoint, evaluation, wire
 from server.audit import CanaryScorer
 from server.audit import finish as audit_finish
 from server.round import Exchange, FedAvgExchange, play
@@ -130,6 +130,7 @@ class Trained:
     seconds: float  # from sending its model to aggregating the replies
     seconds_clients: float  # of which sending and waiting for replies
     strategy_state: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    federated: evaluation.Outcome | None = None  # its federated evaluation, if it had one
 
 
 def record_round(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, state: RunState,
@@ -144,6 +145,15 @@ def record_round(cfg: ExperimentConfig, strategy: CohortFedAvg, run: RunDir, sta
     loss, acc = evaluate(strategy.reported_model(state.model))
     row = replace(round_record(server_round, strategy, loss, acc, done.seconds),
                   seconds_clients=done.seconds_clients, seconds_evaluate=time.time() - t_eval)
+    if done.federated is not None:
+        fed_eval, result = done.federated, done.federated.result
+        row = replace(row, federated_refused=fed_eval.refused, federated_failed=fed_eval.failed,
+                      reasons=(row.reasons + fed_eval.reasons)[:20])
+        if result is not None:
+            row = replace(row, federated_accuracy=result.accuracy,
+                          federated_accuracy_interval=result.accuracy_interval,
+                          federated_loss=result.loss, federated_examples=result.examples,
+                          federated_nodes=result.nodes)
     state.history.append(row)
     state.next_round = server_round + 1
     checkpoint.save(run.path, model=state.model,
@@ -179,6 +189,8 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
     fed = cfg.federation
     exchange: Exchange = (SecureExchange if cfg.secure.enabled else FedAvgExchange)(
         cfg, strategy, scorer)
+    federated = evaluation.FederatedEvaluation(cfg, strategy) if cfg.evaluation.federated \
+        else None
     if state.next_round == 1:
         log.info("round 0: test accuracy %.4f (initial model)",
                  evaluate(strategy.reported_model(state.model))[1])
@@ -204,6 +216,10 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, strategy: CohortFedAvg, run: R
             state.idle += 1
         done = Trained(server_round, seconds=time.time() - t0,
                        seconds_clients=wire.Waited.seconds - waited)
+        if federated is not None and federated.due(server_round):
+            # before the next round is sent (its nodes' ledgers then hold the evaluation)
+            done.federated = federated.run(grid, server_round,
+                                           strategy.reported_model(state.model), state.planned)
         if fed.max_idle_rounds and state.idle >= fed.max_idle_rounds:
             record(done)
             reasons = strategy.outcomes[server_round].reasons  # all of them, not the row's 20
