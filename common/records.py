@@ -276,6 +276,11 @@ class RunSummary(Record):
     aggregation: str = "fedavg"
     stopped_early: str = ""
     epsilon_lower_bound: float = math.nan  # audit runs: the empirical bound (audit.json)
+    # evaluation=federated: the last federated evaluation (its round, noisy accuracy and
+    # the half-width of its 95% interval)
+    federated_round: int = 0
+    federated_accuracy: float = math.nan
+    federated_accuracy_interval: float = math.nan
 
     @classmethod
     def of(cls, rounds: Sequence[RoundRecord], privacy: PrivacyRecord, **rest: Any) -> RunSummary:
@@ -283,6 +288,11 @@ class RunSummary(Record):
         wall_seconds, resumed, aggregation, stopped_early)."""
         accs = [r.test_accuracy for r in rounds]
         eps_max, eps_mean = privacy.epsilon_stats()
+        evaluated = [r for r in rounds if r.federated_nodes > 0]
+        if evaluated:
+            last = evaluated[-1]
+            rest = {"federated_round": last.round, "federated_accuracy": last.federated_accuracy,
+                    "federated_accuracy_interval": last.federated_accuracy_interval, **rest}
         return cls(
             final_accuracy=accs[-1] if accs else math.nan,
             best_accuracy=max(accs) if accs else math.nan,
@@ -308,6 +318,10 @@ class RunSummary(Record):
             f"rounds          {self.rounds} with {self.num_clients} clients, "
             f"{self.wall_seconds:.0f}s in the ServerApp",
         ]
+        if self.federated_round:
+            lines.append(f"federated eval  accuracy {self.federated_accuracy:.4f} ± "
+                         f"{self.federated_accuracy_interval:.4f} (95%; round "
+                         f"{self.federated_round}, the nodes' held-out records, under DP)")
         if not math.isnan(self.epsilon_lower_bound):
             lines.append(f"audit           epsilon lower bound {self.epsilon_lower_bound:.3f} "
                          f"(95% confidence; {run_dir / AUDIT_FILE})")

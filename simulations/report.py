@@ -287,6 +287,12 @@ def plot_accuracy_per_round(runs: Sequence[Run], path: Path, extra: Sequence[str
         ax.plot([row.round for row in r.rounds], [100 * row.test_accuracy for row in r.rounds],
                 linestyle=styles[parts.index(partition_label(r.cfg)) % len(styles)],
                 color=color, linewidth=1.2, label=label)
+        fed = [row for row in r.rounds if row.federated_nodes]
+        if fed:  # evaluation=federated: the nodes' noisy accuracy and its 95% interval
+            ax.errorbar([row.round for row in fed], [100 * row.federated_accuracy for row in fed],
+                        yerr=[100 * row.federated_accuracy_interval for row in fed], fmt="o",
+                        color=color, markersize=3.5, capsize=3, linewidth=1,
+                        label=f"{label}: federated (nodes' held-out records, DP, 95%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")

@@ -443,8 +443,11 @@ def _show_rounds(run: RunDir, cfg: ExperimentConfig, say: Callable[[str], None],
 
 
 def progress_line(row: RoundRecord, num_rounds: int, elapsed: float) -> str:
+    federated = (f"  federated {row.federated_accuracy:.4f} ± {row.federated_accuracy_interval:.4f}"
+                 f" ({row.federated_examples} records on {row.federated_nodes} nodes)"
+                 if row.federated_nodes else "")
     return (
-        f"round {row.round:>3}/{num_rounds}  accuracy {row.test_accuracy:.4f}  "
+        f"round {row.round:>3}/{num_rounds}  accuracy {row.test_accuracy:.4f}{federated}  "
         f"epsilon max {row.epsilon_max:.3f}  trained {row.clients_trained}/{row.clients_sampled}"
         f"  refused {row.clients_refused}  failed {row.clients_failed}  [{elapsed:.0f}s]"
     )

@@ -199,3 +199,36 @@ def test_a_private_run_evaluates_at_the_nodes_and_every_ledger_holds_it(tmp_path
         eps = dp_accounting_epsilon(history, 1e-5)
         assert eps <= 3.0 and float(priv.clients[str(pid)].epsilon) == pytest.approx(eps, rel=0.01)
     assert evaluated == 10  # two evaluations of five nodes, each in its node's ledger
+
+
+@pytest.mark.slow
+def test_on_fashion_mnist_the_federated_accuracy_holds_the_truth_within_its_interval(tmp_path):
+    """The default federation (100 nodes of 600 images, 10% held out by each) with
+    federated evaluation every 25 rounds by every node: each noisy accuracy is checked
+    against the truth the server knows here (the same model on the 10,000 test images,
+    drawn from the population the held-out records come from). A 95% interval: each
+    holds it with probability 0.95, so all six must be within twice it (1e-4 to fail
+    each) and most within it."""
+    from common.config import resolve_config
+    from simulations.simulate import simulate
+
+    keys_ = {"evaluation": "federated", "eval-every": 25, "eval-budget-share": 0.2}
+    run = RunDir(simulate({**keys_, "run-name": "fe-real"}, output_dir=str(tmp_path),
+                          progress=None))
+    rows = [r for r in run.rounds() if r.federated_nodes]
+    assert [r.round for r in rows] == [25, 50, 75, 100, 125, 150]
+    assert all(r.federated_nodes == 100 and r.federated_examples == 6000 for r in rows)
+    off = [abs(r.federated_accuracy - r.test_accuracy) / r.federated_accuracy_interval
+           for r in rows]
+    assert max(off) <= 2 and sum(x <= 1 for x in off) >= 4, off
+    summary = read_json(run.path / "summary.json")
+    assert summary["federated_round"] == 150 and 0 < summary["epsilon_max"] <= 3.0
+    assert summary["final_accuracy"] > 0.8  # training still works with 20% for evaluation
+    priv = run.privacy()
+    cfg = resolve_config(keys_)
+    z = fedeval.noise_multiplier(cfg.privacy, cfg.evaluation, 6)
+    for pid in ("0", "57", "99"):
+        history = privacy.merge_history(priv.clients[pid].history)
+        assert sum(e[2] for e in history if e[0] == z) == 6  # every evaluation, in its ledger
+        assert dp_accounting_epsilon(history, 1e-5) == pytest.approx(
+            float(priv.clients[pid].epsilon), rel=0.01)
