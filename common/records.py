@@ -312,7 +312,9 @@ class RunSummary(Record):
         """The few lines a user reads at the end of a run."""
         lines = [
             f"run directory   {run_dir}",
-            f"final accuracy  {self.final_accuracy:.4f} (best {self.best_accuracy:.4f})",
+            f"final accuracy  {self.final_accuracy:.4f} (best {self.best_accuracy:.4f})"
+            if not math.isnan(self.final_accuracy) else
+            "final accuracy  none: no test set at the server (the federated evaluation below)",
             f"epsilon         max {self.epsilon_max:.4g}  mean {self.epsilon_mean:.4g}  "
             f"(target {self.target_epsilon:g}, delta {self.delta:g})",
             f"rounds          {self.rounds} with {self.num_clients} clients, "

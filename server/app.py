@@ -7,6 +7,7 @@ algorithm server/strategy.py.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 
@@ -16,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import audit
 from common.config import ExperimentConfig, parse_config
-from common.data import held_out_split, partitions_of
+from common.data import held_out_split, input_spec, partitions_of
 from common.errors import DataError
 from common.models import (
     MODEL_FEATURES,
@@ -59,14 +60,31 @@ def partition_sizes(cfg: ExperimentConfig) -> dict[int, int]:
             for i, p in enumerate(parts)}
 
 
-def evaluator(test: Split, model: torch.nn.Module) -> loop.Evaluate:
-    """Global model weights -> (loss, accuracy) on the test set."""
+def evaluator(test: Split | None, model: torch.nn.Module) -> loop.Evaluate:
+    """Global model weights -> (loss, accuracy) on the test set (NaN, NaN without one)."""
 
     def run(weights: loop.Weights) -> tuple[float, float]:
+        if test is None:
+            return math.nan, math.nan
         set_weights(model, weights)
         return evaluate(model, test.images, test.labels)
 
     return run
+
+
+def server_test_set(cfg: ExperimentConfig) -> Split | None:
+    """The test set the server evaluates on. A run that evaluates at the nodes
+    (evaluation=federated) needs none: where the server cannot read one, its evaluation
+    is the federation's alone (None)."""
+    features = MODEL_FEATURES.get(cfg.train.model, "")
+    try:
+        return held_out_split(cfg.data, features)
+    except (DataError, OSError) as exc:
+        if not cfg.evaluation.federated:
+            raise
+        log.info("no test set at the server (%s): the nodes' federated evaluation is the "
+                 "run's only one", exc)
+        return None
 
 
 def describe(cfg: ExperimentConfig, state: loop.RunState, run: RunDir, parameters: int) -> None:
@@ -90,14 +108,16 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.data.seed)
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
-    test = held_out_split(cfg.data, MODEL_FEATURES.get(cfg.train.model, ""))
-    model = build_model(cfg.train.model, seed=cfg.data.seed, shape=test.shape,
-                        classes=test.num_classes)
+    test = server_test_set(cfg)
+    shape, classes = (test.shape, test.num_classes) if test is not None else \
+        input_spec(cfg.data, MODEL_FEATURES.get(cfg.train.model, ""))
+    model = build_model(cfg.train.model, seed=cfg.data.seed, shape=shape, classes=classes)
     problem = dp_problem(model, cfg.train.model) if cfg.privacy.private else None
     if problem:
         raise ValueError(problem)
     parameters = count_parameters(model)
-    log.info("test set and model ready; discovery of the federation")
+    log.info("%s and model ready; discovery of the federation",
+             "test set" if test is not None else "no test set")
     strategy = CohortFedAvg(cfg, partition_sizes=partition_sizes(cfg))
     if ckpt is not None:
         state = loop.restore(grid, cfg, strategy, run, ckpt)
@@ -107,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
     describe(cfg, state, run, parameters)
     scorer = None
     if cfg.audit.audit_canaries:
-        scorer = CanaryScorer(cfg, test.shape, test.num_classes)
+        scorer = CanaryScorer(cfg, shape, classes)
         if ckpt is not None:
             scorer.load(run.canary_scores())
         log.info("privacy audit: %d canaries, each in training with probability 1/2",

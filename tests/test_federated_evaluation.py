@@ -232,3 +232,16 @@ def test_on_fashion_mnist_the_federated_accuracy_holds_the_truth_within_its_inte
         assert sum(e[2] for e in history if e[0] == z) == 6  # every evaluation, in its ledger
         assert dp_accounting_epsilon(history, 1e-5) == pytest.approx(
             float(priv.clients[pid].epsilon), rel=0.01)
+
+
+def test_a_server_without_a_test_set_runs_a_federated_evaluation_only(tmp_path):
+    from common.errors import DataError
+    from server.app import evaluator, server_test_set
+
+    missing = str(tmp_path / "no-data")
+    assert server_test_set(fast_config(data_dir=missing, **FED)) is None
+    with pytest.raises(DataError, match="lacks"):
+        server_test_set(fast_config(data_dir=missing))  # evaluating at the server: it must
+    assert server_test_set(fast_config(**FED)) is not None  # one it has, it still uses
+    loss, acc = evaluator(None, build_model("logreg", seed=0))(_weights())
+    assert math.isnan(loss) and math.isnan(acc)
