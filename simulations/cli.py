@@ -157,7 +157,7 @@ def _deploy(args: argparse.Namespace) -> int:
             print(f"{args.out}: certificates and {args.nodes} node keys already exist; nothing written")
         return 0
     text = deploy.compose_yaml(args.nodes, insecure=args.insecure, max_epsilon=args.max_epsilon,
-                               max_delta=args.max_delta)
+                               max_delta=args.max_delta, eval_holdout=args.eval_holdout)
     if args.insecure:
         print("dpfl: WARNING: insecure compose file: no TLS, no node authentication", file=sys.stderr)
     if args.output == "-":
@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="each node's privacy budget: runs asking for more are refused (default 8)")
     comp.add_argument("--max-delta", type=float, default=1e-5,
                       help="the largest delta a node accepts (default 1e-5)")
+    comp.add_argument("--eval-holdout", type=float, default=0.1,
+                      help="the share of each node's records kept out of training for "
+                           "federated evaluation (default 0.1; 0: the nodes never evaluate)")
     comp.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (testing only)")
     dep.set_defaults(func=_deploy)

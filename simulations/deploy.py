@@ -22,6 +22,7 @@ PORT = 9093  # the SuperLink's one port (Fleet, Control and ServerAppIo APIs)
 CERTS = "certs"  # folder with ca.crt, server.crt/.key, node-<i>(.pub) keys, roster.json
 ROSTER = "roster.json"  # the members' identity (= authentication) public keys
 CONNECTION = "dpfl"  # the `flwr` connection name in FLWR_HOME/config.toml
+EVAL_HOLDOUT = 0.1  # a compose node's share of records kept for federated evaluation
 
 
 # ---- certificates and node keys ------------------------------------------------------
@@ -130,12 +131,13 @@ def superlink_command(*, host: str, port: int, certs: str, database: str,
 def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, state_dir: str,
                       port: int, data_dir: str = "", insecure: bool = False,
                       max_epsilon: float = 8.0, max_delta: float = 1e-5,
-                      own_data: str = "") -> list[str]:
+                      own_data: str = "", eval_holdout: float = 0.0) -> list[str]:
     """SuperNode `i`: its partition of the data (or its own `data_dir`), its privacy ledger
     in `state_dir` (a file that outlives restarts and runs), its privacy policy (DP
     required, at most `max_epsilon` at `max_delta`: runs asking for less privacy are
     refused), its authentication key. `own_data`: node config for records of its own in a
-    table or image format (`dataset=... label-column=... classes=...`)."""
+    table or image format (`dataset=... label-column=... classes=...`). `eval_holdout`:
+    the share of its records it keeps out of training for federated evaluation."""
     node_config = (f"partition-id={i} num-partitions={num_nodes} "
                    f"ledger-path=\"{state_dir}/ledger.json\" require-dp=true "
                    f"max-epsilon={max_epsilon!r} max-delta={max_delta!r}")
@@ -146,6 +148,8 @@ def supernode_command(i: int, *, num_nodes: int, superlink: str, certs: str, sta
         node_config += f' data-dir="{data_dir}"'
     if own_data:
         node_config += f" {own_data}"
+    if eval_holdout:
+        node_config += f" eval-holdout={eval_holdout!r}"
     cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
     if insecure:
@@ -171,10 +175,12 @@ def connection_toml(address: str, certs: str, *, insecure: bool = False) -> str:
 
 
 def compose(num_nodes: int = 3, *, insecure: bool = False, max_epsilon: float = 8.0,
-            max_delta: float = 1e-5) -> dict[str, Any]:
+            max_delta: float = 1e-5, eval_holdout: float = EVAL_HOLDOUT) -> dict[str, Any]:
     """The compose project: `init` makes certificates and keys (once), `superlink` keeps its
     database on a volume, `register` registers every node's key, `node-<i>` are the
-    SuperNodes, each with its own state volume (its privacy ledger)."""
+    SuperNodes, each with its own state volume (its privacy ledger) and `eval_holdout` of
+    its records kept for federated evaluation (a federation's runs evaluate there:
+    `evaluation="federated"`)."""
     image = {"build": ".", "image": "dpfl:latest"}
     env = dict(FLOWER_ENV)
     certs = "/certs"
@@ -218,7 +224,7 @@ def compose(num_nodes: int = 3, *, insecure: bool = False, max_epsilon: float = 
             "command": supernode_command(i, num_nodes=num_nodes, superlink=f"superlink:{PORT}",
                                          certs=certs, state_dir="/state", port=9094,
                                          insecure=insecure, max_epsilon=max_epsilon,
-                                         max_delta=max_delta),
+                                         max_delta=max_delta, eval_holdout=eval_holdout),
             "volumes": ["./deploy/certs:/certs:ro", f"node-{i}-state:/state"],
             "depends_on": {"register": {"condition": "service_completed_successfully"}},
             "restart": "unless-stopped",
@@ -262,6 +268,7 @@ HEADER = """\
 
 
 def compose_yaml(num_nodes: int = 3, *, insecure: bool = False, max_epsilon: float = 8.0,
-                 max_delta: float = 1e-5) -> str:
+                 max_delta: float = 1e-5, eval_holdout: float = EVAL_HOLDOUT) -> str:
     return HEADER.format(n=num_nodes) + to_yaml(compose(
-        num_nodes, insecure=insecure, max_epsilon=max_epsilon, max_delta=max_delta)) + "\n"
+        num_nodes, insecure=insecure, max_epsilon=max_epsilon, max_delta=max_delta,
+        eval_holdout=eval_holdout)) + "\n"

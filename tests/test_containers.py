@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 ROOT = project_root()
 RUN = ("num-partitions=3 num-rounds=5 fraction-train=1.0 min-train-clients=2 "
        "min-available-clients=3 round-timeout=240.0 node-wait-timeout=180.0 "
-       "target-epsilon=3.0 model='logreg'")
+       "target-epsilon=3.0 model='logreg' evaluation='federated'")
 
 
 def _why_not() -> str | None:
@@ -168,15 +168,25 @@ def test_the_federation_runs_in_containers_built_without_a_registry(engine, tmp_
         print(f"5 rounds in containers: {time.time() - t2:.0f}s, per round "
               f"{[round(r['seconds'], 1) for r in rows]}")
         assert summary["rounds"] == 5 and summary["epsilon_max"] <= 3.0
+        # the nodes evaluated the last model on the 10% of their records they hold out
+        assert summary["federated_round"] == 5, rows[-1]
+        evaluated = rows[-1]["federated_nodes"]
+        assert evaluated >= 2 and rows[-1]["federated_examples"] == 2000 * evaluated
+        assert abs(summary["federated_accuracy"] - rows[-1]["test_accuracy"]) <= \
+            2 * summary["federated_accuracy_interval"]
         privacy = read_json(runs / "containers" / "privacy.json")
         for i in range(3):
             ledger = json.loads(_docker(env, "exec", f"{project}_node-{i}_1", "cat",
                                         "/state/ledger.json"))
             joined = sum(i in r["partitions_trained"] for r in rows)
-            # every step a node took is in the ledger on its volume, across the restart
-            assert ledger["history"] == [[ledger["noise_multiplier"], 1.0, joined]], (i, rows)
+            # every step a node took, and its evaluation, is in the ledger on its volume,
+            # across the restart
+            sigma = ledger["noise_multiplier"]
+            history = [tuple(e) for e in ledger["history"]]
+            assert sum(e[2] for e in history if e[0] == sigma) == joined, (i, rows)
+            assert sum(e[2] for e in history if e[0] != sigma) <= 1  # its one evaluation
             assert float(privacy["clients"][str(i)]["epsilon"]) == pytest.approx(
-                dp_accounting_epsilon([tuple(ledger["history"][0])], 1e-5), rel=0.01)
+                dp_accounting_epsilon(history, 1e-5), rel=0.01)
         assert sum(1 in r["partitions_trained"] for r in rows[2:]) >= 1  # back after the kill
     finally:
         if run is not None and run.poll() is None:
